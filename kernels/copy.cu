@@ -1,0 +1,87 @@
+// Fill, strided copy (any permutation, broadcast or slice to a dense tensor) and dtype casts.
+#include "common.cuh"
+
+template <class T>
+__device__ void fill(T* out, T value, long long n) {
+  GRID_STRIDE_LOOP(i, n) out[i] = value;
+}
+extern "C" __global__ void fill_b1(unsigned char* out, unsigned char v, long long n) { fill(out, v, n); }
+extern "C" __global__ void fill_b2(unsigned short* out, unsigned short v, long long n) { fill(out, v, n); }
+extern "C" __global__ void fill_b4(unsigned* out, unsigned v, long long n) { fill(out, v, n); }
+extern "C" __global__ void fill_b8(unsigned long long* out, unsigned long long v, long long n) { fill(out, v, n); }
+
+// dst (dense) = src viewed through `view`; kernels by element size, since a copy needs no type.
+template <class T>
+__device__ void copy_strided(const T* src, Strided view, T* dst, long long n) {
+  GRID_STRIDE_LOOP(i, n) dst[i] = src[strided_offset(view, i)];
+}
+extern "C" __global__ void copy_strided_b1(const unsigned char* src, Strided v, unsigned char* dst, long long n) {
+  copy_strided(src, v, dst, n);
+}
+extern "C" __global__ void copy_strided_b2(const unsigned short* src, Strided v, unsigned short* dst, long long n) {
+  copy_strided(src, v, dst, n);
+}
+extern "C" __global__ void copy_strided_b4(const unsigned* src, Strided v, unsigned* dst, long long n) {
+  copy_strided(src, v, dst, n);
+}
+extern "C" __global__ void copy_strided_b8(const unsigned long long* src, Strided v, unsigned long long* dst,
+                                           long long n) {
+  copy_strided(src, v, dst, n);
+}
+
+// Casts follow PyTorch: floats round to nearest even through f32, float to integer truncates
+// toward zero, integer to integer wraps.
+template <class T>
+struct Scalar {
+  __device__ static float to_float(T x) { return to_f32(x); }
+  __device__ static T from_float(float x) { return from_f32<T>(x); }
+  static constexpr bool is_float = true;
+};
+template <>
+struct Scalar<int> {
+  __device__ static float to_float(int x) { return float(x); }
+  __device__ static int from_float(float x) { return int(x); }
+  static constexpr bool is_float = false;
+};
+template <>
+struct Scalar<long long> {
+  __device__ static float to_float(long long x) { return float(x); }
+  __device__ static long long from_float(float x) { return (long long)x; }
+  static constexpr bool is_float = false;
+};
+template <>
+struct Scalar<unsigned char> {
+  __device__ static float to_float(unsigned char x) { return float(x); }
+  __device__ static unsigned char from_float(float x) { return (unsigned char)(int)x; }
+  static constexpr bool is_float = false;
+};
+
+template <class S, class D>
+__device__ D convert(S x) {
+  if constexpr (!Scalar<S>::is_float && !Scalar<D>::is_float) {
+    return D(x);
+  } else {
+    return Scalar<D>::from_float(Scalar<S>::to_float(x));
+  }
+}
+
+template <class S, class D>
+__device__ void cast(const S* in, D* out, long long n) {
+  GRID_STRIDE_LOOP(i, n) out[i] = convert<S, D>(in[i]);
+}
+
+#define CAST(sname, S, dname, D) \
+  extern "C" __global__ void cast_##sname##_##dname(const S* in, D* out, long long n) { cast<S, D>(in, out, n); }
+#define CAST_FROM(sname, S)             \
+  CAST(sname, S, f32, float)            \
+  CAST(sname, S, f16, f16)              \
+  CAST(sname, S, bf16, bf16)            \
+  CAST(sname, S, i32, int)              \
+  CAST(sname, S, i64, long long)        \
+  CAST(sname, S, u8, unsigned char)
+CAST_FROM(f32, float)
+CAST_FROM(f16, f16)
+CAST_FROM(bf16, bf16)
+CAST_FROM(i32, int)
+CAST_FROM(i64, long long)
+CAST_FROM(u8, unsigned char)

@@ -1,0 +1,61 @@
+// The one header every kernel includes. The same source builds for the real GPU with NVRTC
+// (inline PTX, device.cuh) and for the virtual GPU with the host compiler (fibers, emu.cuh).
+// Kernels include nothing else: no CUDA toolkit headers, no standard headers.
+#pragma once
+
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+#include "device.cuh"
+#elif defined(CUDA_EMU)
+#include "emu.cuh"
+#else
+#error "common.cuh: build with NVRTC, or with -DCUDA_EMU for the virtual GPU"
+#endif
+
+#include "half.cuh"
+
+#define FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(FULL_MASK, v, o));
+  return v;
+}
+
+// NaN-propagating max and min, as torch.max and torch.min do: NaN wins over any number.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+__device__ __forceinline__ float nan_min(float a, float b) { return (a != a || a < b) ? a : b; }
+
+// A strided view of up to 8 dimensions, passed to kernels by value (mirrors `StridedDesc` in
+// src/ops/mod.rs). Strides are in elements.
+#define MAX_DIMS 8
+struct Strided {
+  long long rank;
+  long long shape[MAX_DIMS];
+  long long strides[MAX_DIMS];
+};
+
+// Storage offset of the element at row-major position `i` of the view.
+__device__ __forceinline__ long long strided_offset(const Strided& d, long long i) {
+  long long off = 0;
+  for (int k = int(d.rank) - 1; k >= 0; --k) {
+    const long long s = d.shape[k];
+    off += (i % s) * d.strides[k];
+    i /= s;
+  }
+  return off;
+}
+
+// First index and stride of a grid-stride loop over a 1-D launch.
+#define GRID_STRIDE_LOOP(i, n)                                                         \
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
+       i += (long long)gridDim.x * blockDim.x)

@@ -1,0 +1,820 @@
+// The virtual GPU runtime: fibers, the block scheduler, barriers, warp collectives, and the
+// emulation of mma.sync, ldmatrix and cp.async. Built once by build.rs beside the kernels.
+//
+// Checks that turn GPU bugs into errors the Rust side can report (never a hang):
+//   - shared memory (static arena and dynamic) is filled with 0xFF at every block start;
+//   - strict barriers: a thread that exited does not count as arrived; barriers at different
+//     source lines are divergence; nothing runnable is a deadlock, reported with the waiters;
+//   - warp collectives check that all lanes of the mask arrive at the same operation and line;
+//   - cp.async data lands only at wait_group; ldmatrix and cp.async check alignment and that the
+//     addresses are in shared memory;
+//   - with a seed, the order in which ready fibers run is shuffled, so a missing barrier shows up
+//     as a wrong answer.
+#include "common.cuh"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#endif
+
+#if defined(__x86_64__)
+// Minimal SysV x86-64 context switch: callee-saved registers, MXCSR and the x87 control word.
+// ucontext's swapcontext makes a sigprocmask system call on every switch (about 15x slower).
+extern "C" void emu_ctx_switch(void** save_sp, void* load_sp);
+extern "C" void emu_fiber_trampoline();
+asm(R"(
+  .text
+  .globl emu_ctx_switch
+  .hidden emu_ctx_switch
+  .type emu_ctx_switch,@function
+emu_ctx_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_ctx_switch,.-emu_ctx_switch
+  .globl emu_fiber_trampoline
+  .hidden emu_fiber_trampoline
+  .type emu_fiber_trampoline,@function
+emu_fiber_trampoline:
+  .cfi_startproc
+  .cfi_undefined rip
+  call emu_fiber_entry
+  ud2
+  .cfi_endproc
+  .size emu_fiber_trampoline,.-emu_fiber_trampoline
+)");
+#define EMU_FAST_SWITCH 1
+#endif
+
+namespace emu {
+namespace {
+
+constexpr unsigned char kPoison = 0xFF;  // 0xFFFFFFFF is NaN in f32, 0xFFFF NaN in f16 and bf16
+constexpr size_t kRedZone = 64;
+constexpr size_t kStaticSharedLimit = 48 * 1024;
+constexpr size_t kDynamicSharedLimit = 227 * 1024;
+constexpr size_t kArenaBytes = kStaticSharedLimit + 64 * kRedZone + 1024;
+
+enum class FiberState : unsigned char { Ready, AtBarrier, AtWarp, Done };
+enum class WarpOp : unsigned char { None, Sync, Shfl, Ballot, Mma, Ldmatrix };
+
+const char* op_name(WarpOp op) {
+  switch (op) {
+    case WarpOp::Sync: return "__syncwarp";
+    case WarpOp::Shfl: return "a shuffle";
+    case WarpOp::Ballot: return "a vote";
+    case WarpOp::Mma: return "mma.sync";
+    case WarpOp::Ldmatrix: return "ldmatrix";
+    default: return "nothing";
+  }
+}
+
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  unsigned src_bytes;
+  unsigned group;
+};
+
+struct Fiber {
+  void* sp = nullptr;
+  ucontext_t ctx;
+  char* stack = nullptr;
+  size_t stack_size = 0;
+  uint3 tid{};
+  unsigned linear = 0, lane = 0, warp = 0;
+  FiberState st = FiberState::Ready;
+  std::vector<PendingCopy> copies;
+  unsigned committed = 0;
+#ifdef EMU_ASAN
+  void* fake_stack = nullptr;
+#endif
+};
+
+struct WarpState {
+  unsigned arrived = 0, gen = 0, mask = 0, exited = 0;
+  WarpOp op = WarpOp::None;
+  int aux = 0;
+  const char* file = "";
+  int line = 0;
+  alignas(16) unsigned char in[2][32][48];  // per-lane payload, double-buffered by generation parity
+  alignas(16) unsigned char out[2][32][16];  // per-lane result, written by the last lane to arrive
+};
+
+struct Block {
+  uint3 bidx{}, bdim{}, gdim{};
+  unsigned n = 0, nwarps = 0, live = 0;
+  std::vector<Fiber> f;
+  std::vector<WarpState> w;
+  std::vector<unsigned> ready;
+  size_t ready_head = 0;
+  unsigned bar_arrived = 0;
+  const char* bar_file = "";
+  int bar_line = 0;
+  void* sched_sp = nullptr;
+  ucontext_t sched;
+  Fiber* cur = nullptr;
+  void (*body)(void*) = nullptr;
+  void* ctx = nullptr;
+  const LaunchOptions* opt = nullptr;
+  std::vector<unsigned char> dyn_buf, arena;
+  unsigned char* dyn = nullptr;
+  size_t dyn_bytes = 0, arena_top = 0, static_bytes = 0;
+  unsigned long long serial = 0, rng = 0;
+  bool failed = false;
+  std::string error;
+#ifdef EMU_ASAN
+  const void* main_stack_bottom = nullptr;
+  size_t main_stack_size = 0;
+  void* main_fake_stack = nullptr;
+#endif
+
+  unsigned long long next_rand() {  // xorshift64*
+    rng ^= rng >> 12;
+    rng ^= rng << 25;
+    rng ^= rng >> 27;
+    return rng * 2685821657736338717ull;
+  }
+  bool in_shared(const void* p, size_t bytes) const {
+    auto a = reinterpret_cast<const unsigned char*>(p);
+    return (a >= arena.data() && a + bytes <= arena.data() + arena.size()) || (a >= dyn && a + bytes <= dyn + dyn_bytes);
+  }
+};
+
+thread_local Block* tl_block = nullptr;
+std::atomic<unsigned long long> g_block_serial{0};
+
+std::string vformat(const char* fmt, va_list ap) {
+  char buf[2048];
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  return buf;
+}
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::string s = vformat(fmt, ap);
+  va_end(ap);
+  return s;
+}
+
+// ---------------------------------------------------------------- fiber stacks
+// Each stack has a PROT_NONE guard page below it, so an overflow faults instead of corrupting.
+struct StackPool {
+  std::vector<std::pair<char*, size_t>> stacks;
+  char* get(unsigned i, size_t bytes) {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    while (stacks.size() <= i) stacks.push_back({nullptr, 0});
+    if (stacks[i].second != bytes) {
+      if (stacks[i].first) munmap(stacks[i].first - page, stacks[i].second + page);
+      void* p = mmap(nullptr, bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) return nullptr;
+      mprotect(p, page, PROT_NONE);
+      stacks[i] = {static_cast<char*>(p) + page, bytes};
+    }
+    return stacks[i].first;
+  }
+};
+
+// Stack pools outlive launches (mapping 1024 stacks per launch would dominate small kernels);
+// a worker borrows one for the duration of a launch.
+std::mutex g_pool_mutex;
+std::vector<StackPool*> g_free_pools;
+
+StackPool* borrow_pool() {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  if (g_free_pools.empty()) return new StackPool();
+  StackPool* p = g_free_pools.back();
+  g_free_pools.pop_back();
+  return p;
+}
+void return_pool(StackPool* p) {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  g_free_pools.push_back(p);
+}
+
+// ---------------------------------------------------------------- switching
+void switch_to_fiber(Block* b, Fiber* fb) {
+  b->cur = fb;
+  threadIdx = fb->tid;
+#ifdef EMU_ASAN
+  __sanitizer_start_switch_fiber(&b->main_fake_stack, fb->stack, fb->stack_size);
+#endif
+#ifdef EMU_FAST_SWITCH
+  emu_ctx_switch(&b->sched_sp, fb->sp);
+#else
+  swapcontext(&b->sched, &fb->ctx);
+#endif
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(b->main_fake_stack, nullptr, nullptr);
+#endif
+}
+
+// Runs on a fiber: hands control back to the scheduler. After a final switch the fiber is never
+// resumed, and ASan frees its fake stack.
+void yield_to_sched(Block* b, bool final_switch) {
+  Fiber* me = b->cur;
+#ifdef EMU_ASAN
+  __sanitizer_start_switch_fiber(final_switch ? nullptr : &me->fake_stack, b->main_stack_bottom, b->main_stack_size);
+#else
+  (void)final_switch;
+#endif
+#ifdef EMU_FAST_SWITCH
+  emu_ctx_switch(&me->sp, b->sched_sp);
+#else
+  swapcontext(&me->ctx, &b->sched);
+#endif
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(me->fake_stack, nullptr, nullptr);
+#endif
+}
+
+void fiber_main() {
+  Block* b = tl_block;
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &b->main_stack_bottom, &b->main_stack_size);
+#endif
+  b->body(b->ctx);
+  Fiber* me = b->cur;
+  if (!me->copies.empty()) {
+    fail("thread %u exited with %zu cp.async copies it never waited for", me->linear, me->copies.size());
+  }
+  WarpState& ws = b->w[me->warp];
+  if (ws.arrived > 0 && (ws.mask >> me->lane & 1u)) {
+    fail("thread %u (warp %u lane %u) exited while its warp waits for it in %s at %s:%d", me->linear, me->warp,
+         me->lane, op_name(ws.op), ws.file, ws.line);
+  }
+  ws.exited |= 1u << me->lane;
+  me->st = FiberState::Done;
+  b->live--;
+  yield_to_sched(b, true);
+  // Never resumed. This function must not end in a [[noreturn]] call: GCC would then treat it as
+  // noreturn and ASan would unpoison the stack before the fiber switch completes.
+}
+
+}  // namespace
+}  // namespace emu
+
+extern "C" __attribute__((used)) void emu_fiber_entry() { emu::fiber_main(); }
+
+namespace emu {
+namespace {
+
+void make_ready(Block* b, unsigned i) {
+  b->f[i].st = FiberState::Ready;
+  b->ready.push_back(i);
+}
+
+void shuffle_tail(Block* b, size_t from) {
+  if (!b->opt->seed) return;
+  for (size_t i = b->ready.size(); i > from + 1; --i) {
+    size_t j = from + b->next_rand() % (i - from);
+    std::swap(b->ready[i - 1], b->ready[j]);
+  }
+}
+
+// Lists ranges of threads with the same wait state, for deadlock reports.
+std::string describe_waiters(Block* b) {
+  std::string s;
+  auto where = [&](const Fiber& fb) -> std::string {
+    switch (fb.st) {
+      case FiberState::AtBarrier: return format("wait in __syncthreads at %s:%d", b->bar_file, b->bar_line);
+      case FiberState::AtWarp: {
+        const WarpState& ws = b->w[fb.warp];
+        return format("wait in %s at %s:%d", op_name(ws.op), ws.file, ws.line);
+      }
+      case FiberState::Done: return "exited";
+      default: return "ready";
+    }
+  };
+  unsigned start = 0;
+  std::string cur = b->n ? where(b->f[0]) : "";
+  for (unsigned i = 1; i <= b->n; ++i) {
+    std::string next = i < b->n ? where(b->f[i]) : "";
+    if (i == b->n || next != cur) {
+      s += format("; threads %u-%u %s", start, i - 1, cur.c_str());
+      start = i;
+      cur = next;
+    }
+  }
+  return s;
+}
+
+bool run_block(Block* b) {
+  b->live = b->n;
+  b->ready.clear();
+  b->ready_head = 0;
+  b->bar_arrived = 0;
+  b->failed = false;
+  for (unsigned i = 0; i < b->n; ++i) {
+    Fiber& fb = b->f[i];
+    fb.st = FiberState::Ready;
+    fb.copies.clear();
+    fb.committed = 0;
+#ifdef EMU_FAST_SWITCH
+    uintptr_t top = (reinterpret_cast<uintptr_t>(fb.stack) + fb.stack_size) & ~uintptr_t(15);
+    void** frame = reinterpret_cast<void**>(top);
+    frame[-1] = reinterpret_cast<void*>(&emu_fiber_trampoline);  // 'ret' target; rsp%16==0 after it
+    for (int k = 2; k <= 7; ++k) frame[-k] = nullptr;            // rbp rbx r12 r13 r14 r15
+    uint32_t* control = reinterpret_cast<uint32_t*>(&frame[-8]);
+    control[0] = 0x1F80;  // default MXCSR
+    control[1] = 0x037F;  // default x87 control word
+    fb.sp = &frame[-8];
+#else
+    getcontext(&fb.ctx);
+    fb.ctx.uc_stack.ss_sp = fb.stack;
+    fb.ctx.uc_stack.ss_size = fb.stack_size;
+    fb.ctx.uc_link = nullptr;
+    makecontext(&fb.ctx, reinterpret_cast<void (*)()>(&emu_fiber_entry), 0);
+#endif
+    b->ready.push_back(i);
+  }
+  shuffle_tail(b, 0);
+  for (;;) {
+    while (b->ready_head < b->ready.size()) {
+      if (b->opt->seed) {  // any ready fiber may run next, so every interleaving of yield points is reachable
+        size_t j = b->ready_head + b->next_rand() % (b->ready.size() - b->ready_head);
+        std::swap(b->ready[b->ready_head], b->ready[j]);
+      }
+      unsigned i = b->ready[b->ready_head++];
+      switch_to_fiber(b, &b->f[i]);
+      if (b->failed) return false;
+    }
+    b->ready.clear();
+    b->ready_head = 0;
+    if (b->live == 0) return true;
+    unsigned at_barrier = 0;
+    for (unsigned i = 0; i < b->n; ++i) at_barrier += b->f[i].st == FiberState::AtBarrier;
+    const bool exited = b->live != b->n;
+    if (at_barrier == b->live && !(exited && !b->opt->lenient_barrier)) {
+      b->bar_arrived = 0;
+      for (unsigned i = 0; i < b->n; ++i)
+        if (b->f[i].st == FiberState::AtBarrier) make_ready(b, i);
+      shuffle_tail(b, 0);
+      continue;
+    }
+    if (at_barrier == b->live) {
+      b->error = format("block (%u,%u,%u): %u of %u threads exited without reaching __syncthreads at %s:%d%s",
+                        b->bidx.x, b->bidx.y, b->bidx.z, b->n - b->live, b->n, b->bar_file, b->bar_line,
+                        describe_waiters(b).c_str());
+    } else {
+      b->error = format("deadlock in block (%u,%u,%u): no thread can run%s", b->bidx.x, b->bidx.y, b->bidx.z,
+                        describe_waiters(b).c_str());
+    }
+    return false;
+  }
+}
+
+struct LaunchState {
+  Dim3 grid, block;
+  unsigned smem;
+  const LaunchOptions* opt;
+  void (*body)(void*);
+  void* ctx;
+  unsigned long long total;
+  std::atomic<unsigned long long> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  std::string error;
+};
+
+void run_blocks(LaunchState& L) {
+  static thread_local Block* block = nullptr;
+  if (!block) block = new Block();  // leaked on purpose: it outlives thread-exit ordering issues
+  Block* b = block;
+  StackPool* pool = borrow_pool();
+  tl_block = b;
+  b->bdim = uint3{L.block.x, L.block.y, L.block.z};
+  b->gdim = uint3{L.grid.x, L.grid.y, L.grid.z};
+  b->n = L.block.x * L.block.y * L.block.z;
+  b->nwarps = (b->n + 31) / 32;
+  b->body = L.body;
+  b->ctx = L.ctx;
+  b->opt = L.opt;
+  if (b->f.size() < b->n) b->f.resize(b->n);
+  b->w.resize(b->nwarps);
+  for (unsigned i = 0; i < b->n; ++i) {
+    Fiber& fb = b->f[i];
+    fb.linear = i;
+    fb.tid = uint3{i % L.block.x, (i / L.block.x) % L.block.y, i / (L.block.x * L.block.y)};
+    fb.lane = i % 32;
+    fb.warp = i / 32;
+    fb.stack_size = L.opt->stack_bytes;
+    fb.stack = pool->get(i, fb.stack_size);
+    if (!fb.stack) {
+      std::lock_guard<std::mutex> lock(L.error_mutex);
+      L.error = format("cannot map %u fiber stacks of %u bytes", b->n, L.opt->stack_bytes);
+      L.failed = true;
+      return_pool(pool);
+      tl_block = nullptr;
+      return;
+    }
+  }
+  blockDim = b->bdim;
+  gridDim = b->gdim;
+  b->dyn_buf.resize(L.smem + 128 + kRedZone);
+  b->dyn = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(b->dyn_buf.data()) + 127) & ~uintptr_t(127));
+  b->dyn_bytes = L.smem;
+  b->arena.resize(kArenaBytes);
+  for (unsigned long long id; !L.failed && (id = L.next.fetch_add(1)) < L.total;) {
+    b->bidx = uint3{unsigned(id % L.grid.x), unsigned((id / L.grid.x) % L.grid.y),
+                    unsigned(id / (static_cast<unsigned long long>(L.grid.x) * L.grid.y))};
+    blockIdx = b->bidx;
+    b->serial = ++g_block_serial;
+    b->rng = (L.opt->seed * 0x9E3779B97F4A7C15ull) ^ (id + 1) * 0xD1B54A32D192ED03ull;
+    for (unsigned wi = 0; wi < b->nwarps; ++wi) {
+      WarpState& ws = b->w[wi];
+      const unsigned lanes = std::min(32u, b->n - wi * 32);
+      ws.arrived = 0;
+      ws.gen = 0;
+      ws.exited = lanes == 32 ? 0u : ~0u << lanes;  // lanes of a partial warp that do not exist
+      ws.op = WarpOp::None;
+    }
+    b->arena_top = 0;
+    b->static_bytes = 0;
+#ifdef EMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(b->arena.data(), b->arena.size());
+    ASAN_UNPOISON_MEMORY_REGION(b->dyn, b->dyn_bytes + kRedZone);
+#endif
+    std::memset(b->dyn, kPoison, b->dyn_bytes + kRedZone);
+    std::memset(b->arena.data(), kPoison, b->arena.size());
+#ifdef EMU_ASAN
+    ASAN_POISON_MEMORY_REGION(b->arena.data(), b->arena.size());
+    ASAN_POISON_MEMORY_REGION(b->dyn + b->dyn_bytes, kRedZone);
+#endif
+    if (!run_block(b)) {
+      std::lock_guard<std::mutex> lock(L.error_mutex);
+      if (!L.failed) L.error = b->error;
+      L.failed = true;
+    }
+  }
+#ifdef EMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(b->arena.data(), b->arena.size());
+  ASAN_UNPOISON_MEMORY_REGION(b->dyn, b->dyn_bytes + kRedZone);
+#endif
+  return_pool(pool);
+  tl_block = nullptr;
+}
+
+void write_error(char* err, size_t errlen, const std::string& msg) {
+  if (errlen == 0) return;
+  std::snprintf(err, errlen, "%s", msg.c_str());
+}
+
+// ---------------------------------------------------------------- warp collectives
+// Every lane of the mask deposits its payload and parks; the last lane to arrive computes all
+// lanes' results while the others are parked (a snapshot, which matters for ldmatrix), then
+// wakes them. Payload and result buffers alternate by generation parity, so a fast lane that
+// reaches the next collective cannot overwrite a result a slow lane has not read yet.
+template <class Leader>
+const unsigned char* collective(WarpOp op, int aux, unsigned mask, const char* file, int line, const void* in,
+                                size_t in_bytes, Leader&& leader) {
+  Block* b = tl_block;
+  Fiber* me = b->cur;
+  WarpState& ws = b->w[me->warp];
+  if (!(mask >> me->lane & 1u))
+    fail("lane %u of warp %u calls %s at %s:%d with mask 0x%08x that excludes itself", me->lane, me->warp,
+         op_name(op), file, line, mask);
+  if (mask & ws.exited)
+    fail("%s at %s:%d: mask 0x%08x names lanes that exited or do not exist (0x%08x) in warp %u", op_name(op), file,
+         line, mask, mask & ws.exited, me->warp);
+  const unsigned parity = ws.gen & 1u;
+  if (ws.arrived == 0) {
+    ws.op = op;
+    ws.aux = aux;
+    ws.mask = mask;
+    ws.file = file;
+    ws.line = line;
+  } else if (ws.op != op || ws.aux != aux || ws.mask != mask || ws.line != line || std::strcmp(ws.file, file)) {
+    fail("divergent warp collective in warp %u: lane %u at %s (%s:%d, mask 0x%08x) while other lanes wait in %s "
+         "(%s:%d, mask 0x%08x)",
+         me->warp, me->lane, op_name(op), file, line, mask, op_name(ws.op), ws.file, ws.line, ws.mask);
+  }
+  std::memcpy(ws.in[parity][me->lane], in, in_bytes);
+  if (++ws.arrived == unsigned(__builtin_popcount(mask))) {
+    leader(ws, parity);
+    ws.arrived = 0;
+    ws.gen++;
+    const size_t from = std::max(b->ready.size(), b->ready_head);
+    for (unsigned l = 0; l < 32; ++l) {
+      if (l == me->lane || !(mask >> l & 1u)) continue;
+      make_ready(b, me->warp * 32 + l);
+    }
+    shuffle_tail(b, from);
+  } else {
+    me->st = FiberState::AtWarp;
+    yield_to_sched(b, false);
+  }
+  return ws.out[parity][me->lane];
+}
+
+float half_lo(bool bf16_type, unsigned w) {
+  return bf16_type ? bf16_to_f32(bf16{(unsigned short)(w & 0xffff)}) : f16_to_f32(f16{(unsigned short)(w & 0xffff)});
+}
+float half_hi(bool bf16_type, unsigned w) {
+  return bf16_type ? bf16_to_f32(bf16{(unsigned short)(w >> 16)}) : f16_to_f32(f16{(unsigned short)(w >> 16)});
+}
+
+struct MmaIn {
+  unsigned a[4];
+  unsigned b[2];
+  float c[4];
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------- public runtime API
+void fail(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::string msg = vformat(fmt, ap);
+  va_end(ap);
+  Block* b = tl_block;
+  if (!b || !b->cur) {
+    std::fprintf(stderr, "[vgpu] fatal outside a kernel thread: %s\n", msg.c_str());
+    std::abort();
+  }
+  Fiber* me = b->cur;
+  b->error = format("block (%u,%u,%u) thread (%u,%u,%u): %s", b->bidx.x, b->bidx.y, b->bidx.z, me->tid.x, me->tid.y,
+                    me->tid.z, msg.c_str());
+  b->failed = true;
+  yield_to_sched(b, true);
+  std::abort();  // unreachable: the scheduler never resumes a failed block
+}
+
+void syncthreads(const char* file, int line) {
+  Block* b = tl_block;
+  if (b->bar_arrived == 0) {
+    b->bar_file = file;
+    b->bar_line = line;
+  } else if (b->bar_line != line || std::strcmp(b->bar_file, file)) {
+    fail("divergent __syncthreads: this thread is at %s:%d while others wait at %s:%d", file, line, b->bar_file,
+         b->bar_line);
+  }
+  b->bar_arrived++;
+  b->cur->st = FiberState::AtBarrier;
+  yield_to_sched(b, false);
+}
+
+void syncwarp(unsigned mask, const char* file, int line) {
+  collective(WarpOp::Sync, 0, mask, file, line, nullptr, 0, [](WarpState&, unsigned) {});
+}
+
+void shfl(ShflKind kind, unsigned mask, const void* value, void* result, unsigned bytes, int arg, int width,
+          const char* file, int line) {
+  if (width <= 0 || width > 32 || (width & (width - 1)))
+    fail("shuffle at %s:%d: width %d is not a power of two in [1, 32]", file, line, width);
+  unsigned char payload[20];
+  std::memcpy(payload, value, bytes);
+  std::memcpy(payload + 16, &arg, 4);
+  const unsigned char* out = collective(WarpOp::Shfl, int(kind) * 64 + width, mask, file, line, payload, sizeof payload,
+                                        [&](WarpState& ws, unsigned p) {
+                                          const unsigned w = unsigned(width);
+                                          for (unsigned l = 0; l < 32; ++l) {
+                                            if (!(ws.mask >> l & 1u)) continue;
+                                            int a;
+                                            std::memcpy(&a, ws.in[p][l] + 16, 4);
+                                            const unsigned group = l & ~(w - 1);
+                                            unsigned src = l;
+                                            switch (kind) {
+                                              case ShflKind::Idx: src = group + (unsigned(a) & (w - 1)); break;
+                                              case ShflKind::Xor: {
+                                                unsigned s = l ^ unsigned(a);
+                                                src = s >= group + w ? l : s;  // later groups give one's own value
+                                                break;
+                                              }
+                                              case ShflKind::Down:
+                                                src = (l & (w - 1)) + unsigned(a) >= w ? l : l + unsigned(a);
+                                                break;
+                                              case ShflKind::Up: src = (l & (w - 1)) < unsigned(a) ? l : l - unsigned(a); break;
+                                            }
+                                            // reading a lane outside the mask is undefined on the GPU: poison
+                                            if (src >= 32 || !(ws.mask >> src & 1u))
+                                              std::memset(ws.out[p][l], kPoison, bytes);
+                                            else
+                                              std::memcpy(ws.out[p][l], ws.in[p][src], bytes);
+                                          }
+                                        });
+  std::memcpy(result, out, bytes);
+}
+
+unsigned ballot(unsigned mask, int pred, const char* file, int line) {
+  const int p = pred != 0;
+  const unsigned char* out = collective(WarpOp::Ballot, 0, mask, file, line, &p, sizeof p, [](WarpState& ws, unsigned q) {
+    unsigned r = 0;
+    for (unsigned l = 0; l < 32; ++l) {
+      if (!(ws.mask >> l & 1u)) continue;
+      int x;
+      std::memcpy(&x, ws.in[q][l], 4);
+      r |= unsigned(x) << l;
+    }
+    for (unsigned l = 0; l < 32; ++l) std::memcpy(ws.out[q][l], &r, 4);
+  });
+  unsigned r;
+  std::memcpy(&r, out, 4);
+  return r;
+}
+
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs), g = lane>>2, t = lane%4:
+//   A 16x16 row-major, a_i (i = 0..7, register i/2, low half = even i):
+//       row = g + 8*((i>>1)&1), col = 2t + (i&1) + 8*(i>>2)
+//   B 16x8 column-major, b_i (i = 0..3): row(k) = 2t + (i&1) + 8*(i>>1), col(n) = g
+//   C/D 16x8 f32, c_i (i = 0..3): row = g + 8*(i>>1), col = 2t + (i&1)
+// Products of 16-bit floats are exact in f32; the sum is formed in f64 and rounded once, so the
+// result does not depend on the order (the hardware's own rounding differs slightly).
+void mma_m16n8k16(bool bf16_type, float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4],
+                  const char* file, int line) {
+  MmaIn in;
+  std::memcpy(in.a, a, sizeof in.a);
+  std::memcpy(in.b, b, sizeof in.b);
+  std::memcpy(in.c, c, sizeof in.c);
+  if (tl_block->n - tl_block->cur->warp * 32 < 32)
+    fail("mma.sync at %s:%d in a partial warp (blockDim %u)", file, line, tl_block->n);
+  const unsigned char* out =
+      collective(WarpOp::Mma, bf16_type, 0xffffffffu, file, line, &in, sizeof in, [bf16_type](WarpState& ws, unsigned p) {
+        float A[16][16], B[16][8];
+        for (unsigned l = 0; l < 32; ++l) {
+          MmaIn x;
+          std::memcpy(&x, ws.in[p][l], sizeof x);
+          const unsigned g = l >> 2, t = l & 3;
+          for (unsigned i = 0; i < 8; ++i) {
+            const unsigned w = x.a[i >> 1];
+            A[g + 8 * ((i >> 1) & 1)][2 * t + (i & 1) + 8 * (i >> 2)] = (i & 1) ? half_hi(bf16_type, w) : half_lo(bf16_type, w);
+          }
+          for (unsigned i = 0; i < 4; ++i) {
+            const unsigned w = x.b[i >> 1];
+            B[2 * t + (i & 1) + 8 * (i >> 1)][g] = (i & 1) ? half_hi(bf16_type, w) : half_lo(bf16_type, w);
+          }
+        }
+        for (unsigned l = 0; l < 32; ++l) {
+          MmaIn x;
+          std::memcpy(&x, ws.in[p][l], sizeof x);
+          const unsigned g = l >> 2, t = l & 3;
+          float r[4];
+          for (unsigned i = 0; i < 4; ++i) {
+            const unsigned row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+            double acc = x.c[i];
+            for (unsigned k = 0; k < 16; ++k) acc += double(A[row][k]) * double(B[k][col]);
+            r[i] = float(acc);
+          }
+          std::memcpy(ws.out[p][l], r, sizeof r);
+        }
+      });
+  std::memcpy(d, out, 16);
+}
+
+// ldmatrix .m8n8 .xN .b16: lanes 8j..8j+7 give the row addresses of matrix j (j < N).
+// Register j of lane l holds matrix j at (row l/4, cols 2(l%4), 2(l%4)+1), or with .trans at
+// (rows 2(l%4), 2(l%4)+1, col l/4), the lower-indexed element in the low half.
+void ldmatrix(unsigned count, bool trans, unsigned* r, const void* row, const char* file, int line) {
+  if (tl_block->n - tl_block->cur->warp * 32 < 32)
+    fail("ldmatrix at %s:%d in a partial warp (blockDim %u)", file, line, tl_block->n);
+  const unsigned char* out = collective(
+      WarpOp::Ldmatrix, int(count * 2 + trans), 0xffffffffu, file, line, &row, sizeof row,
+      [count, trans, file, line](WarpState& ws, unsigned p) {
+        uint16_t m[32][8];
+        for (unsigned a = 0; a < 8 * count; ++a) {
+          const unsigned char* addr;
+          std::memcpy(&addr, ws.in[p][a], sizeof addr);
+          if (reinterpret_cast<uintptr_t>(addr) & 15)
+            fail("ldmatrix at %s:%d: lane %u row address %p is not 16-byte aligned", file, line, a, (const void*)addr);
+          if (!tl_block->in_shared(addr, 16))
+            fail("ldmatrix at %s:%d: lane %u row address %p is not in shared memory", file, line, a, (const void*)addr);
+          std::memcpy(m[a], addr, 16);  // one 16-byte row read per address, like the hardware
+        }
+        for (unsigned l = 0; l < 32; ++l) {
+          unsigned regs[4] = {0, 0, 0, 0};
+          for (unsigned j = 0; j < count; ++j) {
+            uint16_t lo, hi;
+            if (!trans) {
+              lo = m[8 * j + l / 4][2 * (l % 4)];
+              hi = m[8 * j + l / 4][2 * (l % 4) + 1];
+            } else {
+              lo = m[8 * j + 2 * (l % 4)][l / 4];
+              hi = m[8 * j + 2 * (l % 4) + 1][l / 4];
+            }
+            regs[j] = unsigned(lo) | (unsigned(hi) << 16);
+          }
+          std::memcpy(ws.out[p][l], regs, sizeof regs);
+        }
+      });
+  std::memcpy(r, out, 4 * count);
+}
+
+void cp_async_issue(void* dst, const void* src, unsigned src_bytes, const char* file, int line) {
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15)
+    fail("cp.async at %s:%d: addresses %p <- %p are not 16-byte aligned", file, line, dst, src);
+  if (src_bytes > 16) fail("cp.async at %s:%d: source size %u exceeds 16", file, line, src_bytes);
+  if (!tl_block->in_shared(dst, 16)) fail("cp.async at %s:%d: destination %p is not in shared memory", file, line, dst);
+  std::memset(dst, kPoison, 16);  // the destination is undefined until the copy completes
+  Fiber* me = tl_block->cur;
+  me->copies.push_back({dst, src, src_bytes, me->committed});
+}
+
+void cp_async_commit() { tl_block->cur->committed++; }
+
+void cp_async_wait(int n) {
+  Fiber* me = tl_block->cur;
+  // every committed group except the n most recent completes
+  const unsigned limit = me->committed >= unsigned(n) ? me->committed - unsigned(n) : 0;
+  size_t kept = 0;
+  for (size_t i = 0; i < me->copies.size(); ++i) {
+    const PendingCopy& c = me->copies[i];
+    if (c.group < limit) {
+      std::memcpy(c.dst, c.src, c.src_bytes);
+      std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
+    } else {
+      me->copies[kept++] = c;
+    }
+  }
+  me->copies.resize(kept);
+}
+
+void* block_shared(SharedSlot& slot, size_t bytes, size_t align) {
+  Block* b = tl_block;
+  if (slot.serial != b->serial) {  // the first thread of this block to reach the declaration allocates
+    const size_t a = align < 16 ? 16 : align;
+    const size_t off = (b->arena_top + a - 1) / a * a;
+    b->static_bytes += bytes;
+    if (b->static_bytes > kStaticSharedLimit)
+      fail("static shared memory of this kernel exceeds %zu bytes", kStaticSharedLimit);
+    if (off + bytes + kRedZone > b->arena.size()) fail("too many EMU_SHARED arrays in one kernel");
+#ifdef EMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(b->arena.data() + off, bytes);
+#endif
+    b->arena_top = off + bytes + kRedZone;
+    slot.ptr = b->arena.data() + off;
+    slot.serial = b->serial;
+  }
+  return slot.ptr;
+}
+
+void* dyn_smem() { return tl_block->dyn; }
+
+int run_grid(Dim3 grid, Dim3 block, unsigned smem, const LaunchOptions* opt, void (*body)(void*), void* ctx, char* err,
+             size_t errlen) {
+  const unsigned long long threads = static_cast<unsigned long long>(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024 || block.z > 64) {
+    write_error(err, errlen, format("invalid block (%u,%u,%u): 1 to 1024 threads, z at most 64", block.x, block.y, block.z));
+    return 1;
+  }
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+    write_error(err, errlen, format("invalid grid (%u,%u,%u)", grid.x, grid.y, grid.z));
+    return 1;
+  }
+  if (smem > kDynamicSharedLimit) {
+    write_error(err, errlen, format("dynamic shared memory %u bytes exceeds the %zu-byte limit", smem, kDynamicSharedLimit));
+    return 1;
+  }
+  LaunchState L;
+  L.grid = grid;
+  L.block = block;
+  L.smem = smem;
+  L.opt = opt;
+  L.body = body;
+  L.ctx = ctx;
+  L.total = static_cast<unsigned long long>(grid.x) * grid.y * grid.z;
+  const unsigned workers = unsigned(std::min<unsigned long long>(std::max(1u, opt->os_threads), L.total));
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < workers; ++t) pool.emplace_back([&L] { run_blocks(L); });
+  run_blocks(L);
+  for (auto& t : pool) t.join();
+  if (L.failed) {
+    write_error(err, errlen, L.error);
+    return 2;
+  }
+  return 0;
+}
+
+}  // namespace emu

@@ -1,0 +1,186 @@
+//! The virtual GPU driver: device memory is host memory, and a launch calls the host build of the
+//! kernel file (see build.rs and kernels/include/emu_runtime.cpp) with the same argument array a
+//! real launch gets.
+
+use super::gpu::{Driver, LaunchConfig};
+use super::kernels::KernelModule;
+use crate::error::{Error, Result};
+use std::alloc::Layout;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::Mutex;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct Dim3 {
+    x: u32,
+    y: u32,
+    z: u32,
+}
+
+/// Mirrors `emu::LaunchOptions` in kernels/include/emu.cuh.
+#[repr(C)]
+pub(crate) struct LaunchOptions {
+    seed: u64,
+    os_threads: u32,
+    stack_bytes: u32,
+    lenient_barrier: c_int,
+}
+
+pub(crate) type ModuleEntry = unsafe extern "C" fn(
+    *const c_char,
+    Dim3,
+    Dim3,
+    u32,
+    *mut *mut c_void,
+    *const LaunchOptions,
+    *mut c_char,
+    usize,
+) -> c_int;
+
+include!(concat!(env!("OUT_DIR"), "/vgpu_entries.rs"));
+
+/// How the virtual GPU schedules threads. Defaults come from the environment:
+/// `VPR_VGPU_SEED` (shuffled schedule; 0 or unset runs threads in order), `VPR_VGPU_THREADS`
+/// (OS threads running blocks), `VPR_VGPU_STACK_KB` (per CUDA thread, default 64).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VgpuOptions {
+    pub seed: u64,
+    pub os_threads: u32,
+    pub stack_kib: u32,
+    /// Count exited threads as arrived at `__syncthreads` (CUDA leaves that undefined).
+    pub lenient_barrier: bool,
+}
+
+impl Default for VgpuOptions {
+    fn default() -> Self {
+        VgpuOptions {
+            seed: 0,
+            os_threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            stack_kib: 64,
+            lenient_barrier: false,
+        }
+    }
+}
+
+impl VgpuOptions {
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        let d = VgpuOptions::default();
+        VgpuOptions {
+            seed: var("VPR_VGPU_SEED").unwrap_or(d.seed),
+            os_threads: var("VPR_VGPU_THREADS").map_or(d.os_threads, |v| v.max(1) as u32),
+            stack_kib: var("VPR_VGPU_STACK_KB").map_or(d.stack_kib, |v| v.clamp(16, 1 << 20) as u32),
+            lenient_barrier: false,
+        }
+    }
+
+    pub fn with_seed(seed: u64) -> Self {
+        VgpuOptions { seed, ..Self::default() }
+    }
+}
+
+pub struct VgpuDriver {
+    options: VgpuOptions,
+    /// Size of each live allocation, needed to free it.
+    sizes: Mutex<HashMap<u64, usize>>,
+}
+
+const ALIGN: usize = 256; // cudaMalloc's guarantee
+
+impl VgpuDriver {
+    pub fn new(options: VgpuOptions) -> Self {
+        VgpuDriver { options, sizes: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl Driver for VgpuDriver {
+    fn describe(&self) -> String {
+        format!(
+            "virtual GPU: kernels built for the host, {} OS thread(s), schedule {}",
+            self.options.os_threads,
+            if self.options.seed == 0 { "in order".to_string() } else { format!("shuffled (seed {})", self.options.seed) }
+        )
+    }
+
+    fn alloc_granularity(&self) -> usize {
+        1
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN).map_err(|e| Error::Argument(e.to_string()))?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc(layout) };
+        if p.is_null() {
+            return Err(Error::Device(format!("vgpu: out of host memory allocating {bytes} bytes")));
+        }
+        self.sizes.lock().unwrap().insert(p as u64, bytes.max(1));
+        Ok(p as u64)
+    }
+
+    unsafe fn free(&self, ptr: u64) {
+        if let Some(size) = self.sizes.lock().unwrap().remove(&ptr) {
+            // SAFETY: ptr was allocated by `alloc` with this size and alignment.
+            unsafe { std::alloc::dealloc(ptr as *mut u8, Layout::from_size_align_unchecked(size, ALIGN)) };
+        }
+    }
+
+    unsafe fn htod(&self, src: &[u8], dst: u64) -> Result<()> {
+        // SAFETY: the caller guarantees dst..dst+len is inside one of our allocations.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        // SAFETY: the caller guarantees src..src+len is inside one of our allocations.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    unsafe fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the caller guarantees both ranges are inside our allocations; they may overlap.
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+
+    unsafe fn launch(&self, module: &'static KernelModule, kernel: &str, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
+        let entry = module_entry(module.name)
+            .ok_or_else(|| Error::Argument(format!("kernel file {} is not built into the virtual GPU", module.name)))?;
+        let name = CString::new(kernel).map_err(|_| Error::Argument(format!("bad kernel name {kernel:?}")))?;
+        let opt = LaunchOptions {
+            seed: self.options.seed,
+            os_threads: self.options.os_threads,
+            stack_bytes: self.options.stack_kib * 1024,
+            lenient_barrier: self.options.lenient_barrier as c_int,
+        };
+        let (g, b) = (cfg.grid, cfg.block);
+        let mut err = vec![0u8; 4096];
+        // SAFETY: the caller guarantees `args` match the kernel's parameters and that its memory
+        // accesses are in bounds; err is a writable buffer of the length passed.
+        let rc = unsafe {
+            entry(
+                name.as_ptr(),
+                Dim3 { x: g.0, y: g.1, z: g.2 },
+                Dim3 { x: b.0, y: b.1, z: b.2 },
+                cfg.shared_bytes,
+                args.as_mut_ptr(),
+                &opt,
+                err.as_mut_ptr() as *mut c_char,
+                err.len(),
+            )
+        };
+        match rc {
+            0 => Ok(()),
+            -1 => Err(Error::Argument(format!("kernels/{}.cu has no kernel named {kernel}", module.name))),
+            _ => {
+                let msg = CStr::from_bytes_until_nul(&err).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+                let seed = if self.options.seed != 0 { format!(" (schedule seed VPR_VGPU_SEED={})", self.options.seed) } else { String::new() };
+                Err(Error::Vgpu { kernel: kernel.to_string(), message: format!("{msg}{seed}") })
+            }
+        }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}

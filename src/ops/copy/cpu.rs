@@ -1,0 +1,44 @@
+use crate::dtype::{DType, Element};
+use crate::layout::Layout;
+use crate::tensor::{with_cpu_storage, CpuStorage, IntoCpuStorage};
+
+fn filled<T: IntoCpuStorage>(n: usize, value: f64) -> CpuStorage {
+    T::into_storage(vec![T::from_f64(value); n])
+}
+
+pub fn full(n: usize, value: f64, dtype: DType) -> CpuStorage {
+    match dtype {
+        DType::F32 => filled::<f32>(n, value),
+        DType::F16 => filled::<half::f16>(n, value),
+        DType::BF16 => filled::<half::bf16>(n, value),
+        DType::I32 => filled::<i32>(n, value),
+        DType::I64 => filled::<i64>(n, value),
+        DType::U8 => filled::<u8>(n, value),
+    }
+}
+
+pub fn gather(s: &CpuStorage, layout: &Layout) -> CpuStorage {
+    with_cpu_storage!(s, v, T => T::into_storage(layout.storage_indices().map(|i| v[i]).collect()))
+}
+
+/// Same rules as the cast kernels: floats through f32 with round to nearest even (the `half`
+/// crate rounds that way), float to integer truncates, integer to integer wraps.
+fn convert<S: Element, D: IntoCpuStorage>(v: &[S]) -> CpuStorage {
+    let out: Vec<D> = if S::DTYPE.is_float() || D::DTYPE.is_float() {
+        v.iter().map(|&x| D::from_f32(x.to_f32())).collect()
+    } else {
+        v.iter().map(|&x| D::wrap_from_i64(x.to_i64())).collect()
+    };
+    D::into_storage(out)
+}
+
+pub fn cast(s: &CpuStorage, dtype: DType) -> CpuStorage {
+    with_cpu_storage!(s, v, S => match dtype {
+        DType::F32 => convert::<S, f32>(v),
+        DType::F16 => convert::<S, half::f16>(v),
+        DType::BF16 => convert::<S, half::bf16>(v),
+        DType::I32 => convert::<S, i32>(v),
+        DType::I64 => convert::<S, i64>(v),
+        DType::U8 => convert::<S, u8>(v),
+    })
+}

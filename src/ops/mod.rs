@@ -1,0 +1,31 @@
+//! Operations, one folder per family: `mod.rs` has the API and the shape and dtype checks,
+//! `cpu.rs` the CPU implementation (also the reference the GPU kernels are tested against),
+//! `gpu.rs` the launches of the kernels in `kernels/<family>.cu`.
+
+pub mod copy;
+
+use crate::layout::{Layout, MAX_DIMS};
+
+/// Mirrors `struct Strided` in kernels/include/common.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StridedDesc {
+    rank: i64,
+    shape: [i64; MAX_DIMS],
+    strides: [i64; MAX_DIMS],
+}
+
+impl StridedDesc {
+    pub fn new(layout: &Layout) -> Self {
+        let mut d = StridedDesc { rank: layout.rank() as i64, shape: [1; MAX_DIMS], strides: [0; MAX_DIMS] };
+        for (i, (&n, &s)) in layout.shape().iter().zip(layout.strides()).enumerate() {
+            d.shape[i] = n as i64;
+            d.strides[i] = s as i64;
+        }
+        d
+    }
+}
+
+/// Threads per block of the simple 1-D kernels, and the most blocks they launch (they loop).
+pub(crate) const LINEAR_THREADS: u32 = 256;
+pub(crate) const LINEAR_MAX_BLOCKS: u32 = 1024;

@@ -1,0 +1,227 @@
+//! `Tensor`: a layout (shape, strides, offset) over shared storage on a device. Tensors are
+//! immutable values: ops return new tensors, and views share storage without copying.
+
+mod random;
+mod storage;
+
+pub use random::Rng;
+pub(crate) use storage::{with_cpu_float_storage, with_cpu_storage};
+pub use storage::{CpuStorage, IntoCpuStorage, Storage};
+
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{shape_err, Error, Result};
+use crate::layout::{resolve_dim, Layout};
+use std::fmt;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct Tensor {
+    storage: Arc<Storage>,
+    layout: Layout,
+    dtype: DType,
+    device: Device,
+}
+
+impl Tensor {
+    /// A tensor over `storage` with `layout`; the layout must stay inside the storage.
+    pub(crate) fn from_parts(storage: Storage, layout: Layout, dtype: DType, device: Device) -> Tensor {
+        Tensor { storage: Arc::new(storage), layout, dtype, device }
+    }
+
+    /// A new view of the same storage.
+    pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
+        Tensor { storage: self.storage.clone(), layout, dtype: self.dtype, device: self.device.clone() }
+    }
+
+    pub fn from_vec<T: IntoCpuStorage>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return shape_err!("from_vec: {} values do not fill shape {shape:?} ({n} elements)", data.len());
+        }
+        let t = Tensor::from_parts(Storage::Cpu(T::into_storage(data)), Layout::contiguous(shape)?, T::DTYPE, Device::Cpu);
+        t.to_device(device)
+    }
+
+    pub fn from_slice<T: IntoCpuStorage>(data: &[T], shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(data.to_vec(), shape, device)
+    }
+
+    /// f64 values converted to `dtype` (rounded to nearest for floats, truncated for integers).
+    pub fn from_f64(data: &[f64], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        use half::{bf16, f16};
+        match dtype {
+            DType::F32 => Tensor::from_vec(data.iter().map(|&x| x as f32).collect(), shape, device),
+            DType::F16 => Tensor::from_vec(data.iter().map(|&x| f16::from_f64(x)).collect(), shape, device),
+            DType::BF16 => Tensor::from_vec(data.iter().map(|&x| bf16::from_f64(x)).collect(), shape, device),
+            DType::I32 => Tensor::from_vec(data.iter().map(|&x| x as i32).collect(), shape, device),
+            DType::I64 => Tensor::from_vec(data.iter().map(|&x| x as i64).collect(), shape, device),
+            DType::U8 => Tensor::from_vec(data.iter().map(|&x| x as u8).collect(), shape, device),
+        }
+    }
+
+    pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::full(shape, 0.0, dtype, device)
+    }
+
+    pub fn ones(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::full(shape, 1.0, dtype, device)
+    }
+
+    /// Uniform values in `[low, high)` from a seeded generator; the same on every device.
+    pub fn rand_uniform(shape: &[usize], low: f64, high: f64, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mut rng = Rng::new(seed);
+        let n = shape.iter().product();
+        let data: Vec<f64> = (0..n).map(|_| low + (high - low) * rng.uniform()).collect();
+        Tensor::from_f64(&data, shape, dtype, device)
+    }
+
+    /// Normal values with the given mean and standard deviation from a seeded generator.
+    pub fn randn(shape: &[usize], mean: f64, std: f64, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mut rng = Rng::new(seed);
+        let n = shape.iter().product();
+        let data: Vec<f64> = (0..n).map(|_| mean + std * rng.normal()).collect();
+        Tensor::from_f64(&data, shape, dtype, device)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        self.layout.shape()
+    }
+    pub fn rank(&self) -> usize {
+        self.layout.rank()
+    }
+    pub fn numel(&self) -> usize {
+        self.layout.numel()
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+    pub fn is_contiguous(&self) -> bool {
+        self.layout.is_contiguous()
+    }
+
+    /// Size of dimension `dim` (negative counts from the end).
+    pub fn dim(&self, dim: isize) -> Result<usize> {
+        Ok(self.shape()[resolve_dim(dim, self.rank(), "dim")?])
+    }
+
+    // ---------------------------------------------------------------- views
+
+    /// A view with another shape of the same number of elements; copies first when the layout
+    /// cannot be viewed that way (as torch.reshape does). One dimension may be `usize::MAX` to
+    /// mean "whatever is left".
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let mut shape = shape.to_vec();
+        if let Some(i) = shape.iter().position(|&d| d == usize::MAX) {
+            let known: usize = shape.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, &d)| d).product();
+            if known == 0 || self.numel() % known != 0 {
+                return shape_err!("cannot reshape {:?} to {shape:?}", self.shape());
+            }
+            shape[i] = self.numel() / known;
+        }
+        let src = if self.is_contiguous() { self.clone() } else { self.contiguous()? };
+        Ok(src.with_layout(src.layout.reshape(&shape)?))
+    }
+
+    pub fn permute(&self, dims: &[usize]) -> Result<Tensor> {
+        Ok(self.with_layout(self.layout.permute(dims)?))
+    }
+
+    pub fn transpose(&self, a: isize, b: isize) -> Result<Tensor> {
+        let (a, b) = (resolve_dim(a, self.rank(), "transpose")?, resolve_dim(b, self.rank(), "transpose")?);
+        Ok(self.with_layout(self.layout.transpose(a, b)?))
+    }
+
+    /// Transpose of the last two dimensions.
+    pub fn t(&self) -> Result<Tensor> {
+        if self.rank() < 2 {
+            return shape_err!("t() needs at least 2 dimensions, got shape {:?}", self.shape());
+        }
+        self.transpose(-2, -1)
+    }
+
+    /// Elements `start..start + len` along `dim`.
+    pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Tensor> {
+        let d = resolve_dim(dim, self.rank(), "narrow")?;
+        Ok(self.with_layout(self.layout.narrow(d, start, len)?))
+    }
+
+    pub fn broadcast_to(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.with_layout(self.layout.broadcast_to(shape)?))
+    }
+
+    /// Inserts a dimension of size 1 at `dim` (0..=rank).
+    pub fn unsqueeze(&self, dim: usize) -> Result<Tensor> {
+        if dim > self.rank() {
+            return shape_err!("unsqueeze({dim}) is out of range for shape {:?}", self.shape());
+        }
+        let mut shape = self.shape().to_vec();
+        shape.insert(dim, 1);
+        self.reshape(&shape)
+    }
+
+    /// Removes dimension `dim`, which must have size 1.
+    pub fn squeeze(&self, dim: isize) -> Result<Tensor> {
+        let d = resolve_dim(dim, self.rank(), "squeeze")?;
+        if self.shape()[d] != 1 {
+            return shape_err!("squeeze({dim}): dimension of size {} in shape {:?} is not 1", self.shape()[d], self.shape());
+        }
+        let mut shape = self.shape().to_vec();
+        shape.remove(d);
+        self.reshape(&shape)
+    }
+
+    // ---------------------------------------------------------------- reading back
+
+    /// The elements in row-major order; `T` must be the tensor's dtype.
+    pub fn to_vec<T: IntoCpuStorage>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DType(format!("to_vec::<{}>() on a {} tensor", T::DTYPE, self.dtype)));
+        }
+        let cpu = self.to_device(&Device::Cpu)?.contiguous()?;
+        let Storage::Cpu(s) = cpu.storage() else { unreachable!("to_device(cpu) gives CPU storage") };
+        let v = T::slice(s).expect("dtype checked above");
+        let off = cpu.layout.offset();
+        Ok(v[off..off + cpu.numel()].to_vec())
+    }
+
+    /// The elements as f64, whatever the dtype (for tests and printing).
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        let cpu = self.to_device(&Device::Cpu)?;
+        let Storage::Cpu(s) = cpu.storage() else { unreachable!("to_device(cpu) gives CPU storage") };
+        Ok(with_cpu_storage!(s, v, T => {
+            cpu.layout.storage_indices().map(|i| crate::dtype::Element::to_f64(v[i])).collect()
+        }))
+    }
+
+    /// The only element of a one-element tensor.
+    pub fn to_scalar_f64(&self) -> Result<f64> {
+        if self.numel() != 1 {
+            return shape_err!("to_scalar_f64 needs one element, shape is {:?}", self.shape());
+        }
+        Ok(self.to_f64_vec()?[0])
+    }
+
+    /// Errors unless `other` is on the same device.
+    pub(crate) fn same_device(&self, other: &Tensor, op: &str) -> Result<()> {
+        if !self.device.same(&other.device) {
+            return Err(Error::Device(format!("{op}: tensors on {} and {}", self.device, other.device)));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor({:?}, {}, {})", self.shape(), self.dtype, self.device)
+    }
+}

@@ -1,0 +1,539 @@
+//! Recognising the official architectures from tensor names and shapes alone.
+//!
+//! Each recogniser walks the exact key layout its repository produces (module indices
+//! included), checks every shape against the widths it has already read, and claims the
+//! keys it understood. A layout is accepted only when some recogniser claims every key, so a
+//! file with one stray tensor is not silently half-understood. Widths are read from the file,
+//! never assumed: a ResNet-50 is "bottleneck blocks in layers of 3, 4, 6, 3", whatever its
+//! channel counts, which is also what lets the test fixtures use tiny widths. Names that need
+//! real widths (ViT-S versus ViT-B) are given only when the widths match the official ones.
+//!
+//! The metadata written for each architecture is documented in tools/convert/README.md.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::err;
+use crate::error::Result;
+
+/// Architectures `--arch` accepts, besides `raw`.
+pub const ARCHES: [&str; 6] = ["cosplace", "eigenplaces", "netvlad", "selavpr", "dinov2", "benchmark"];
+
+const IMAGENET_MEAN: &str = "0.485,0.456,0.406";
+const IMAGENET_STD: &str = "0.229,0.224,0.225";
+/// OpenIBL feeds 0-255 RGB minus the MatConvNet means: std 1/255 on ToTensor's 0-1 range.
+const OPENIBL_MEAN: &str = "0.48502,0.45796,0.4076";
+const OPENIBL_STD: &str = "0.00392156862745098,0.00392156862745098,0.00392156862745098";
+
+/// What a recogniser found: the architecture and the metadata needed to build it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    pub arch: &'static str,
+    pub meta: BTreeMap<String, String>,
+    pub notes: Vec<String>,
+}
+
+impl Found {
+    fn new(arch: &'static str) -> Self {
+        Found {
+            arch,
+            meta: BTreeMap::from([("vpr.arch".to_string(), arch.to_string())]),
+            notes: Vec::new(),
+        }
+    }
+
+    fn set(&mut self, k: &str, v: impl ToString) {
+        self.meta.insert(format!("vpr.{k}"), v.to_string());
+    }
+}
+
+type Fit<T> = std::result::Result<T, String>;
+
+/// The key -> shape table with a record of which keys a recogniser has claimed.
+struct Keys<'t> {
+    all: BTreeMap<&'t str, &'t [usize]>,
+    used: BTreeSet<&'t str>,
+}
+
+impl<'t> Keys<'t> {
+    fn new(tensors: &'t [(String, Vec<usize>)]) -> Self {
+        Keys {
+            all: tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect(),
+            used: BTreeSet::new(),
+        }
+    }
+
+    fn has(&self, k: &str) -> bool {
+        self.all.contains_key(k)
+    }
+
+    /// Claims `k`, requiring `shape` where an entry is `Some`, and returns its shape.
+    fn take(&mut self, k: &str, shape: &[Option<usize>]) -> Fit<&'t [usize]> {
+        let (&name, &s) = self.all.get_key_value(k).ok_or_else(|| format!("missing {k}"))?;
+        let fits = s.len() == shape.len() && s.iter().zip(shape).all(|(a, b)| b.is_none_or(|b| *a == b));
+        if !fits {
+            let want: Vec<String> = shape.iter().map(|d| d.map_or("_".into(), |d| d.to_string())).collect();
+            return Err(format!("{k} has shape {s:?}, expected [{}]", want.join(", ")));
+        }
+        self.used.insert(name);
+        Ok(s)
+    }
+
+    fn leftovers(&self) -> Vec<&'t str> {
+        self.all.keys().filter(|k| !self.used.contains(*k)).copied().collect()
+    }
+}
+
+const fn d(n: usize) -> Option<usize> {
+    Some(n)
+}
+const ANY: Option<usize> = None;
+
+/// Conv2d `{p}.weight` [out, in, kh, kw] (+ `{p}.bias`), returns out.
+fn conv(k: &mut Keys, p: &str, cin: usize, kh: usize, bias: bool) -> Fit<usize> {
+    let out = k.take(&format!("{p}.weight"), &[ANY, d(cin), d(kh), d(kh)])?[0];
+    if bias {
+        k.take(&format!("{p}.bias"), &[d(out)])?;
+    }
+    Ok(out)
+}
+
+/// BatchNorm2d; `num_batches_tracked` is optional (old torch, or dropped earlier).
+fn bn(k: &mut Keys, p: &str, c: usize) -> Fit<()> {
+    for n in ["weight", "bias", "running_mean", "running_var"] {
+        k.take(&format!("{p}.{n}"), &[d(c)])?;
+    }
+    if k.has(&format!("{p}.num_batches_tracked")) {
+        k.take(&format!("{p}.num_batches_tracked"), &[])?;
+    }
+    Ok(())
+}
+
+/// Linear `{p}.weight` [out, in] + bias, returns out.
+fn linear(k: &mut Keys, p: &str, cin: usize, out: Option<usize>) -> Fit<usize> {
+    let o = k.take(&format!("{p}.weight"), &[out, d(cin)])?[0];
+    k.take(&format!("{p}.bias"), &[d(o)])?;
+    Ok(o)
+}
+
+/// LayerNorm weight + bias of width c.
+fn norm(k: &mut Keys, p: &str, c: usize) -> Fit<()> {
+    k.take(&format!("{p}.weight"), &[d(c)])?;
+    k.take(&format!("{p}.bias"), &[d(c)])?;
+    Ok(())
+}
+
+/// A CNN backbone as the gmberton repos wrap it: `nn.Sequential` of torchvision children.
+struct Cnn {
+    name: String,
+    channels: usize,
+    stride: usize,
+    meta: Vec<(&'static str, String)>,
+}
+
+/// torchvision ResNet children [:-2] (conv5) or [:-3] (conv4) under prefix `p`.
+fn resnet(k: &mut Keys, p: &str) -> Fit<Cnn> {
+    let c0 = conv(k, &format!("{p}0"), 3, 7, false)?;
+    bn(k, &format!("{p}1"), c0)?;
+    let bottleneck = k.has(&format!("{p}4.0.conv3.weight"));
+    let mut ch = c0;
+    let mut counts = Vec::new();
+    for layer in 4..=7 {
+        let mut j = 0;
+        while k.has(&format!("{p}{layer}.{j}.conv1.weight")) {
+            ch = res_block(k, &format!("{p}{layer}.{j}"), ch, bottleneck)?;
+            j += 1;
+        }
+        if j == 0 {
+            break;
+        }
+        counts.push(j);
+    }
+    let depth = match (bottleneck, &counts[..counts.len().min(3)]) {
+        (false, [2, 2, 2]) => 18,
+        (false, [3, 4, 6]) => 34,
+        (true, [3, 4, 6]) => 50,
+        (true, [3, 4, 23]) => 101,
+        (true, [3, 8, 36]) => 152,
+        _ => return Err(format!("ResNet under {p:?} has blocks per layer {counts:?}, not a torchvision ResNet")),
+    };
+    let last = if depth == 18 { 2 } else { 3 };
+    let (truncate, stride) = match counts.len() {
+        4 if counts[3] == last => ("conv5", 32),
+        3 => ("conv4", 16),
+        _ => return Err(format!("ResNet-{depth} under {p:?} has blocks per layer {counts:?}")),
+    };
+    let blocks: Vec<String> = counts.iter().map(|c| c.to_string()).collect();
+    Ok(Cnn {
+        name: format!("resnet{depth}"),
+        channels: ch,
+        stride,
+        meta: vec![
+            ("resnet.block", if bottleneck { "bottleneck" } else { "basic" }.to_string()),
+            ("resnet.blocks", blocks.join(",")),
+            ("backbone.truncate", truncate.to_string()),
+        ],
+    })
+}
+
+fn res_block(k: &mut Keys, p: &str, cin: usize, bottleneck: bool) -> Fit<usize> {
+    let w = conv(k, &format!("{p}.conv1"), cin, if bottleneck { 1 } else { 3 }, false)?;
+    bn(k, &format!("{p}.bn1"), w)?;
+    let mut out = conv(k, &format!("{p}.conv2"), w, 3, false)?;
+    bn(k, &format!("{p}.bn2"), out)?;
+    if bottleneck {
+        out = conv(k, &format!("{p}.conv3"), out, 1, false)?;
+        bn(k, &format!("{p}.bn3"), out)?;
+    }
+    if k.has(&format!("{p}.downsample.0.weight")) {
+        let o = conv(k, &format!("{p}.downsample.0"), cin, 1, false)?;
+        if o != out {
+            return Err(format!("{p}.downsample gives {o} channels, the block {out}"));
+        }
+        bn(k, &format!("{p}.downsample.1"), out)?;
+    } else if cin != out {
+        return Err(format!("{p} changes {cin} to {out} channels without a downsample"));
+    }
+    Ok(out)
+}
+
+/// torchvision VGG16 `features` children [:-2]: 13 3x3 convs, ending at conv5_3 (pre-ReLU).
+fn vgg16(k: &mut Keys, p: &str) -> Fit<Cnn> {
+    let mut ch = 3;
+    for i in [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28] {
+        ch = conv(k, &format!("{p}{i}"), ch, 3, true)?;
+    }
+    Ok(Cnn {
+        name: "vgg16".into(),
+        channels: ch,
+        stride: 16,
+        meta: vec![("backbone.truncate", "conv5_3".to_string())],
+    })
+}
+
+/// ResNet or VGG16 under prefix `p`, whichever the keys say.
+fn cnn(k: &mut Keys, p: &str) -> Fit<Cnn> {
+    if k.has(&format!("{p}0.bias")) {
+        vgg16(k, p)
+    } else {
+        resnet(k, p)
+    }
+}
+
+fn put_cnn(f: &mut Found, b: &Cnn) {
+    f.set("backbone", &b.name);
+    f.set("backbone.channels", b.channels);
+    f.set("backbone.stride", b.stride);
+    for (k, v) in &b.meta {
+        f.set(k, v);
+    }
+}
+
+fn imagenet(f: &mut Found) {
+    f.set("input.mean", IMAGENET_MEAN);
+    f.set("input.std", IMAGENET_STD);
+}
+
+/// GeM as the gmberton repos use it: per-location L2 first, clamp at eps, learnable p.
+fn gem(k: &mut Keys, f: &mut Found, p: &str) -> Fit<()> {
+    k.take(p, &[d(1)])?;
+    f.set("gem.eps", "1e-6");
+    f.set("gem.l2_before_pool", "true");
+    Ok(())
+}
+
+/// CosPlace / EigenPlaces `GeoLocalizationNet`: backbone -> L2, GeM, Flatten, Linear, L2.
+fn cosplace(k: &mut Keys, arch: &'static str) -> Fit<Found> {
+    let b = cnn(k, "backbone.")?;
+    if b.stride == 16 && b.name != "vgg16" {
+        return Err("CosPlace uses whole ResNets (conv5), this one ends at layer3".into());
+    }
+    let mut f = Found::new(arch);
+    gem(k, &mut f, "aggregation.1.p")?;
+    let dim = linear(k, "aggregation.3", b.channels, None)?;
+    put_cnn(&mut f, &b);
+    f.set("aggregation", "gem_fc");
+    f.set("dim", dim);
+    imagenet(&mut f);
+    // Evaluated at full resolution; CosPlace trains at 512x512.
+    f.set("input.size", "any");
+    Ok(f)
+}
+
+/// NetVLAD `{p}.centroids` [K, C] and `{p}.conv.weight` [K, C, 1, 1] (no bias).
+fn netvlad(k: &mut Keys, f: &mut Found, p: &str, c: usize) -> Fit<usize> {
+    let kk = k.take(&format!("{p}.centroids"), &[ANY, d(c)])?[0];
+    k.take(&format!("{p}.conv.weight"), &[d(kk), d(c), d(1), d(1)])?;
+    f.set("netvlad.clusters", kk);
+    f.set("netvlad.dim", c);
+    f.set("netvlad.normalize_input", "true");
+    f.set("netvlad.flatten", "cluster-major");
+    Ok(kk * c)
+}
+
+/// OpenIBL `EmbedNetPCA` (hub `vgg16_netvlad`) or its training checkpoints without PCA.
+fn openibl(k: &mut Keys) -> Fit<Found> {
+    let b = vgg16(k, "base_model.base.")?;
+    let mut f = Found::new("netvlad");
+    put_cnn(&mut f, &b);
+    let vlad = netvlad(k, &mut f, "net_vlad", b.channels)?;
+    if k.has("pca_layer.weight") {
+        let pca = k.take("pca_layer.weight", &[ANY, d(vlad), d(1), d(1)])?[0];
+        k.take("pca_layer.bias", &[d(pca)])?;
+        f.set("aggregation", "netvlad_pca");
+        f.set("pca.dim", pca);
+        f.set("dim", pca);
+    } else {
+        f.set("aggregation", "netvlad");
+        f.set("dim", vlad);
+    }
+    f.set("input.mean", OPENIBL_MEAN);
+    f.set("input.std", OPENIBL_STD);
+    f.set("input.size", "resize:480x640");
+    Ok(f)
+}
+
+/// deep-visual-geo-localization-benchmark: ResNet conv4/conv5 or VGG16 with GeM, GeM+FC or
+/// NetVLAD.
+fn benchmark(k: &mut Keys) -> Fit<Found> {
+    let b = cnn(k, "backbone.")?;
+    let mut f = Found::new("benchmark");
+    put_cnn(&mut f, &b);
+    if k.has("aggregation.centroids") {
+        let dim = netvlad(k, &mut f, "aggregation", b.channels)?;
+        f.set("aggregation", "netvlad");
+        f.set("dim", dim);
+    } else if k.has("aggregation.0.1.p") {
+        gem(k, &mut f, "aggregation.0.1.p")?;
+        let dim = linear(k, "aggregation.1", b.channels, None)?;
+        f.set("aggregation", "gem_fc");
+        f.set("dim", dim);
+    } else {
+        gem(k, &mut f, "aggregation.1.p")?;
+        f.set("aggregation", "gem");
+        f.set("dim", b.channels);
+    }
+    imagenet(&mut f);
+    f.set("input.size", "resize:480x640");
+    Ok(f)
+}
+
+/// A DINOv2 ViT under prefix `p`; with `adapters`, SelaVPR's two adapters per block.
+fn vit(k: &mut Keys, f: &mut Found, p: &str, adapters: bool) -> Fit<usize> {
+    let dim = k.take(&format!("{p}cls_token"), &[d(1), d(1), ANY])?[2];
+    let tokens = k.take(&format!("{p}pos_embed"), &[d(1), ANY, d(dim)])?[1];
+    k.take(&format!("{p}mask_token"), &[d(1), d(dim)])?;
+    let registers = if k.has(&format!("{p}register_tokens")) {
+        k.take(&format!("{p}register_tokens"), &[d(1), ANY, d(dim)])?[1]
+    } else {
+        0
+    };
+    let patch = k.take(&format!("{p}patch_embed.proj.weight"), &[d(dim), d(3), ANY, ANY])?[2];
+    k.take(&format!("{p}patch_embed.proj.weight"), &[d(dim), d(3), d(patch), d(patch)])?;
+    k.take(&format!("{p}patch_embed.proj.bias"), &[d(dim)])?;
+    let grid = (1..=tokens).find(|g| g * g + 1 >= tokens).unwrap_or(0);
+    if grid * grid + 1 != tokens {
+        return Err(format!("{p}pos_embed has {tokens} tokens, not 1 + a square grid"));
+    }
+    let swiglu = k.has(&format!("{p}blocks.0.mlp.w12.weight"));
+    let mut depth = 0;
+    let mut hidden = 0;
+    let mut adapter = 0;
+    while k.has(&format!("{p}blocks.{depth}.norm1.weight")) {
+        let b = format!("{p}blocks.{depth}");
+        norm(k, &format!("{b}.norm1"), dim)?;
+        linear(k, &format!("{b}.attn.qkv"), dim, d(3 * dim))?;
+        linear(k, &format!("{b}.attn.proj"), dim, d(dim))?;
+        k.take(&format!("{b}.ls1.gamma"), &[d(dim)])?;
+        norm(k, &format!("{b}.norm2"), dim)?;
+        let h = if swiglu {
+            let h2 = linear(k, &format!("{b}.mlp.w12"), dim, None)?;
+            linear(k, &format!("{b}.mlp.w3"), h2 / 2, d(dim))?;
+            h2 / 2
+        } else {
+            let h = linear(k, &format!("{b}.mlp.fc1"), dim, None)?;
+            linear(k, &format!("{b}.mlp.fc2"), h, d(dim))?;
+            h
+        };
+        if depth > 0 && h != hidden {
+            return Err(format!("{b}.mlp has width {h}, block 0 has {hidden}"));
+        }
+        hidden = h;
+        k.take(&format!("{b}.ls2.gamma"), &[d(dim)])?;
+        if adapters {
+            for a in ["adapter1", "adapter2"] {
+                let w = linear(k, &format!("{b}.{a}.D_fc1"), dim, None)?;
+                linear(k, &format!("{b}.{a}.D_fc2"), w, d(dim))?;
+                if (depth, a) != (0, "adapter1") && w != adapter {
+                    return Err(format!("{b}.{a} has width {w}, block 0 has {adapter}"));
+                }
+                adapter = w;
+            }
+        }
+        depth += 1;
+    }
+    if depth == 0 {
+        return Err(format!("missing {p}blocks.0.norm1.weight"));
+    }
+    norm(k, &format!("{p}norm"), dim)?;
+
+    let ffn = if swiglu { "swiglu" } else { "mlp" };
+    let size = match (dim, depth, ffn, patch) {
+        (384, 12, "mlp", 14) => Some("s"),
+        (768, 12, "mlp", 14) => Some("b"),
+        (1024, 24, "mlp", 14) => Some("l"),
+        (1536, 40, "swiglu", 14) => Some("g"),
+        _ => None,
+    };
+    let name = match (size, registers) {
+        (Some(s), 0) => format!("dinov2_vit{s}14"),
+        (Some(s), r) => format!("dinov2_vit{s}14_reg{r}"),
+        (None, _) => "dinov2_custom".to_string(),
+    };
+    f.set("backbone", name);
+    f.set("vit.embed_dim", dim);
+    f.set("vit.depth", depth);
+    // DINOv2 uses 64-wide heads at every size (ViT-S 6 ... ViT-g 24).
+    f.set("vit.heads", (dim / 64).max(1));
+    f.set("vit.patch_size", patch);
+    f.set("vit.ffn", ffn);
+    f.set("vit.mlp_hidden", hidden);
+    f.set("vit.registers", registers);
+    f.set("vit.pos_grid", grid);
+    f.set("vit.layer_norm_eps", "1e-6");
+    f.set("vit.layerscale", "true");
+    if adapters {
+        f.set("selavpr.adapter_hidden", adapter);
+    }
+    Ok(dim)
+}
+
+/// SelaVPR: DINOv2 ViT-L/14 with adapters, GeM over patch tokens, and LocalAdapt.
+fn selavpr(k: &mut Keys) -> Fit<Found> {
+    let mut f = Found::new("selavpr");
+    let dim = vit(k, &mut f, "backbone.", true)?;
+    gem(k, &mut f, "aggregation.1.p")?;
+    let l1 = k.take("LocalAdapt.upconv1.weight", &[d(dim), ANY, d(3), d(3)])?[1];
+    k.take("LocalAdapt.upconv1.bias", &[d(l1)])?;
+    let l2 = k.take("LocalAdapt.upconv2.weight", &[d(l1), ANY, d(3), d(3)])?[1];
+    k.take("LocalAdapt.upconv2.bias", &[d(l2)])?;
+    f.set("aggregation", "gem");
+    f.set("dim", dim);
+    f.set("selavpr.parallel_adapter_scale", "0.2");
+    f.set("selavpr.local_hidden", l1);
+    f.set("selavpr.local_dim", l2);
+    // SelaVPR resizes pos-embed with DINOv2's 0.1-offset scale factor and no antialias,
+    // with or without registers.
+    f.set("vit.pos_interp_offset", "0.1");
+    f.set("vit.pos_interp_antialias", "false");
+    imagenet(&mut f);
+    f.set("input.size", "fixed:224x224");
+    Ok(f)
+}
+
+/// A plain DINOv2 backbone as published by facebookresearch; the descriptor is the
+/// normalised CLS token.
+fn dinov2(k: &mut Keys) -> Fit<Found> {
+    let mut f = Found::new("dinov2");
+    let dim = vit(k, &mut f, "", false)?;
+    let registers = f.meta["vpr.vit.registers"] != "0";
+    f.set("aggregation", "cls");
+    f.set("dim", dim);
+    // The hub's register variants interpolate with antialias and no offset (dinov2 PR #378).
+    f.set("vit.pos_interp_offset", if registers { "0.0" } else { "0.1" });
+    f.set("vit.pos_interp_antialias", registers);
+    imagenet(&mut f);
+    f.set("input.size", "multiple:14");
+    Ok(f)
+}
+
+type Recogniser = fn(&mut Keys) -> Fit<Found>;
+
+/// Every recogniser, in the order they are tried. CosPlace stands for EigenPlaces too.
+fn recognisers() -> [(&'static str, Recogniser); 5] {
+    [
+        ("cosplace", |k| cosplace(k, "cosplace")),
+        ("netvlad", openibl),
+        ("selavpr", selavpr),
+        ("dinov2", dinov2),
+        ("benchmark", benchmark),
+    ]
+}
+
+/// Finds the architecture of a state dict from `(name, shape)` pairs. `forced` is `--arch`;
+/// `file_name` helps tell CosPlace from EigenPlaces, which share a layout.
+pub fn recognise(tensors: &[(String, Vec<usize>)], forced: Option<&str>, file_name: &str) -> Result<Found> {
+    let wanted = match forced {
+        Some("eigenplaces") => Some("cosplace"),
+        Some(a) if ARCHES.contains(&a) => Some(a),
+        Some(a) => return Err(err!("unknown --arch {a:?}; known: {}, raw", ARCHES.join(", "))),
+        None => None,
+    };
+    let mut best: Option<(usize, &str, String, Vec<&str>)> = None;
+    for (name, rec) in recognisers() {
+        if wanted.is_some_and(|w| w != name) {
+            continue;
+        }
+        let mut k = Keys::new(tensors);
+        let result = rec(&mut k);
+        let left = k.leftovers();
+        match result {
+            Ok(f) if left.is_empty() => return Ok(finish(f, forced, file_name)),
+            Ok(_) => {
+                let why = format!("{} keys are not part of it", left.len());
+                if best.as_ref().is_none_or(|b| k.used.len() > b.0) {
+                    best = Some((k.used.len(), name, why, left));
+                }
+            }
+            Err(why) => {
+                if best.as_ref().is_none_or(|b| k.used.len() > b.0) {
+                    best = Some((k.used.len(), name, why, left));
+                }
+            }
+        }
+    }
+    let (_, name, why, left) = best.unwrap_or_default();
+    let shown: Vec<&str> = left.iter().take(8).copied().collect();
+    let more = left.len().saturating_sub(shown.len());
+    let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+    Err(err!(
+        "unrecognised layout (known: {}; --arch raw copies without checking): closest is {name}: {why}; keys that did not fit: {}{more}",
+        ARCHES.join(", "),
+        shown.join(", ")
+    ))
+}
+
+fn finish(mut f: Found, forced: Option<&str>, file_name: &str) -> Found {
+    if f.arch == "cosplace" {
+        let lower = file_name.to_ascii_lowercase();
+        if forced == Some("eigenplaces") || (forced.is_none() && lower.contains("eigenplaces")) {
+            f.arch = "eigenplaces";
+            f.set("arch", "eigenplaces");
+        } else if forced.is_none() && !lower.contains("cosplace") {
+            f.notes.push("CosPlace and EigenPlaces share this layout; wrote vpr.arch=cosplace (pass --arch eigenplaces if it is EigenPlaces)".into());
+        }
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(pairs: &[(&str, &[usize])]) -> Vec<(String, Vec<usize>)> {
+        pairs.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect()
+    }
+
+    #[test]
+    fn unknown_layout_lists_the_keys_that_did_not_fit() {
+        let e = recognise(&t(&[("foo.weight", &[3, 3])]), None, "x.pth").unwrap_err();
+        assert!(e.0.contains("unrecognised layout"), "{e}");
+        assert!(e.0.contains("foo.weight"), "{e}");
+        assert!(e.0.contains("cosplace, eigenplaces"), "{e}");
+    }
+
+    #[test]
+    fn unknown_arch_name_is_refused() {
+        let e = recognise(&t(&[("a", &[1])]), Some("vit"), "x.pth").unwrap_err();
+        assert!(e.0.contains("unknown --arch"), "{e}");
+    }
+}

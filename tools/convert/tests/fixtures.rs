@@ -1,0 +1,122 @@
+//! Every fixture written by tools/fixtures/convert_checkpoints.py converts to the expected
+//! tensors (bit for bit, official names) and metadata (every field), through the real file
+//! writer; every official real-size layout is recognised with the right metadata.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use convert::{arch, convert_file, Options};
+use safetensors::SafeTensors;
+
+/// Fields that depend on the file rather than the model; checked separately.
+const PER_FILE: [&str; 4] = ["vpr.source", "vpr.source.format", "vpr.converter", "vpr.format"];
+
+#[test]
+fn every_fixture_converts_bit_exact_with_full_metadata() {
+    let dir = std::env::temp_dir().join(format!("convert-fixtures-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = common::good_checkpoints();
+    assert!(files.len() > 60, "fixtures missing: run tools/fixtures/convert_checkpoints.py");
+    for path in files {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let mut parts = file.split('.');
+        let stem = parts.next().unwrap();
+        let fmt = file.trim_end_matches(".pth").rsplit('.').next().unwrap();
+        let stem = if stem == "hostile_outside" { "params_cosplace_resnet18" } else { stem };
+        let want = common::expected(stem);
+
+        let out = dir.join(format!("{file}.safetensors"));
+        convert_file(&path, &out, &Options::default()).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let bytes = std::fs::read(&out).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta: BTreeMap<String, String> = header.metadata().clone().unwrap().into_iter().collect();
+
+        let model_meta: BTreeMap<String, String> =
+            meta.iter().filter(|(k, _)| !PER_FILE.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+        assert_eq!(model_meta, want.meta, "{file}: metadata");
+        assert_eq!(meta["vpr.source"], file);
+        assert_eq!(meta["vpr.source.format"], fmt, "{file}");
+        assert_eq!(meta["vpr.format"], "1");
+
+        let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+        names.sort();
+        let want_names: Vec<String> = want.tensors.keys().cloned().collect();
+        assert_eq!(names, want_names, "{file}: tensor names");
+        for (name, t) in &want.tensors {
+            let got = st.tensor(name).unwrap();
+            assert_eq!(format!("{:?}", got.dtype()), t.dtype, "{file}: {name} dtype");
+            assert_eq!(got.shape(), &t.shape[..], "{file}: {name} shape");
+            assert!(got.data() == &t.data[..], "{file}: {name} bytes differ");
+        }
+        std::fs::remove_file(&out).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn every_official_real_size_layout_is_recognised() {
+    let dir = common::fixtures().join("manifests");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut want = BTreeMap::new();
+        let mut shapes = Vec::new();
+        for line in text.lines() {
+            if let Some(kv) = line.strip_prefix("#meta ") {
+                let (k, v) = kv.split_once('=').unwrap();
+                want.insert(k.to_string(), v.to_string());
+            } else {
+                let (k, s) = line.split_once(' ').unwrap();
+                let shape: Vec<usize> = if s.is_empty() { vec![] } else { s.split(',').map(|d| d.parse().unwrap()).collect() };
+                // The converter drops BatchNorm counters before recognising.
+                if !k.ends_with("num_batches_tracked") {
+                    shapes.push((k.to_string(), shape));
+                }
+            }
+        }
+        let found = arch::recognise(&shapes, None, &format!("{name}.pth")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got: BTreeMap<String, String> = found.meta.into_iter().collect();
+        assert_eq!(got, want, "{name}");
+        n += 1;
+    }
+    assert!(n >= 26, "manifests missing");
+}
+
+fn manifest_shapes(name: &str) -> Vec<(String, Vec<usize>)> {
+    let text = std::fs::read_to_string(common::fixtures().join(format!("manifests/{name}.txt"))).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (k, s) = l.split_once(' ').unwrap();
+            (k.to_string(), if s.is_empty() { vec![] } else { s.split(',').map(|d| d.parse().unwrap()).collect() })
+        })
+        .collect()
+}
+
+#[test]
+fn manifests_have_the_key_counts_of_the_instantiated_official_models() {
+    // Counts from instantiating the official classes (shared/reference/vpr-systems.md 1.2, 3.3).
+    for (name, keys) in [
+        ("cosplace_resnet18_512", 123),
+        ("cosplace_resnet50_2048", 321),
+        ("cosplace_resnet101_2048", 627),
+        ("cosplace_vgg16_512", 29),
+    ] {
+        assert_eq!(manifest_shapes(name).len(), keys, "{name}");
+    }
+    // SelaVPR's 540 keys include the module. prefix, which does not change the count.
+    assert_eq!(manifest_shapes("selavpr").len(), 540);
+}
+
+#[test]
+fn counters_are_accepted_by_the_recogniser_and_eigenplaces_can_be_forced() {
+    // Recognition must not depend on whether num_batches_tracked was dropped first.
+    let f = arch::recognise(&manifest_shapes("cosplace_resnet50_2048"), Some("eigenplaces"), "x.pth").unwrap();
+    assert_eq!(f.meta["vpr.arch"], "eigenplaces");
+    assert_eq!(f.meta["vpr.backbone"], "resnet50");
+    assert_eq!(f.meta["vpr.dim"], "2048");
+}
