@@ -215,6 +215,12 @@ impl Driver for CudaDriver {
         unsafe { result::memcpy_dtod_sync(dst, src, bytes) }.map_err(|e| cuda_err("device copy", e))
     }
 
+    unsafe fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the caller guarantees the range is allocated.
+        unsafe { result::memset_d8_sync(dst, byte, bytes) }.map_err(|e| cuda_err("memset", e))
+    }
+
     unsafe fn launch(&self, module: &'static KernelModule, kernel: &str, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
         self.bind()?;
         let f = self.function(module, kernel)?;

@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What a GPU backend must do. Device pointers are plain integers (`CUdeviceptr` on the real GPU,
@@ -29,6 +30,9 @@ pub trait Driver: Send + Sync {
     /// # Safety
     /// Both ranges lie inside allocations of this driver.
     unsafe fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()>;
+    /// # Safety
+    /// The range lies inside one allocation of this driver.
+    unsafe fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()>;
     /// # Safety
     /// `args` point at values matching the kernel's parameters, device pointers among them
     /// valid for every access the kernel makes with this configuration.
@@ -110,11 +114,19 @@ pub struct Gpu {
     /// Freed blocks by rounded size, reused before asking the driver again, so that a training
     /// step does not call cudaMalloc.
     cache: Mutex<HashMap<usize, Vec<u64>>>,
+    /// Fill every new allocation with 0xFF (NaN in every float type), so that output elements a
+    /// kernel fails to write show up. Always on for the virtual GPU; `check` turns it on for CUDA.
+    poison: AtomicBool,
 }
 
 impl Gpu {
     pub fn new(kind: GpuKind, driver: Box<dyn Driver>) -> Self {
-        Gpu { kind, driver, cache: Mutex::new(HashMap::new()) }
+        let poison = AtomicBool::new(kind == GpuKind::Vgpu);
+        Gpu { kind, driver, cache: Mutex::new(HashMap::new()), poison }
+    }
+
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
     }
 
     pub fn kind(&self) -> GpuKind {
@@ -146,6 +158,10 @@ impl Gpu {
                 }
             },
         };
+        if self.poison.load(Ordering::Relaxed) {
+            // SAFETY: the block holds `size` bytes.
+            unsafe { self.driver.memset(ptr, 0xFF, size)? };
+        }
         Ok(GpuBuffer { gpu: self.clone(), ptr, bytes, capacity: size })
     }
 

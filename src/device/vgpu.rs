@@ -143,6 +143,12 @@ impl Driver for VgpuDriver {
         Ok(())
     }
 
+    unsafe fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
+        // SAFETY: the caller guarantees the range is inside one of our allocations.
+        unsafe { std::ptr::write_bytes(dst as *mut u8, byte, bytes) };
+        Ok(())
+    }
+
     unsafe fn launch(&self, module: &'static KernelModule, kernel: &str, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
         let entry = module_entry(module.name)
             .ok_or_else(|| Error::Argument(format!("kernel file {} is not built into the virtual GPU", module.name)))?;

@@ -3,6 +3,10 @@
 //! `gpu.rs` the launches of the kernels in `kernels/<family>.cu`.
 
 pub mod copy;
+pub mod elementwise;
+pub mod matmul;
+pub mod reduce;
+pub mod softmax;
 
 use crate::layout::{Layout, MAX_DIMS};
 

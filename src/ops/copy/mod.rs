@@ -78,3 +78,26 @@ pub(crate) fn check_extent(t: &Tensor) -> Result<()> {
     }
     Ok(())
 }
+
+/// Fill, strided copy and every cast, on `device` against the CPU.
+pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
+    use crate::check::compare;
+    let mut rows = Vec::new();
+    let shape = [3, 33, 7];
+    for (i, &dtype) in DType::ALL.iter().enumerate() {
+        let size = dtype.size_in_bytes();
+        let src = Tensor::rand_uniform(&shape, -100.0, 100.0, seed + i as u64, dtype, &Device::Cpu)?;
+        let view = |t: &Tensor| t.permute(&[2, 0, 1])?.narrow(1, 1, 31)?.contiguous();
+        let got = src.to_device(device).and_then(|t| view(&t));
+        rows.push(compare(&format!("copy_strided_b{size}"), dtype, &[7, 3, 31], got, view(&src), 0.0));
+        let (got, want) = (Tensor::full(&[257], 7.0, dtype, device), Tensor::full(&[257], 7.0, dtype, &Device::Cpu));
+        rows.push(compare(&format!("fill_b{size}"), dtype, &[257], got, want, 0.0));
+        for &to in DType::ALL.iter().filter(|&&d| d != dtype) {
+            // conversions to u8 are defined for values in its range only
+            let src = if to == DType::U8 { Tensor::rand_uniform(&shape, 0.0, 250.0, seed, dtype, &Device::Cpu)? } else { src.clone() };
+            let got = src.to_device(device).and_then(|t| t.to_dtype(to));
+            rows.push(compare(&format!("cast_{dtype}_{to}"), dtype, &shape, got, src.to_dtype(to), 0.0));
+        }
+    }
+    Ok(rows)
+}

@@ -16,7 +16,14 @@ use crate::err;
 use crate::error::Result;
 
 /// Architectures `--arch` accepts, besides `raw`.
-pub const ARCHES: [&str; 6] = ["cosplace", "eigenplaces", "netvlad", "selavpr", "dinov2", "benchmark"];
+pub const ARCHES: [&str; 6] = [
+    "cosplace",
+    "eigenplaces",
+    "netvlad",
+    "selavpr",
+    "dinov2",
+    "benchmark",
+];
 
 const IMAGENET_MEAN: &str = "0.485,0.456,0.406";
 const IMAGENET_STD: &str = "0.229,0.224,0.225";
@@ -57,7 +64,10 @@ struct Keys<'t> {
 impl<'t> Keys<'t> {
     fn new(tensors: &'t [(String, Vec<usize>)]) -> Self {
         Keys {
-            all: tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect(),
+            all: tensors
+                .iter()
+                .map(|(n, s)| (n.as_str(), s.as_slice()))
+                .collect(),
             used: BTreeSet::new(),
         }
     }
@@ -68,18 +78,32 @@ impl<'t> Keys<'t> {
 
     /// Claims `k`, requiring `shape` where an entry is `Some`, and returns its shape.
     fn take(&mut self, k: &str, shape: &[Option<usize>]) -> Fit<&'t [usize]> {
-        let (&name, &s) = self.all.get_key_value(k).ok_or_else(|| format!("missing {k}"))?;
-        let fits = s.len() == shape.len() && s.iter().zip(shape).all(|(a, b)| b.is_none_or(|b| *a == b));
+        let (&name, &s) = self
+            .all
+            .get_key_value(k)
+            .ok_or_else(|| format!("missing {k}"))?;
+        let fits =
+            s.len() == shape.len() && s.iter().zip(shape).all(|(a, b)| b.is_none_or(|b| *a == b));
         if !fits {
-            let want: Vec<String> = shape.iter().map(|d| d.map_or("_".into(), |d| d.to_string())).collect();
-            return Err(format!("{k} has shape {s:?}, expected [{}]", want.join(", ")));
+            let want: Vec<String> = shape
+                .iter()
+                .map(|d| d.map_or("_".into(), |d| d.to_string()))
+                .collect();
+            return Err(format!(
+                "{k} has shape {s:?}, expected [{}]",
+                want.join(", ")
+            ));
         }
         self.used.insert(name);
         Ok(s)
     }
 
     fn leftovers(&self) -> Vec<&'t str> {
-        self.all.keys().filter(|k| !self.used.contains(*k)).copied().collect()
+        self.all
+            .keys()
+            .filter(|k| !self.used.contains(*k))
+            .copied()
+            .collect()
     }
 }
 
@@ -154,13 +178,21 @@ fn resnet(k: &mut Keys, p: &str) -> Fit<Cnn> {
         (true, [3, 4, 6]) => 50,
         (true, [3, 4, 23]) => 101,
         (true, [3, 8, 36]) => 152,
-        _ => return Err(format!("ResNet under {p:?} has blocks per layer {counts:?}, not a torchvision ResNet")),
+        _ => {
+            return Err(format!(
+                "ResNet under {p:?} has blocks per layer {counts:?}, not a torchvision ResNet"
+            ))
+        }
     };
     let last = if depth == 18 { 2 } else { 3 };
     let (truncate, stride) = match counts.len() {
         4 if counts[3] == last => ("conv5", 32),
         3 => ("conv4", 16),
-        _ => return Err(format!("ResNet-{depth} under {p:?} has blocks per layer {counts:?}")),
+        _ => {
+            return Err(format!(
+                "ResNet-{depth} under {p:?} has blocks per layer {counts:?}"
+            ))
+        }
     };
     let blocks: Vec<String> = counts.iter().map(|c| c.to_string()).collect();
     Ok(Cnn {
@@ -168,7 +200,10 @@ fn resnet(k: &mut Keys, p: &str) -> Fit<Cnn> {
         channels: ch,
         stride,
         meta: vec![
-            ("resnet.block", if bottleneck { "bottleneck" } else { "basic" }.to_string()),
+            (
+                "resnet.block",
+                if bottleneck { "bottleneck" } else { "basic" }.to_string(),
+            ),
             ("resnet.blocks", blocks.join(",")),
             ("backbone.truncate", truncate.to_string()),
         ],
@@ -176,7 +211,13 @@ fn resnet(k: &mut Keys, p: &str) -> Fit<Cnn> {
 }
 
 fn res_block(k: &mut Keys, p: &str, cin: usize, bottleneck: bool) -> Fit<usize> {
-    let w = conv(k, &format!("{p}.conv1"), cin, if bottleneck { 1 } else { 3 }, false)?;
+    let w = conv(
+        k,
+        &format!("{p}.conv1"),
+        cin,
+        if bottleneck { 1 } else { 3 },
+        false,
+    )?;
     bn(k, &format!("{p}.bn1"), w)?;
     let mut out = conv(k, &format!("{p}.conv2"), w, 3, false)?;
     bn(k, &format!("{p}.bn2"), out)?;
@@ -187,11 +228,15 @@ fn res_block(k: &mut Keys, p: &str, cin: usize, bottleneck: bool) -> Fit<usize> 
     if k.has(&format!("{p}.downsample.0.weight")) {
         let o = conv(k, &format!("{p}.downsample.0"), cin, 1, false)?;
         if o != out {
-            return Err(format!("{p}.downsample gives {o} channels, the block {out}"));
+            return Err(format!(
+                "{p}.downsample gives {o} channels, the block {out}"
+            ));
         }
         bn(k, &format!("{p}.downsample.1"), out)?;
     } else if cin != out {
-        return Err(format!("{p} changes {cin} to {out} channels without a downsample"));
+        return Err(format!(
+            "{p} changes {cin} to {out} channels without a downsample"
+        ));
     }
     Ok(out)
 }
@@ -327,12 +372,20 @@ fn vit(k: &mut Keys, f: &mut Found, p: &str, adapters: bool) -> Fit<usize> {
     } else {
         0
     };
-    let patch = k.take(&format!("{p}patch_embed.proj.weight"), &[d(dim), d(3), ANY, ANY])?[2];
-    k.take(&format!("{p}patch_embed.proj.weight"), &[d(dim), d(3), d(patch), d(patch)])?;
+    let patch = k.take(
+        &format!("{p}patch_embed.proj.weight"),
+        &[d(dim), d(3), ANY, ANY],
+    )?[2];
+    k.take(
+        &format!("{p}patch_embed.proj.weight"),
+        &[d(dim), d(3), d(patch), d(patch)],
+    )?;
     k.take(&format!("{p}patch_embed.proj.bias"), &[d(dim)])?;
     let grid = (1..=tokens).find(|g| g * g + 1 >= tokens).unwrap_or(0);
     if grid * grid + 1 != tokens {
-        return Err(format!("{p}pos_embed has {tokens} tokens, not 1 + a square grid"));
+        return Err(format!(
+            "{p}pos_embed has {tokens} tokens, not 1 + a square grid"
+        ));
     }
     let swiglu = k.has(&format!("{p}blocks.0.mlp.w12.weight"));
     let mut depth = 0;
@@ -439,7 +492,10 @@ fn dinov2(k: &mut Keys) -> Fit<Found> {
     f.set("aggregation", "cls");
     f.set("dim", dim);
     // The hub's register variants interpolate with antialias and no offset (dinov2 PR #378).
-    f.set("vit.pos_interp_offset", if registers { "0.0" } else { "0.1" });
+    f.set(
+        "vit.pos_interp_offset",
+        if registers { "0.0" } else { "0.1" },
+    );
     f.set("vit.pos_interp_antialias", registers);
     imagenet(&mut f);
     f.set("input.size", "multiple:14");
@@ -461,11 +517,20 @@ fn recognisers() -> [(&'static str, Recogniser); 5] {
 
 /// Finds the architecture of a state dict from `(name, shape)` pairs. `forced` is `--arch`;
 /// `file_name` helps tell CosPlace from EigenPlaces, which share a layout.
-pub fn recognise(tensors: &[(String, Vec<usize>)], forced: Option<&str>, file_name: &str) -> Result<Found> {
+pub fn recognise(
+    tensors: &[(String, Vec<usize>)],
+    forced: Option<&str>,
+    file_name: &str,
+) -> Result<Found> {
     let wanted = match forced {
         Some("eigenplaces") => Some("cosplace"),
         Some(a) if ARCHES.contains(&a) => Some(a),
-        Some(a) => return Err(err!("unknown --arch {a:?}; known: {}, raw", ARCHES.join(", "))),
+        Some(a) => {
+            return Err(err!(
+                "unknown --arch {a:?}; known: {}, raw",
+                ARCHES.join(", ")
+            ))
+        }
         None => None,
     };
     let mut best: Option<(usize, &str, String, Vec<&str>)> = None;
@@ -494,7 +559,11 @@ pub fn recognise(tensors: &[(String, Vec<usize>)], forced: Option<&str>, file_na
     let (_, name, why, left) = best.unwrap_or_default();
     let shown: Vec<&str> = left.iter().take(8).copied().collect();
     let more = left.len().saturating_sub(shown.len());
-    let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
     Err(err!(
         "unrecognised layout (known: {}; --arch raw copies without checking): closest is {name}: {why}; keys that did not fit: {}{more}",
         ARCHES.join(", "),
@@ -520,7 +589,10 @@ mod tests {
     use super::*;
 
     fn t(pairs: &[(&str, &[usize])]) -> Vec<(String, Vec<usize>)> {
-        pairs.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect()
+        pairs
+            .iter()
+            .map(|(n, s)| (n.to_string(), s.to_vec()))
+            .collect()
     }
 
     #[test]

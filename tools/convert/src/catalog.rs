@@ -41,8 +41,15 @@ pub fn entries() -> Vec<Entry<'static>> {
 /// The catalog as an aligned text table for `convert --list`.
 pub fn table() -> String {
     let rows = entries();
-    let w = |f: fn(&Entry<'static>) -> &'static str| rows.iter().map(|e| f(e).len()).max().unwrap_or(0);
-    let (wn, ws, wb, wd, wa) = (w(|e| e.name), w(|e| e.system), w(|e| e.backbone), w(|e| e.dim), w(|e| e.arch));
+    let w =
+        |f: fn(&Entry<'static>) -> &'static str| rows.iter().map(|e| f(e).len()).max().unwrap_or(0);
+    let (wn, ws, wb, wd, wa) = (
+        w(|e| e.name),
+        w(|e| e.system),
+        w(|e| e.backbone),
+        w(|e| e.dim),
+        w(|e| e.arch),
+    );
     let mut out = format!(
         "{:wn$}  {:ws$}  {:wb$}  {:>wd$}  {:wa$}  url / published recalls (R@1/R@5/R@10)\n",
         "name", "system", "backbone", "dim", "arch"
@@ -53,7 +60,12 @@ pub fn table() -> String {
             e.name, e.system, e.backbone, e.dim, e.arch, e.url
         );
         if !e.recalls.is_empty() {
-            out += &format!("{:w$}  recalls: {}\n", "", e.recalls, w = wn + ws + wb + wd + wa + 8);
+            out += &format!(
+                "{:w$}  recalls: {}\n",
+                "",
+                e.recalls,
+                w = wn + ws + wb + wd + wa + 8
+            );
         }
     }
     out

@@ -45,10 +45,13 @@ pub struct Checkpoint<'a> {
 impl<'a> Checkpoint<'a> {
     /// The bytes of storage `key`, as written (may be longer than any tensor needs).
     pub fn storage(&self, key: &str) -> Result<&'a [u8]> {
-        self.storages.get(key).copied().ok_or_else(|| match self.format {
-            Format::Zip => err!("zip archive has no record for storage {key:?}"),
-            Format::Legacy => err!("legacy data section has no storage {key:?}"),
-        })
+        self.storages
+            .get(key)
+            .copied()
+            .ok_or_else(|| match self.format {
+                Format::Zip => err!("zip archive has no record for storage {key:?}"),
+                Format::Legacy => err!("legacy data section has no storage {key:?}"),
+            })
     }
 }
 
@@ -113,7 +116,9 @@ fn find_eocd(d: &[u8]) -> Result<usize> {
     }
     let lowest = d.len().saturating_sub(22 + 0xffff);
     for at in (lowest..=d.len() - 22).rev() {
-        if d[at..at + 4] == [0x50, 0x4b, 0x05, 0x06] && at + 22 + u16_at(d, at + 20)? as usize == d.len() {
+        if d[at..at + 4] == [0x50, 0x4b, 0x05, 0x06]
+            && at + 22 + u16_at(d, at + 20)? as usize == d.len()
+        {
             return Ok(at);
         }
     }
@@ -198,7 +203,11 @@ fn central_directory(d: &[u8]) -> Result<Vec<Entry>> {
 /// The bytes of one record, located through its local header.
 fn record<'a>(d: &'a [u8], e: &Entry) -> Result<&'a [u8]> {
     if e.method != 0 || e.compressed != e.size {
-        bail!("zip record {:?} is compressed (method {}); PyTorch stores records uncompressed", e.name, e.method);
+        bail!(
+            "zip record {:?} is compressed (method {}); PyTorch stores records uncompressed",
+            e.name,
+            e.method
+        );
     }
     if e.flags & 1 != 0 {
         bail!("zip record {:?} is encrypted", e.name);
@@ -212,7 +221,12 @@ fn record<'a>(d: &'a [u8], e: &Entry) -> Result<&'a [u8]> {
         .checked_add(to_usize(e.size, "record size")?)
         .filter(|&end| end <= d.len())
         .map(|end| &d[start..end])
-        .ok_or_else(|| err!("zip record {:?} runs past the end of the file (truncated?)", e.name))
+        .ok_or_else(|| {
+            err!(
+                "zip record {:?} runs past the end of the file (truncated?)",
+                e.name
+            )
+        })
 }
 
 fn read_zip(d: &[u8]) -> Result<Checkpoint<'_>> {
@@ -221,7 +235,9 @@ fn read_zip(d: &[u8]) -> Result<Checkpoint<'_>> {
     let pkl = entries
         .iter()
         .find(|e| e.name.ends_with("data.pkl") && e.name.matches('/').count() == 1)
-        .ok_or_else(|| err!("zip archive has no <root>/data.pkl record; not a PyTorch checkpoint"))?;
+        .ok_or_else(|| {
+            err!("zip archive has no <root>/data.pkl record; not a PyTorch checkpoint")
+        })?;
     let root = &pkl.name[..pkl.name.len() - "data.pkl".len()];
     let mut storages = HashMap::new();
     let data_dir = format!("{root}data/");
@@ -231,7 +247,10 @@ fn read_zip(d: &[u8]) -> Result<Checkpoint<'_>> {
         } else if e.name == format!("{root}byteorder") {
             let order = record(d, e)?;
             if order != b"little" {
-                bail!("checkpoint was written on a {} machine; only little-endian data is supported", String::from_utf8_lossy(order));
+                bail!(
+                    "checkpoint was written on a {} machine; only little-endian data is supported",
+                    String::from_utf8_lossy(order)
+                );
             }
         }
     }
@@ -257,7 +276,10 @@ fn read_legacy(d: &[u8]) -> Result<Checkpoint<'_>> {
     }
     let version = next("protocol version")?;
     if version.root != Value::Int(1001) {
-        bail!("legacy checkpoint has protocol version {}, expected 1001", version.describe(&version.root));
+        bail!(
+            "legacy checkpoint has protocol version {}, expected 1001",
+            version.describe(&version.root)
+        );
     }
     let info = next("system info")?;
     if let Some(Obj::Dict(items)) = info.obj(&info.root) {
@@ -277,9 +299,15 @@ fn read_legacy(d: &[u8]) -> Result<Checkpoint<'_>> {
     let mut elem_size = HashMap::new();
     for o in &object.arena {
         let Obj::PersId(id) = o else { continue };
-        let Some(Obj::Tuple(f)) = object.obj(id) else { continue };
-        if let (Some(Value::Str(key)), Some((_, ty))) = (f.get(2), f.get(1).and_then(|t| object.global(t))) {
-            let size = storage_dtype(ty).map(|d| d.size()).ok_or_else(|| err!("unsupported storage type torch.{ty}"))?;
+        let Some(Obj::Tuple(f)) = object.obj(id) else {
+            continue;
+        };
+        if let (Some(Value::Str(key)), Some((_, ty))) =
+            (f.get(2), f.get(1).and_then(|t| object.global(t)))
+        {
+            let size = storage_dtype(ty)
+                .map(|d| d.size())
+                .ok_or_else(|| err!("unsupported storage type torch.{ty}"))?;
             elem_size.insert(key.to_string(), size);
         }
     }

@@ -34,7 +34,10 @@ pub struct Converted<'a> {
 /// CosPlace from EigenPlaces.
 pub fn convert_bytes<'a>(data: &'a [u8], file_name: &str, opts: &Options) -> Result<Converted<'a>> {
     let ck = container::open(data)?;
-    let sd = torch::state_dict(&ck, opts.key.as_deref())?;
+    // Views may share storage, so a hostile pickle could name one large storage thousands of
+    // times and make the output (and the gathered copies) explode. Real checkpoints use each
+    // stored byte once, or twice for tied weights.
+    let sd = torch::state_dict(&ck, opts.key.as_deref(), 4 * data.len())?;
     let mut notes = Vec::new();
     if sd.location != "the top-level dict" {
         notes.push(format!("state dict found under {}", sd.location));
@@ -54,7 +57,10 @@ pub fn convert_bytes<'a>(data: &'a [u8], file_name: &str, opts: &Options) -> Res
     let before = tensors.len();
     tensors.retain(|t| !(t.name.ends_with("num_batches_tracked") && t.dtype == DType::I64));
     if tensors.len() < before {
-        notes.push(format!("dropped {} num_batches_tracked counters (int64 training state)", before - tensors.len()));
+        notes.push(format!(
+            "dropped {} num_batches_tracked counters (int64 training state)",
+            before - tensors.len()
+        ));
     }
     if tensors.is_empty() {
         bail!("state dict holds nothing but BatchNorm counters");
@@ -64,7 +70,10 @@ pub fn convert_bytes<'a>(data: &'a [u8], file_name: &str, opts: &Options) -> Res
     if opts.arch.as_deref() == Some("raw") {
         metadata.insert("vpr.arch".to_string(), "raw".to_string());
     } else {
-        let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+        let shapes: Vec<(String, Vec<usize>)> = tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect();
         let found = arch::recognise(&shapes, opts.arch.as_deref(), file_name)?;
         notes.extend(found.notes);
         metadata.extend(found.meta);
@@ -72,8 +81,15 @@ pub fn convert_bytes<'a>(data: &'a [u8], file_name: &str, opts: &Options) -> Res
     metadata.insert("vpr.format".into(), SCHEMA.into());
     metadata.insert("vpr.source".into(), file_name.into());
     metadata.insert("vpr.source.format".into(), ck.format.name().into());
-    metadata.insert("vpr.converter".into(), format!("convert {}", env!("CARGO_PKG_VERSION")));
-    Ok(Converted { tensors, metadata, notes })
+    metadata.insert(
+        "vpr.converter".into(),
+        format!("convert {}", env!("CARGO_PKG_VERSION")),
+    );
+    Ok(Converted {
+        tensors,
+        metadata,
+        notes,
+    })
 }
 
 /// Converts `input` to `output`. The output is written under a temporary name in the same
@@ -87,7 +103,10 @@ pub fn convert_file(input: &Path, output: &Path, opts: &Options) -> Result<Vec<S
     // SAFETY: the map is read-only and dropped before we return; a checkpoint rewritten by
     // another process while we read it is outside what this tool can defend against.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| err!("cannot map: {e}"))?;
-    let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let conv = convert_bytes(&map, &name, opts)?;
 
     let tmp = temp_name(output);
@@ -97,7 +116,9 @@ pub fn convert_file(input: &Path, output: &Path, opts: &Options) -> Result<Vec<S
         &tmp,
     )
     .map_err(|e| err!("cannot write {}: {e}", tmp.display()))
-    .and_then(|()| fs::rename(&tmp, output).map_err(|e| err!("cannot rename to {}: {e}", output.display())));
+    .and_then(|()| {
+        fs::rename(&tmp, output).map_err(|e| err!("cannot rename to {}: {e}", output.display()))
+    });
     if write.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -105,7 +126,10 @@ pub fn convert_file(input: &Path, output: &Path, opts: &Options) -> Result<Vec<S
 }
 
 fn temp_name(output: &Path) -> PathBuf {
-    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = output
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".{}.partial", std::process::id()));
     output.with_file_name(name)
 }

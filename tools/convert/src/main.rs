@@ -42,7 +42,10 @@ fn main() -> ExitCode {
     let (Some(input), Some(output)) = (cli.input, cli.output) else {
         unreachable!("clap requires both paths unless --list")
     };
-    let opts = Options { arch: cli.arch, key: cli.key };
+    let opts = Options {
+        arch: cli.arch,
+        key: cli.key,
+    };
     match convert_file(&input, &output, &opts) {
         Ok(notes) => {
             for n in notes {

@@ -46,7 +46,10 @@ pub enum Obj {
     Dict(Vec<(Value, Value)>),
     Set(Vec<Value>),
     /// A global name: never imported, only remembered.
-    Global { module: Rc<str>, name: Rc<str> },
+    Global {
+        module: Rc<str>,
+        name: Rc<str>,
+    },
     /// `REDUCE`, `NEWOBJ`, `INST` or `OBJ`: a callable applied to arguments, recorded as data.
     /// Items that `SETITEM(S)` / `APPEND(S)` add to it and the `BUILD` state are kept too.
     Call {
@@ -167,7 +170,10 @@ impl<'a> Machine<'a> {
         };
         let left = (self.data.len() - self.pos) as u64;
         if n > left {
-            bail!("pickle declares a {n}-byte item at byte {} but only {left} bytes remain", self.pos);
+            bail!(
+                "pickle declares a {n}-byte item at byte {} but only {left} bytes remain",
+                self.pos
+            );
         }
         Ok(n as usize)
     }
@@ -175,10 +181,12 @@ impl<'a> Machine<'a> {
     /// A text line ending in `\n` (protocol 0 arguments), without the newline.
     fn line(&mut self) -> Result<&'a str> {
         let rest = &self.data[self.pos..];
-        let n = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| err!("pickle is truncated inside a text argument at byte {}", self.pos))?;
+        let n = rest.iter().position(|&b| b == b'\n').ok_or_else(|| {
+            err!(
+                "pickle is truncated inside a text argument at byte {}",
+                self.pos
+            )
+        })?;
         let s = std::str::from_utf8(&rest[..n])
             .map_err(|_| err!("pickle has a non-UTF-8 text argument at byte {}", self.pos))?;
         self.pos += n + 1;
@@ -255,16 +263,17 @@ impl<'a> Machine<'a> {
             // Protocol 0 spells booleans as INT 01 / 00.
             "01" => Ok(Value::Bool(true)),
             "00" => Ok(Value::Bool(false)),
-            _ => t
-                .parse::<i64>()
-                .map(Value::Int)
-                .or_else(|_| {
-                    if !t.is_empty() && t.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) {
-                        Ok(Value::BigInt(Rc::from(&[][..])))
-                    } else {
-                        Err(err!("pickle has a malformed integer {s:?}"))
-                    }
-                }),
+            _ => t.parse::<i64>().map(Value::Int).or_else(|_| {
+                if !t.is_empty()
+                    && t.trim_start_matches('-')
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                {
+                    Ok(Value::BigInt(Rc::from(&[][..])))
+                } else {
+                    Err(err!("pickle has a malformed integer {s:?}"))
+                }
+            }),
         }
     }
 
@@ -305,7 +314,10 @@ impl<'a> Machine<'a> {
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
         if items.len() % 2 != 0 {
-            bail!("pickle SETITEMS has an odd number of values at byte {}", self.pos);
+            bail!(
+                "pickle SETITEMS has an odd number of values at byte {}",
+                self.pos
+            );
         }
         let t = self.target("SETITEMS")?;
         let mut pairs = Vec::with_capacity(items.len() / 2);
@@ -316,7 +328,10 @@ impl<'a> Machine<'a> {
         match &mut self.arena[t] {
             Obj::Dict(d) => d.extend(pairs),
             Obj::Call { dict_items, .. } => dict_items.extend(pairs),
-            _ => bail!("pickle SETITEMS on a value that is not a dict at byte {}", self.pos),
+            _ => bail!(
+                "pickle SETITEMS on a value that is not a dict at byte {}",
+                self.pos
+            ),
         }
         Ok(())
     }
@@ -327,7 +342,10 @@ impl<'a> Machine<'a> {
             Obj::List(l) => l.extend(items),
             Obj::Set(s) => s.extend(items),
             Obj::Call { list_items, .. } => list_items.extend(items),
-            _ => bail!("pickle APPENDS on a value that is not a list at byte {}", self.pos),
+            _ => bail!(
+                "pickle APPENDS on a value that is not a list at byte {}",
+                self.pos
+            ),
         }
         Ok(())
     }
@@ -637,8 +655,12 @@ mod tests {
         // ]  } q0 a  h0 X'k' K1 s 0 .   -> list contains the dict; dict then gets an item.
         let p = b"]}q\x00ah\x00X\x01\x00\x00\x00kK\x01s0.";
         let pk = load(p).unwrap();
-        let Some(Obj::List(l)) = pk.obj(&pk.root) else { panic!() };
-        let Some(Obj::Dict(d)) = pk.obj(&l[0]) else { panic!() };
+        let Some(Obj::List(l)) = pk.obj(&pk.root) else {
+            panic!()
+        };
+        let Some(Obj::Dict(d)) = pk.obj(&l[0]) else {
+            panic!()
+        };
         assert_eq!(d.len(), 1);
     }
 
@@ -646,7 +668,9 @@ mod tests {
     fn globals_are_inert_and_reduce_is_recorded() {
         let p = b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R.";
         let pk = load(p).unwrap();
-        let Some(Obj::Call { func, .. }) = pk.obj(&pk.root) else { panic!() };
+        let Some(Obj::Call { func, .. }) = pk.obj(&pk.root) else {
+            panic!()
+        };
         assert_eq!(pk.global(func), Some(("os", "system")));
     }
 

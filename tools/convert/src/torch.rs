@@ -145,8 +145,13 @@ fn str_keys(items: &[(Value, Value)]) -> String {
 }
 
 /// Finds the state dict: under `--key` when given (`a/b` descends), else under one of the
-/// official wrapper keys, else the top-level dict itself.
-pub fn state_dict<'a>(ck: &Checkpoint<'a>, key: Option<&str>) -> Result<StateDict<'a>> {
+/// official wrapper keys, else the top-level dict itself. The tensors may add up to at most
+/// `max_bytes`.
+pub fn state_dict<'a>(
+    ck: &Checkpoint<'a>,
+    key: Option<&str>,
+    max_bytes: usize,
+) -> Result<StateDict<'a>> {
     let p = &ck.pickle;
     let Some(top) = dict_items(p, &p.root) else {
         if let Some(Obj::Call { func, .. }) = p.obj(&p.root) {
@@ -160,22 +165,39 @@ pub fn state_dict<'a>(ck: &Checkpoint<'a>, key: Option<&str>) -> Result<StateDic
         Some(path) => {
             let mut items = top;
             for part in path.split('/') {
-                let v = lookup(items, part)
-                    .ok_or_else(|| err!("--key {path:?}: no key {part:?} (keys there: {})", str_keys(items)))?;
-                items = dict_items(p, v).ok_or_else(|| err!("--key {path:?}: {part:?} holds {}, not a dict", p.describe(v)))?;
+                let v = lookup(items, part).ok_or_else(|| {
+                    err!(
+                        "--key {path:?}: no key {part:?} (keys there: {})",
+                        str_keys(items)
+                    )
+                })?;
+                items = dict_items(p, v).ok_or_else(|| {
+                    err!(
+                        "--key {path:?}: {part:?} holds {}, not a dict",
+                        p.describe(v)
+                    )
+                })?;
             }
             (format!("key {path:?}"), items)
         }
         None => WRAPPER_KEYS
             .iter()
-            .find_map(|k| lookup(top, k).and_then(|v| dict_items(p, v)).map(|d| (format!("key {k:?}"), d)))
+            .find_map(|k| {
+                lookup(top, k)
+                    .and_then(|v| dict_items(p, v))
+                    .map(|d| (format!("key {k:?}"), d))
+            })
             .unwrap_or_else(|| ("the top-level dict".to_string(), top)),
     };
 
     let mut tensors: Vec<Tensor<'a>> = Vec::with_capacity(items.len());
+    let mut total = 0usize;
     for (k, v) in items {
         let Value::Str(name) = k else {
-            bail!("state dict in {location} has a non-string key ({})", p.describe(k));
+            bail!(
+                "state dict in {location} has a non-string key ({})",
+                p.describe(k)
+            );
         };
         check_globals(p, v, 0).map_err(|e| err!("state dict entry {name:?}: {e}"))?;
         let t = tensor(ck, v, 0).map_err(|e| {
@@ -188,7 +210,14 @@ pub fn state_dict<'a>(ck: &Checkpoint<'a>, key: Option<&str>) -> Result<StateDic
                 err!("state dict entry {name:?}: {e}")
             }
         })?;
-        let t = Tensor { name: name.to_string(), ..t };
+        total += t.data.len();
+        if total > max_bytes {
+            bail!("tensors add up to more than {max_bytes} bytes, 4 times the file: storages are reused too often");
+        }
+        let t = Tensor {
+            name: name.to_string(),
+            ..t
+        };
         match tensors.iter_mut().find(|x| x.name == t.name) {
             Some(old) => *old = t,
             None => tensors.push(t),
@@ -302,7 +331,9 @@ fn tensor<'a>(ck: &Checkpoint<'a>, v: &Value, depth: usize) -> Result<Tensor<'a>
             )
         }
         ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
-            let data = args.first().ok_or_else(|| err!("{name} has no arguments"))?;
+            let data = args
+                .first()
+                .ok_or_else(|| err!("{name} has no arguments"))?;
             tensor(ck, data, depth + 1)
         }
         ("torch._tensor", "_rebuild_from_type_v2") => {
@@ -311,15 +342,22 @@ fn tensor<'a>(ck: &Checkpoint<'a>, v: &Value, depth: usize) -> Result<Tensor<'a>
             };
             match p.global(new_type) {
                 Some(("torch", "Tensor") | ("torch.nn.parameter", "Parameter")) => {}
-                _ => bail!("{name} rebuilds a {}, not a plain tensor", p.describe(new_type)),
+                _ => bail!(
+                    "{name} rebuilds a {}, not a plain tensor",
+                    p.describe(new_type)
+                ),
             }
             // Re-express `inner(*inner_args)` as the call record it stands for.
-            let Some(("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor")) = p.global(inner) else {
+            let Some(("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor")) = p.global(inner)
+            else {
                 bail!("{name} wraps {}, not a tensor rebuild", p.describe(inner));
             };
             let a = tuple(p, inner_args, "rebuild arguments")?;
             let [storage, offset, size, stride, ..] = a else {
-                bail!("{name} has {} inner arguments, expected at least 4", a.len());
+                bail!(
+                    "{name} has {} inner arguments, expected at least 4",
+                    a.len()
+                );
             };
             rebuild(
                 ck,
@@ -341,7 +379,9 @@ fn storage<'a>(ck: &Checkpoint<'a>, v: &Value) -> Result<(DType, &'a [u8])> {
     };
     let f = tuple(p, id, "storage id")?;
     // zip: ('storage', type, key, location, numel); legacy adds view metadata.
-    let (Some(Value::Str(tag)), Some(ty), Some(Value::Str(key)), Some(numel)) = (f.first(), f.get(1), f.get(2), f.get(4)) else {
+    let (Some(Value::Str(tag)), Some(ty), Some(Value::Str(key)), Some(numel)) =
+        (f.first(), f.get(1), f.get(2), f.get(4))
+    else {
         bail!("storage id has an unexpected layout");
     };
     if &**tag != "storage" {
@@ -351,7 +391,8 @@ fn storage<'a>(ck: &Checkpoint<'a>, v: &Value) -> Result<(DType, &'a [u8])> {
         Some(("torch", class)) => class,
         _ => bail!("storage type is {}", p.describe(ty)),
     };
-    let dtype = storage_dtype(class).ok_or_else(|| err!("unsupported storage type torch.{class}"))?;
+    let dtype =
+        storage_dtype(class).ok_or_else(|| err!("unsupported storage type torch.{class}"))?;
     let numel = int(numel, "storage size")?;
     let mut bytes = ck.storage(key)?;
     if let Some(view) = f.get(5).filter(|v| **v != Value::None) {
@@ -371,12 +412,22 @@ fn storage<'a>(ck: &Checkpoint<'a>, v: &Value) -> Result<(DType, &'a [u8])> {
         .checked_mul(dtype.size())
         .ok_or_else(|| err!("storage {key:?} declares an absurd size of {numel} elements"))?;
     if bytes.len() < need {
-        bail!("storage {key:?} holds {} bytes but declares {numel} elements of {} bytes", bytes.len(), dtype.size());
+        bail!(
+            "storage {key:?} holds {} bytes but declares {numel} elements of {} bytes",
+            bytes.len(),
+            dtype.size()
+        );
     }
     Ok((dtype, &bytes[..need]))
 }
 
-fn rebuild<'a>(ck: &Checkpoint<'a>, st: &Value, offset: usize, shape: Vec<usize>, stride: Vec<usize>) -> Result<Tensor<'a>> {
+fn rebuild<'a>(
+    ck: &Checkpoint<'a>,
+    st: &Value,
+    offset: usize,
+    shape: Vec<usize>,
+    stride: Vec<usize>,
+) -> Result<Tensor<'a>> {
     let (dtype, bytes) = storage(ck, st)?;
     if shape.len() != stride.len() {
         bail!("size {shape:?} and stride {stride:?} have different ranks");
@@ -414,7 +465,9 @@ fn rebuild<'a>(ck: &Checkpoint<'a>, st: &Value, offset: usize, shape: Vec<usize>
         ok
     });
     if contiguous {
-        return Ok(tensor(Cow::Borrowed(&bytes[offset * es..(offset + numel) * es])));
+        return Ok(tensor(Cow::Borrowed(
+            &bytes[offset * es..(offset + numel) * es],
+        )));
     }
     // Non-contiguous (a transposed weight, a slice of a shared buffer): gather in C order.
     let mut out = Vec::with_capacity(numel * es);

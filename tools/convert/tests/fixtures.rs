@@ -10,20 +10,32 @@ use convert::{arch, convert_file, Options};
 use safetensors::SafeTensors;
 
 /// Fields that depend on the file rather than the model; checked separately.
-const PER_FILE: [&str; 4] = ["vpr.source", "vpr.source.format", "vpr.converter", "vpr.format"];
+const PER_FILE: [&str; 4] = [
+    "vpr.source",
+    "vpr.source.format",
+    "vpr.converter",
+    "vpr.format",
+];
 
 #[test]
 fn every_fixture_converts_bit_exact_with_full_metadata() {
     let dir = std::env::temp_dir().join(format!("convert-fixtures-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let files = common::good_checkpoints();
-    assert!(files.len() > 60, "fixtures missing: run tools/fixtures/convert_checkpoints.py");
+    assert!(
+        files.len() > 60,
+        "fixtures missing: run tools/fixtures/convert_checkpoints.py"
+    );
     for path in files {
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
         let mut parts = file.split('.');
         let stem = parts.next().unwrap();
         let fmt = file.trim_end_matches(".pth").rsplit('.').next().unwrap();
-        let stem = if stem == "hostile_outside" { "params_cosplace_resnet18" } else { stem };
+        let stem = if stem == "hostile_outside" {
+            "params_cosplace_resnet18"
+        } else {
+            stem
+        };
         let want = common::expected(stem);
 
         let out = dir.join(format!("{file}.safetensors"));
@@ -31,10 +43,14 @@ fn every_fixture_converts_bit_exact_with_full_metadata() {
         let bytes = std::fs::read(&out).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
-        let meta: BTreeMap<String, String> = header.metadata().clone().unwrap().into_iter().collect();
+        let meta: BTreeMap<String, String> =
+            header.metadata().clone().unwrap().into_iter().collect();
 
-        let model_meta: BTreeMap<String, String> =
-            meta.iter().filter(|(k, _)| !PER_FILE.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let model_meta: BTreeMap<String, String> = meta
+            .iter()
+            .filter(|(k, _)| !PER_FILE.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         assert_eq!(model_meta, want.meta, "{file}: metadata");
         assert_eq!(meta["vpr.source"], file);
         assert_eq!(meta["vpr.source.format"], fmt, "{file}");
@@ -46,7 +62,11 @@ fn every_fixture_converts_bit_exact_with_full_metadata() {
         assert_eq!(names, want_names, "{file}: tensor names");
         for (name, t) in &want.tensors {
             let got = st.tensor(name).unwrap();
-            assert_eq!(format!("{:?}", got.dtype()), t.dtype, "{file}: {name} dtype");
+            assert_eq!(
+                format!("{:?}", got.dtype()),
+                t.dtype,
+                "{file}: {name} dtype"
+            );
             assert_eq!(got.shape(), &t.shape[..], "{file}: {name} shape");
             assert!(got.data() == &t.data[..], "{file}: {name} bytes differ");
         }
@@ -71,14 +91,19 @@ fn every_official_real_size_layout_is_recognised() {
                 want.insert(k.to_string(), v.to_string());
             } else {
                 let (k, s) = line.split_once(' ').unwrap();
-                let shape: Vec<usize> = if s.is_empty() { vec![] } else { s.split(',').map(|d| d.parse().unwrap()).collect() };
+                let shape: Vec<usize> = if s.is_empty() {
+                    vec![]
+                } else {
+                    s.split(',').map(|d| d.parse().unwrap()).collect()
+                };
                 // The converter drops BatchNorm counters before recognising.
                 if !k.ends_with("num_batches_tracked") {
                     shapes.push((k.to_string(), shape));
                 }
             }
         }
-        let found = arch::recognise(&shapes, None, &format!("{name}.pth")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let found = arch::recognise(&shapes, None, &format!("{name}.pth"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let got: BTreeMap<String, String> = found.meta.into_iter().collect();
         assert_eq!(got, want, "{name}");
         n += 1;
@@ -87,12 +112,20 @@ fn every_official_real_size_layout_is_recognised() {
 }
 
 fn manifest_shapes(name: &str) -> Vec<(String, Vec<usize>)> {
-    let text = std::fs::read_to_string(common::fixtures().join(format!("manifests/{name}.txt"))).unwrap();
+    let text =
+        std::fs::read_to_string(common::fixtures().join(format!("manifests/{name}.txt"))).unwrap();
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| {
             let (k, s) = l.split_once(' ').unwrap();
-            (k.to_string(), if s.is_empty() { vec![] } else { s.split(',').map(|d| d.parse().unwrap()).collect() })
+            (
+                k.to_string(),
+                if s.is_empty() {
+                    vec![]
+                } else {
+                    s.split(',').map(|d| d.parse().unwrap()).collect()
+                },
+            )
         })
         .collect()
 }
@@ -115,7 +148,12 @@ fn manifests_have_the_key_counts_of_the_instantiated_official_models() {
 #[test]
 fn counters_are_accepted_by_the_recogniser_and_eigenplaces_can_be_forced() {
     // Recognition must not depend on whether num_batches_tracked was dropped first.
-    let f = arch::recognise(&manifest_shapes("cosplace_resnet50_2048"), Some("eigenplaces"), "x.pth").unwrap();
+    let f = arch::recognise(
+        &manifest_shapes("cosplace_resnet50_2048"),
+        Some("eigenplaces"),
+        "x.pth",
+    )
+    .unwrap();
     assert_eq!(f.meta["vpr.arch"], "eigenplaces");
     assert_eq!(f.meta["vpr.backbone"], "resnet50");
     assert_eq!(f.meta["vpr.dim"], "2048");

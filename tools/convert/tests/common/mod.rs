@@ -16,7 +16,12 @@ pub fn good_checkpoints() -> Vec<PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "pth"))
-        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("hostile_in"))
+        .filter(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("hostile_in")
+        })
         .collect();
     v.sort();
     v
@@ -40,7 +45,10 @@ pub fn expected(stem: &str) -> Expected {
     let split = raw.windows(6).position(|w| w == b"\ndata\n").unwrap();
     let text = std::str::from_utf8(&raw[..split]).unwrap();
     let blob = &raw[split + 6..];
-    let mut e = Expected { meta: BTreeMap::new(), tensors: BTreeMap::new() };
+    let mut e = Expected {
+        meta: BTreeMap::new(),
+        tensors: BTreeMap::new(),
+    };
     for line in text.lines().skip(1) {
         if let Some(kv) = line.strip_prefix("meta ") {
             let (k, v) = kv.split_once('=').unwrap();
@@ -48,11 +56,19 @@ pub fn expected(stem: &str) -> Expected {
         } else if let Some(t) = line.strip_prefix("tensor ") {
             let f: Vec<&str> = t.split(' ').collect();
             let dims = f[2].trim_matches(['[', ']']);
-            let shape = if dims.is_empty() { vec![] } else { dims.split(',').map(|d| d.parse().unwrap()).collect() };
+            let shape = if dims.is_empty() {
+                vec![]
+            } else {
+                dims.split(',').map(|d| d.parse().unwrap()).collect()
+            };
             let (off, len): (usize, usize) = (f[3].parse().unwrap(), f[4].parse().unwrap());
             e.tensors.insert(
                 f[0].into(),
-                ExpectedTensor { dtype: f[1].into(), shape, data: blob[off..off + len].to_vec() },
+                ExpectedTensor {
+                    dtype: f[1].into(),
+                    shape,
+                    data: blob[off..off + len].to_vec(),
+                },
             );
         }
     }
@@ -88,12 +104,25 @@ pub fn global(module: &str, name: &str) -> Vec<u8> {
 /// `_rebuild_tensor_v2` of a FloatStorage `key` declaring `numel` elements.
 pub fn tensor(key: &str, numel: i32, offset: i32, size: &[i32], stride: &[i32]) -> Vec<u8> {
     let mut v = global("torch._utils", "_rebuild_tensor_v2");
-    let storage = tuple(&[uni("storage"), global("torch", "FloatStorage"), uni(key), uni("cpu"), int(numel)]);
+    let storage = tuple(&[
+        uni("storage"),
+        global("torch", "FloatStorage"),
+        uni(key),
+        uni("cpu"),
+        int(numel),
+    ]);
     let mut pers = storage;
     pers.push(b'Q');
     let sizes: Vec<Vec<u8>> = size.iter().map(|&s| int(s)).collect();
     let strides: Vec<Vec<u8>> = stride.iter().map(|&s| int(s)).collect();
-    v.extend(tuple(&[pers, int(offset), tuple(&sizes), tuple(&strides), vec![0x89], b"}".to_vec()]));
+    v.extend(tuple(&[
+        pers,
+        int(offset),
+        tuple(&sizes),
+        tuple(&strides),
+        vec![0x89],
+        b"}".to_vec(),
+    ]));
     v.push(b'R');
     v
 }
@@ -154,7 +183,12 @@ pub fn zip(records: &[(&str, &[u8])]) -> Vec<u8> {
 pub fn checkpoint(pkl: &[u8], storages: &[(&str, &[u8])]) -> Vec<u8> {
     let names: Vec<String> = storages.iter().map(|(k, _)| format!("data/{k}")).collect();
     let mut recs: Vec<(&str, &[u8])> = vec![("data.pkl", pkl)];
-    recs.extend(names.iter().zip(storages).map(|(n, (_, d))| (n.as_str(), *d)));
+    recs.extend(
+        names
+            .iter()
+            .zip(storages)
+            .map(|(n, (_, d))| (n.as_str(), *d)),
+    );
     recs.push(("byteorder", b"little"));
     zip(&recs)
 }
