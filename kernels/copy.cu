@@ -72,16 +72,16 @@ __device__ void cast(const S* in, D* out, long long n) {
 
 #define CAST(sname, S, dname, D) \
   extern "C" __global__ void cast_##sname##_##dname(const S* in, D* out, long long n) { cast<S, D>(in, out, n); }
-#define CAST_FROM(sname, S)             \
-  CAST(sname, S, f32, float)            \
-  CAST(sname, S, f16, f16)              \
-  CAST(sname, S, bf16, bf16)            \
-  CAST(sname, S, i32, int)              \
-  CAST(sname, S, i64, long long)        \
-  CAST(sname, S, u8, unsigned char)
-CAST_FROM(f32, float)
-CAST_FROM(f16, f16)
-CAST_FROM(bf16, bf16)
-CAST_FROM(i32, int)
-CAST_FROM(i64, long long)
-CAST_FROM(u8, unsigned char)
+// every ordered pair of distinct dtypes
+CAST(f32, float, f16, f16) CAST(f32, float, bf16, bf16) CAST(f32, float, i32, int) CAST(f32, float, i64, long long)
+CAST(f32, float, u8, unsigned char)
+CAST(f16, f16, f32, float) CAST(f16, f16, bf16, bf16) CAST(f16, f16, i32, int) CAST(f16, f16, i64, long long)
+CAST(f16, f16, u8, unsigned char)
+CAST(bf16, bf16, f32, float) CAST(bf16, bf16, f16, f16) CAST(bf16, bf16, i32, int) CAST(bf16, bf16, i64, long long)
+CAST(bf16, bf16, u8, unsigned char)
+CAST(i32, int, f32, float) CAST(i32, int, f16, f16) CAST(i32, int, bf16, bf16) CAST(i32, int, i64, long long)
+CAST(i32, int, u8, unsigned char)
+CAST(i64, long long, f32, float) CAST(i64, long long, f16, f16) CAST(i64, long long, bf16, bf16)
+CAST(i64, long long, i32, int) CAST(i64, long long, u8, unsigned char)
+CAST(u8, unsigned char, f32, float) CAST(u8, unsigned char, f16, f16) CAST(u8, unsigned char, bf16, bf16)
+CAST(u8, unsigned char, i32, int) CAST(u8, unsigned char, i64, long long)

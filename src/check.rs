@@ -32,7 +32,11 @@ pub fn max_error(got: &[f64], want: &[f64]) -> f64 {
     }
     got.iter().zip(want).fold(0.0, |m: f64, (&g, &w)| {
         if g.is_nan() || w.is_nan() {
-            return if g.is_nan() && w.is_nan() { m } else { f64::NAN };
+            return if g.is_nan() && w.is_nan() {
+                m
+            } else {
+                f64::NAN
+            };
         }
         if g == w {
             return m; // also equal infinities
@@ -47,13 +51,31 @@ pub fn max_error(got: &[f64], want: &[f64]) -> f64 {
 }
 
 /// A table row comparing a device result with the CPU result.
-pub fn compare(kernel: &str, dtype: DType, shape: &[usize], got: Result<Tensor>, want: Result<Tensor>, tol: f64) -> CheckRow {
-    let mut row = CheckRow { kernel: kernel.to_string(), dtype, shape: format!("{shape:?}"), max_err: f64::NAN, tol, error: None };
-    match (got.and_then(|g| g.to_f64_vec()), want.and_then(|w| w.to_f64_vec())) {
+pub fn compare(
+    kernel: &str,
+    dtype: DType,
+    shape: &[usize],
+    got: Result<Tensor>,
+    want: Result<Tensor>,
+    tol: f64,
+) -> CheckRow {
+    let mut row = CheckRow {
+        kernel: kernel.to_string(),
+        dtype,
+        shape: format!("{shape:?}"),
+        max_err: f64::NAN,
+        tol,
+        error: None,
+    };
+    match (
+        got.and_then(|g| g.to_f64_vec()),
+        want.and_then(|w| w.to_f64_vec()),
+    ) {
         (Ok(g), Ok(w)) => {
             row.max_err = max_error(&g, &w);
             if row.max_err.is_nan() {
-                row.error = Some("NaN where the CPU result has a number (unwritten output?)".into());
+                row.error =
+                    Some("NaN where the CPU result has a number (unwritten output?)".into());
             }
         }
         (Err(e), _) => row.error = Some(format!("device: {e}")),

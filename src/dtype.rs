@@ -15,7 +15,14 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64, DType::U8];
+    pub const ALL: [DType; 6] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::I32,
+        DType::I64,
+        DType::U8,
+    ];
     pub const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
     pub fn size_in_bytes(self) -> usize {
@@ -58,7 +65,9 @@ impl DType {
         if self.is_float() {
             Ok(())
         } else {
-            Err(Error::DType(format!("{op} needs a float tensor (f32, f16 or bf16), got {self}")))
+            Err(Error::DType(format!(
+                "{op} needs a float tensor (f32, f16 or bf16), got {self}"
+            )))
         }
     }
 }
@@ -75,7 +84,11 @@ impl std::str::FromStr for DType {
         DType::ALL
             .into_iter()
             .find(|d| d.name() == s)
-            .ok_or_else(|| Error::Argument(format!("unknown dtype '{s}' (expected one of f32, f16, bf16, i32, i64, u8)")))
+            .ok_or_else(|| {
+                Error::Argument(format!(
+                    "unknown dtype '{s}' (expected one of f32, f16, bf16, i32, i64, u8)"
+                ))
+            })
     }
 }
 
@@ -91,6 +104,24 @@ pub trait Element: Copy + Send + Sync + 'static + bytemuck::Pod + PartialOrd + f
     fn to_i64(self) -> i64;
     /// Two's-complement wrapping conversion, as C++ and PyTorch convert between integer types.
     fn wrap_from_i64(v: i64) -> Self;
+}
+
+/// f32 to f16, round to nearest even, NaN to the canonical 0x7fff as the kernels produce it.
+pub fn f16_from_f32(v: f32) -> f16 {
+    if v.is_nan() {
+        f16::from_bits(0x7fff)
+    } else {
+        f16::from_f32(v)
+    }
+}
+
+/// f32 to bf16, round to nearest even, NaN to the canonical 0x7fff as the kernels produce it.
+pub fn bf16_from_f32(v: f32) -> bf16 {
+    if v.is_nan() {
+        bf16::from_bits(0x7fff)
+    } else {
+        bf16::from_f32(v)
+    }
 }
 
 macro_rules! element {
@@ -119,10 +150,72 @@ macro_rules! element {
     };
 }
 
-element!(f32, DType::F32, |x| x, |v| v, |x: f32| x as f64, |v: f64| v as f32, |x: f32| x as i64, |v: i64| v as f32);
-element!(f16, DType::F16, f16::to_f32, f16::from_f32, |x: f16| x.to_f64(), f16::from_f64, |x: f16| x.to_f32() as i64, |v: i64| f16::from_f32(v as f32));
-element!(bf16, DType::BF16, bf16::to_f32, bf16::from_f32, |x: bf16| x.to_f64(), bf16::from_f64, |x: bf16| x.to_f32() as i64, |v: i64| bf16::from_f32(v as f32));
-element!(i32, DType::I32, |x: i32| x as f32, |v: f32| v as i32, |x: i32| x as f64, |v: f64| v as i32, |x: i32| x as i64, |v: i64| v as i32);
-element!(i64, DType::I64, |x: i64| x as f32, |v: f32| v as i64, |x: i64| x as f64, |v: f64| v as i64, |x: i64| x, |v: i64| v);
+element!(
+    f32,
+    DType::F32,
+    |x| x,
+    |v| v,
+    |x: f32| x as f64,
+    |v: f64| v as f32,
+    |x: f32| x as i64,
+    |v: i64| v as f32
+);
+element!(
+    f16,
+    DType::F16,
+    f16::to_f32,
+    f16_from_f32,
+    |x: f16| x.to_f64(),
+    |v: f64| if v.is_nan() {
+        f16::from_bits(0x7fff)
+    } else {
+        f16::from_f64(v)
+    },
+    |x: f16| x.to_f32() as i64,
+    |v: i64| f16_from_f32(v as f32)
+);
+element!(
+    bf16,
+    DType::BF16,
+    bf16::to_f32,
+    bf16_from_f32,
+    |x: bf16| x.to_f64(),
+    |v: f64| if v.is_nan() {
+        bf16::from_bits(0x7fff)
+    } else {
+        bf16::from_f64(v)
+    },
+    |x: bf16| x.to_f32() as i64,
+    |v: i64| bf16_from_f32(v as f32)
+);
+element!(
+    i32,
+    DType::I32,
+    |x: i32| x as f32,
+    |v: f32| v as i32,
+    |x: i32| x as f64,
+    |v: f64| v as i32,
+    |x: i32| x as i64,
+    |v: i64| v as i32
+);
+element!(
+    i64,
+    DType::I64,
+    |x: i64| x as f32,
+    |v: f32| v as i64,
+    |x: i64| x as f64,
+    |v: f64| v as i64,
+    |x: i64| x,
+    |v: i64| v
+);
 // Float to u8 goes through i32 as the kernels do ((unsigned char)(int)x).
-element!(u8, DType::U8, |x: u8| x as f32, |v: f32| v as i32 as u8, |x: u8| x as f64, |v: f64| v as i32 as u8, |x: u8| x as i64, |v: i64| v as u8);
+element!(
+    u8,
+    DType::U8,
+    |x: u8| x as f32,
+    |v: f32| v as i32 as u8,
+    |x: u8| x as f64,
+    |v: f64| v as i32 as u8,
+    |x: u8| x as i64,
+    |v: i64| v as u8
+);

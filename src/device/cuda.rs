@@ -53,8 +53,14 @@ pub fn probe() -> CudaStatus {
                 .collect()),
         }
     };
-    let nvrtc = Nvrtc::load().map(|n| format!("NVRTC {}.{} ({})", n.version().0, n.version().1, n.path())).map_err(|e| e.to_string());
-    CudaStatus { devices, nvrtc, cache_dir: cache_dir() }
+    let nvrtc = Nvrtc::load()
+        .map(|n| format!("NVRTC {}.{} ({})", n.version().0, n.version().1, n.path()))
+        .map_err(|e| e.to_string());
+    CudaStatus {
+        devices,
+        nvrtc,
+        cache_dir: cache_dir(),
+    }
 }
 
 /// `$VPR_KERNEL_CACHE`, else `$XDG_CACHE_HOME/vpr-engine/kernels`, else `~/.cache/vpr-engine/kernels`.
@@ -111,26 +117,45 @@ fn cuda_err(what: &str, e: result::DriverError) -> Error {
 impl CudaDriver {
     pub fn open(ordinal: usize) -> Result<Self> {
         if !driver_present() {
-            return Err(Error::Device(format!("cuda:{ordinal} is unavailable: {NO_DRIVER}; use --device cpu or vgpu")));
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} is unavailable: {NO_DRIVER}; use --device cpu or vgpu"
+            )));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Device(format!("cuda:{ordinal} is unavailable: {e}")))?;
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| Error::Device(format!("cuda:{ordinal} is unavailable: {e}")))?;
         // SAFETY: called before any allocation on this context; we use a single stream, so
         // cross-stream event tracking is pure overhead.
         unsafe { ctx.disable_event_tracking() };
-        let nvrtc = Nvrtc::load().map_err(|e| Error::Device(format!("cuda:{ordinal} is unusable: {e}")))?;
-        let (major, minor) = ctx.compute_capability().map_err(|e| cuda_err("compute capability", e))?;
-        Ok(CudaDriver { ctx, ordinal, arch: format!("sm_{major}{minor}"), nvrtc, modules: Mutex::new(HashMap::new()) })
+        let nvrtc =
+            Nvrtc::load().map_err(|e| Error::Device(format!("cuda:{ordinal} is unusable: {e}")))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("compute capability", e))?;
+        Ok(CudaDriver {
+            ctx,
+            ordinal,
+            arch: format!("sm_{major}{minor}"),
+            nvrtc,
+            modules: Mutex::new(HashMap::new()),
+        })
     }
 
     fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the context", e))
     }
 
     /// CUBIN for this device, from the disk cache or freshly compiled.
     fn cubin(&self, module: &KernelModule) -> Result<Vec<u8>> {
         let (major, minor) = self.nvrtc.version();
         let dir = cache_dir();
-        let path = dir.join(format!("{}-{:016x}-{}-nvrtc{major}.{minor}.cubin", module.name, source_hash(module), self.arch));
+        let path = dir.join(format!(
+            "{}-{:016x}-{}-nvrtc{major}.{minor}.cubin",
+            module.name,
+            source_hash(module),
+            self.arch
+        ));
         if let Ok(bytes) = std::fs::read(&path) {
             return Ok(bytes);
         }
@@ -153,13 +178,20 @@ impl CudaDriver {
             // SAFETY: the image is a complete CUBIN produced by NVRTC for this architecture.
             let m = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }
                 .map_err(|e| cuda_err(&format!("loading kernels/{}.cu", module.name), e))?;
-            modules.insert(module.name, LoadedModule { module: m, functions: HashMap::new() });
+            modules.insert(
+                module.name,
+                LoadedModule {
+                    module: m,
+                    functions: HashMap::new(),
+                },
+            );
         }
         let loaded = modules.get_mut(module.name).unwrap();
         if let Some(f) = loaded.functions.get(kernel) {
             return Ok(*f);
         }
-        let cname = CString::new(kernel).map_err(|_| Error::Argument(format!("bad kernel name {kernel:?}")))?;
+        let cname = CString::new(kernel)
+            .map_err(|_| Error::Argument(format!("bad kernel name {kernel:?}")))?;
         // SAFETY: the module is loaded and stays loaded for the driver's lifetime.
         let f = unsafe { result::module::get_function(loaded.module, cname) }
             .map_err(|e| cuda_err(&format!("kernel {kernel} in kernels/{}.cu", module.name), e))?;
@@ -187,7 +219,8 @@ impl Driver for CudaDriver {
     fn alloc(&self, bytes: usize) -> Result<u64> {
         self.bind()?;
         // SAFETY: a plain allocation in the bound context.
-        unsafe { result::malloc_sync(bytes) }.map_err(|e| cuda_err(&format!("allocating {bytes} bytes"), e))
+        unsafe { result::malloc_sync(bytes) }
+            .map_err(|e| cuda_err(&format!("allocating {bytes} bytes"), e))
     }
 
     unsafe fn free(&self, ptr: u64) {
@@ -221,7 +254,13 @@ impl Driver for CudaDriver {
         unsafe { result::memset_d8_sync(dst, byte, bytes) }.map_err(|e| cuda_err("memset", e))
     }
 
-    unsafe fn launch(&self, module: &'static KernelModule, kernel: &str, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
+    unsafe fn launch(
+        &self,
+        module: &'static KernelModule,
+        kernel: &str,
+        cfg: LaunchConfig,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
         self.bind()?;
         let f = self.function(module, kernel)?;
         if cfg.shared_bytes > 48 * 1024 {
@@ -233,17 +272,33 @@ impl Driver for CudaDriver {
                     cfg.shared_bytes as i32,
                 )
             }
-            .map_err(|e| cuda_err(&format!("{kernel}: {} bytes of shared memory", cfg.shared_bytes), e))?;
+            .map_err(|e| {
+                cuda_err(
+                    &format!("{kernel}: {} bytes of shared memory", cfg.shared_bytes),
+                    e,
+                )
+            })?;
         }
         // SAFETY: the caller guarantees the arguments match the kernel and its accesses are in
         // bounds; the null stream orders the launch with our synchronous copies.
-        unsafe { result::launch_kernel(f, cfg.grid, cfg.block, cfg.shared_bytes, std::ptr::null_mut(), args) }
-            .map_err(|e| cuda_err(&format!("launching {kernel}"), e))
+        unsafe {
+            result::launch_kernel(
+                f,
+                cfg.grid,
+                cfg.block,
+                cfg.shared_bytes,
+                std::ptr::null_mut(),
+                args,
+            )
+        }
+        .map_err(|e| cuda_err(&format!("launching {kernel}"), e))
     }
 
     fn synchronize(&self) -> Result<()> {
         self.bind()?;
-        self.ctx.synchronize().map_err(|e| cuda_err("synchronize", e))
+        self.ctx
+            .synchronize()
+            .map_err(|e| cuda_err("synchronize", e))
     }
 }
 

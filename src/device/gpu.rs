@@ -73,7 +73,11 @@ impl LaunchConfig {
     /// (kernels use grid-stride loops, so fewer blocks than items is fine).
     pub fn linear(n: usize, threads: u32, max_blocks: u32) -> Self {
         let blocks = n.div_ceil(threads as usize).clamp(1, max_blocks as usize) as u32;
-        LaunchConfig { grid: (blocks, 1, 1), block: (threads, 1, 1), shared_bytes: 0 }
+        LaunchConfig {
+            grid: (blocks, 1, 1),
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+        }
     }
 }
 
@@ -104,7 +108,10 @@ impl KernelArgs {
     }
 
     fn pointers(&mut self) -> Vec<*mut c_void> {
-        self.slots.iter_mut().map(|s| s.as_mut_ptr() as *mut c_void).collect()
+        self.slots
+            .iter_mut()
+            .map(|s| s.as_mut_ptr() as *mut c_void)
+            .collect()
     }
 }
 
@@ -122,7 +129,12 @@ pub struct Gpu {
 impl Gpu {
     pub fn new(kind: GpuKind, driver: Box<dyn Driver>) -> Self {
         let poison = AtomicBool::new(kind == GpuKind::Vgpu);
-        Gpu { kind, driver, cache: Mutex::new(HashMap::new()), poison }
+        Gpu {
+            kind,
+            driver,
+            cache: Mutex::new(HashMap::new()),
+            poison,
+        }
     }
 
     pub fn set_poison(&self, on: bool) {
@@ -139,7 +151,12 @@ impl Gpu {
 
     /// Bytes held in the allocation cache.
     pub fn cached_bytes(&self) -> usize {
-        self.cache.lock().unwrap().iter().map(|(size, v)| size * v.len()).sum()
+        self.cache
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(size, v)| size * v.len())
+            .sum()
     }
 
     /// An uninitialised buffer of `bytes` bytes.
@@ -162,12 +179,23 @@ impl Gpu {
             // SAFETY: the block holds `size` bytes.
             unsafe { self.driver.memset(ptr, 0xFF, size)? };
         }
-        Ok(GpuBuffer { gpu: self.clone(), ptr, bytes, capacity: size })
+        Ok(GpuBuffer {
+            gpu: self.clone(),
+            ptr,
+            bytes,
+            capacity: size,
+        })
     }
 
     /// Frees every cached block.
     pub fn release_cache(&self) {
-        let blocks: Vec<u64> = self.cache.lock().unwrap().drain().flat_map(|(_, v)| v).collect();
+        let blocks: Vec<u64> = self
+            .cache
+            .lock()
+            .unwrap()
+            .drain()
+            .flat_map(|(_, v)| v)
+            .collect();
         for p in blocks {
             // SAFETY: cached blocks came from this driver's alloc and no buffer refers to them.
             unsafe { self.driver.free(p) };
@@ -189,18 +217,32 @@ impl Gpu {
         Ok(out)
     }
 
-    pub fn copy(&self, src: &GpuBuffer, src_offset: usize, dst: &GpuBuffer, dst_offset: usize, len: usize) -> Result<()> {
+    pub fn copy(
+        &self,
+        src: &GpuBuffer,
+        src_offset: usize,
+        dst: &GpuBuffer,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<()> {
         check_range(src, src_offset, len)?;
         check_range(dst, dst_offset, len)?;
         // SAFETY: both ranges were checked against their buffers.
-        unsafe { self.driver.dtod(src.ptr + src_offset as u64, dst.ptr + dst_offset as u64, len) }
+        unsafe {
+            self.driver.dtod(
+                src.ptr + src_offset as u64,
+                dst.ptr + dst_offset as u64,
+                len,
+            )
+        }
     }
 
     /// Launches a kernel by name. The caller guarantees that `args` match the kernel's parameters
     /// and that every buffer access the kernel makes for this configuration is in bounds; the op
     /// layer establishes this with its shape checks.
     pub fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &mut KernelArgs) -> Result<()> {
-        let module = module_of(kernel).ok_or_else(|| Error::Argument(format!("no kernel named {kernel}")))?;
+        let module = module_of(kernel)
+            .ok_or_else(|| Error::Argument(format!("no kernel named {kernel}")))?;
         let mut ptrs = args.pointers();
         // SAFETY: see this function's contract; ptrs point into `args`, alive for the call.
         unsafe { self.driver.launch(module, kernel, cfg, &mut ptrs) }
@@ -246,6 +288,12 @@ impl GpuBuffer {
 
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
-        self.gpu.cache.lock().unwrap().entry(self.capacity).or_default().push(self.ptr);
+        self.gpu
+            .cache
+            .lock()
+            .unwrap()
+            .entry(self.capacity)
+            .or_default()
+            .push(self.ptr);
     }
 }

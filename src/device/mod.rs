@@ -32,7 +32,9 @@ impl Device {
             "cuda" => cuda_device(0),
             _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => cuda_device(n),
-                _ => Err(Error::Device(format!("unknown device '{spec}' (expected cpu, cuda, cuda:N or vgpu)"))),
+                _ => Err(Error::Device(format!(
+                    "unknown device '{spec}' (expected cpu, cuda, cuda:N or vgpu)"
+                ))),
             },
         }
     }
@@ -44,7 +46,10 @@ impl Device {
 
     /// A virtual GPU of its own with these options (the seeded schedule, for instance).
     pub fn vgpu_with(options: VgpuOptions) -> Device {
-        Device::Gpu(Arc::new(Gpu::new(GpuKind::Vgpu, Box::new(vgpu::VgpuDriver::new(options)))))
+        Device::Gpu(Arc::new(Gpu::new(
+            GpuKind::Vgpu,
+            Box::new(vgpu::VgpuDriver::new(options)),
+        )))
     }
 
     pub fn is_cpu(&self) -> bool {
@@ -84,8 +89,13 @@ impl fmt::Debug for Device {
 
 fn default_vgpu() -> Arc<Gpu> {
     static VGPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    VGPU.get_or_init(|| Arc::new(Gpu::new(GpuKind::Vgpu, Box::new(vgpu::VgpuDriver::new(VgpuOptions::from_env())))))
-        .clone()
+    VGPU.get_or_init(|| {
+        Arc::new(Gpu::new(
+            GpuKind::Vgpu,
+            Box::new(vgpu::VgpuDriver::new(VgpuOptions::from_env())),
+        ))
+    })
+    .clone()
 }
 
 fn cuda_device(ordinal: usize) -> Result<Device> {

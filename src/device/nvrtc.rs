@@ -23,7 +23,14 @@ pub fn wheel_lib_dir(tools: &Path) -> PathBuf {
 pub struct Nvrtc {
     path: String,
     version: (i32, i32),
-    create: unsafe extern "C" fn(*mut Program, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> Status,
+    create: unsafe extern "C" fn(
+        *mut Program,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> Status,
     compile: unsafe extern "C" fn(Program, c_int, *const *const c_char) -> Status,
     destroy: unsafe extern "C" fn(*mut Program) -> Status,
     log_size: unsafe extern "C" fn(Program, *mut usize) -> Status,
@@ -71,31 +78,46 @@ impl Nvrtc {
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        Err(Error::Cuda(format!("NVRTC was not found (tried {}): {}", candidates.join(", "), errors.join("; "))))
+        Err(Error::Cuda(format!(
+            "NVRTC was not found (tried {}): {}",
+            candidates.join(", "),
+            errors.join("; ")
+        )))
     }
 
     fn load_from(path: &str) -> Result<Nvrtc> {
         let mut libs = Vec::new();
         // libnvrtc dlopens its builtins library by name; loading it first from the same folder lets
         // that lookup succeed without LD_LIBRARY_PATH.
-        if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
             if let Some(builtins) = std::fs::read_dir(dir).ok().and_then(|rd| {
-                rd.filter_map(|e| e.ok().map(|e| e.path()))
-                    .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc-builtins.so")))
+                rd.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
+                })
             }) {
                 // SAFETY: loading NVIDIA's library runs only its initialisers.
-                libs.push(unsafe { libloading::Library::new(&builtins) }.map_err(|e| Error::Cuda(e.to_string()))?);
+                libs.push(
+                    unsafe { libloading::Library::new(&builtins) }
+                        .map_err(|e| Error::Cuda(e.to_string()))?,
+                );
             }
         }
         // SAFETY: as above.
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| Error::Cuda(format!("{path}: {e}")))?;
+        let lib = unsafe { libloading::Library::new(path) }
+            .map_err(|e| Error::Cuda(format!("{path}: {e}")))?;
         macro_rules! sym {
             ($name:literal) => {
                 // SAFETY: the symbol has the C signature of the NVRTC API declared in the field's type.
                 *unsafe { lib.get($name) }.map_err(|e| Error::Cuda(format!("{path}: {e}")))?
             };
         }
-        let version_fn: unsafe extern "C" fn(*mut c_int, *mut c_int) -> Status = sym!(b"nvrtcVersion");
+        let version_fn: unsafe extern "C" fn(*mut c_int, *mut c_int) -> Status =
+            sym!(b"nvrtcVersion");
         let (mut major, mut minor) = (0, 0);
         // SAFETY: plain out-parameters.
         unsafe { version_fn(&mut major, &mut minor) };
@@ -138,11 +160,22 @@ impl Nvrtc {
     }
 
     /// Compiles one kernel file, with our headers supplied from memory (no include path).
-    pub fn compile(&self, module: &KernelModule, target: Target, extra_options: &[&str]) -> Result<Compiled> {
+    pub fn compile(
+        &self,
+        module: &KernelModule,
+        target: Target,
+        extra_options: &[&str],
+    ) -> Result<Compiled> {
         let src = CString::new(module.source).expect("kernel source has no NUL");
         let name = CString::new(format!("{}.cu", module.name)).unwrap();
-        let header_srcs: Vec<CString> = KERNEL_HEADERS.iter().map(|(_, s)| CString::new(*s).unwrap()).collect();
-        let header_names: Vec<CString> = KERNEL_HEADERS.iter().map(|(n, _)| CString::new(*n).unwrap()).collect();
+        let header_srcs: Vec<CString> = KERNEL_HEADERS
+            .iter()
+            .map(|(_, s)| CString::new(*s).unwrap())
+            .collect();
+        let header_names: Vec<CString> = KERNEL_HEADERS
+            .iter()
+            .map(|(n, _)| CString::new(*n).unwrap())
+            .collect();
         let arch = match target {
             Target::Cubin(a) | Target::Ptx(a) => a,
         };
@@ -158,25 +191,39 @@ impl Nvrtc {
         // SAFETY: all pointers are valid NUL-terminated strings that outlive the calls; `prog` is
         // destroyed below on every path.
         unsafe {
-            self.check((self.create)(&mut prog, src.as_ptr(), name.as_ptr(), hs.len() as c_int, hs.as_ptr(), hn.as_ptr()), "create")?;
+            self.check(
+                (self.create)(
+                    &mut prog,
+                    src.as_ptr(),
+                    name.as_ptr(),
+                    hs.len() as c_int,
+                    hs.as_ptr(),
+                    hn.as_ptr(),
+                ),
+                "create",
+            )?;
             let status = (self.compile)(prog, opts.len() as c_int, opts.as_ptr());
             let log = self.program_log(prog);
             let result = if status != 0 {
-                Err(Error::Cuda(format!("NVRTC could not compile kernels/{}.cu for {arch}:\n{log}", module.name)))
+                Err(Error::Cuda(format!(
+                    "NVRTC could not compile kernels/{}.cu for {arch}:\n{log}",
+                    module.name
+                )))
             } else {
                 let (size_fn, get_fn) = match target {
                     Target::Cubin(_) => (self.cubin_size, self.cubin),
                     Target::Ptx(_) => (self.ptx_size, self.ptx),
                 };
                 let mut size = 0usize;
-                self.check(size_fn(prog, &mut size), "output size").and_then(|_| {
-                    let mut binary = vec![0u8; size];
-                    self.check(get_fn(prog, binary.as_mut_ptr() as *mut c_char), "output")?;
-                    if matches!(target, Target::Ptx(_)) {
-                        binary.pop(); // PTX comes NUL-terminated
-                    }
-                    Ok(Compiled { binary, log })
-                })
+                self.check(size_fn(prog, &mut size), "output size")
+                    .and_then(|_| {
+                        let mut binary = vec![0u8; size];
+                        self.check(get_fn(prog, binary.as_mut_ptr() as *mut c_char), "output")?;
+                        if matches!(target, Target::Ptx(_)) {
+                            binary.pop(); // PTX comes NUL-terminated
+                        }
+                        Ok(Compiled { binary, log })
+                    })
             };
             (self.destroy)(&mut prog);
             result

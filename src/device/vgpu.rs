@@ -70,13 +70,17 @@ impl VgpuOptions {
         VgpuOptions {
             seed: var("VPR_VGPU_SEED").unwrap_or(d.seed),
             os_threads: var("VPR_VGPU_THREADS").map_or(d.os_threads, |v| v.max(1) as u32),
-            stack_kib: var("VPR_VGPU_STACK_KB").map_or(d.stack_kib, |v| v.clamp(16, 1 << 20) as u32),
+            stack_kib: var("VPR_VGPU_STACK_KB")
+                .map_or(d.stack_kib, |v| v.clamp(16, 1 << 20) as u32),
             lenient_barrier: false,
         }
     }
 
     pub fn with_seed(seed: u64) -> Self {
-        VgpuOptions { seed, ..Self::default() }
+        VgpuOptions {
+            seed,
+            ..Self::default()
+        }
     }
 }
 
@@ -90,7 +94,10 @@ const ALIGN: usize = 256; // cudaMalloc's guarantee
 
 impl VgpuDriver {
     pub fn new(options: VgpuOptions) -> Self {
-        VgpuDriver { options, sizes: Mutex::new(HashMap::new()) }
+        VgpuDriver {
+            options,
+            sizes: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -99,7 +106,11 @@ impl Driver for VgpuDriver {
         format!(
             "virtual GPU: kernels built for the host, {} OS thread(s), schedule {}",
             self.options.os_threads,
-            if self.options.seed == 0 { "in order".to_string() } else { format!("shuffled (seed {})", self.options.seed) }
+            if self.options.seed == 0 {
+                "in order".to_string()
+            } else {
+                format!("shuffled (seed {})", self.options.seed)
+            }
         )
     }
 
@@ -108,11 +119,14 @@ impl Driver for VgpuDriver {
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
-        let layout = Layout::from_size_align(bytes.max(1), ALIGN).map_err(|e| Error::Argument(e.to_string()))?;
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN)
+            .map_err(|e| Error::Argument(e.to_string()))?;
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc(layout) };
         if p.is_null() {
-            return Err(Error::Device(format!("vgpu: out of host memory allocating {bytes} bytes")));
+            return Err(Error::Device(format!(
+                "vgpu: out of host memory allocating {bytes} bytes"
+            )));
         }
         self.sizes.lock().unwrap().insert(p as u64, bytes.max(1));
         Ok(p as u64)
@@ -121,7 +135,12 @@ impl Driver for VgpuDriver {
     unsafe fn free(&self, ptr: u64) {
         if let Some(size) = self.sizes.lock().unwrap().remove(&ptr) {
             // SAFETY: ptr was allocated by `alloc` with this size and alignment.
-            unsafe { std::alloc::dealloc(ptr as *mut u8, Layout::from_size_align_unchecked(size, ALIGN)) };
+            unsafe {
+                std::alloc::dealloc(
+                    ptr as *mut u8,
+                    Layout::from_size_align_unchecked(size, ALIGN),
+                )
+            };
         }
     }
 
@@ -149,10 +168,21 @@ impl Driver for VgpuDriver {
         Ok(())
     }
 
-    unsafe fn launch(&self, module: &'static KernelModule, kernel: &str, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
-        let entry = module_entry(module.name)
-            .ok_or_else(|| Error::Argument(format!("kernel file {} is not built into the virtual GPU", module.name)))?;
-        let name = CString::new(kernel).map_err(|_| Error::Argument(format!("bad kernel name {kernel:?}")))?;
+    unsafe fn launch(
+        &self,
+        module: &'static KernelModule,
+        kernel: &str,
+        cfg: LaunchConfig,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        let entry = module_entry(module.name).ok_or_else(|| {
+            Error::Argument(format!(
+                "kernel file {} is not built into the virtual GPU",
+                module.name
+            ))
+        })?;
+        let name = CString::new(kernel)
+            .map_err(|_| Error::Argument(format!("bad kernel name {kernel:?}")))?;
         let opt = LaunchOptions {
             seed: self.options.seed,
             os_threads: self.options.os_threads,
@@ -166,8 +196,16 @@ impl Driver for VgpuDriver {
         let rc = unsafe {
             entry(
                 name.as_ptr(),
-                Dim3 { x: g.0, y: g.1, z: g.2 },
-                Dim3 { x: b.0, y: b.1, z: b.2 },
+                Dim3 {
+                    x: g.0,
+                    y: g.1,
+                    z: g.2,
+                },
+                Dim3 {
+                    x: b.0,
+                    y: b.1,
+                    z: b.2,
+                },
                 cfg.shared_bytes,
                 args.as_mut_ptr(),
                 &opt,
@@ -177,11 +215,23 @@ impl Driver for VgpuDriver {
         };
         match rc {
             0 => Ok(()),
-            -1 => Err(Error::Argument(format!("kernels/{}.cu has no kernel named {kernel}", module.name))),
+            -1 => Err(Error::Argument(format!(
+                "kernels/{}.cu has no kernel named {kernel}",
+                module.name
+            ))),
             _ => {
-                let msg = CStr::from_bytes_until_nul(&err).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
-                let seed = if self.options.seed != 0 { format!(" (schedule seed VPR_VGPU_SEED={})", self.options.seed) } else { String::new() };
-                Err(Error::Vgpu { kernel: kernel.to_string(), message: format!("{msg}{seed}") })
+                let msg = CStr::from_bytes_until_nul(&err)
+                    .map(|c| c.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let seed = if self.options.seed != 0 {
+                    format!(" (schedule seed VPR_VGPU_SEED={})", self.options.seed)
+                } else {
+                    String::new()
+                };
+                Err(Error::Vgpu {
+                    kernel: kernel.to_string(),
+                    message: format!("{msg}{seed}"),
+                })
             }
         }
     }

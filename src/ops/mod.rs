@@ -20,8 +20,14 @@ pub struct StridedDesc {
 }
 
 impl StridedDesc {
+    /// The view's shape and strides. Its offset is not included: pass the kernel the base
+    /// pointer advanced by `layout.offset()` elements.
     pub fn new(layout: &Layout) -> Self {
-        let mut d = StridedDesc { rank: layout.rank() as i64, shape: [1; MAX_DIMS], strides: [0; MAX_DIMS] };
+        let mut d = StridedDesc {
+            rank: layout.rank() as i64,
+            shape: [1; MAX_DIMS],
+            strides: [0; MAX_DIMS],
+        };
         for (i, (&n, &s)) in layout.shape().iter().zip(layout.strides()).enumerate() {
             d.shape[i] = n as i64;
             d.strides[i] = s as i64;

@@ -25,35 +25,79 @@ pub struct Tensor {
 
 impl Tensor {
     /// A tensor over `storage` with `layout`; the layout must stay inside the storage.
-    pub(crate) fn from_parts(storage: Storage, layout: Layout, dtype: DType, device: Device) -> Tensor {
-        Tensor { storage: Arc::new(storage), layout, dtype, device }
+    pub(crate) fn from_parts(
+        storage: Storage,
+        layout: Layout,
+        dtype: DType,
+        device: Device,
+    ) -> Tensor {
+        Tensor {
+            storage: Arc::new(storage),
+            layout,
+            dtype,
+            device,
+        }
     }
 
     /// A new view of the same storage.
     pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
-        Tensor { storage: self.storage.clone(), layout, dtype: self.dtype, device: self.device.clone() }
+        Tensor {
+            storage: self.storage.clone(),
+            layout,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }
     }
 
-    pub fn from_vec<T: IntoCpuStorage>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Tensor> {
+    pub fn from_vec<T: IntoCpuStorage>(
+        data: Vec<T>,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return shape_err!("from_vec: {} values do not fill shape {shape:?} ({n} elements)", data.len());
+            return shape_err!(
+                "from_vec: {} values do not fill shape {shape:?} ({n} elements)",
+                data.len()
+            );
         }
-        let t = Tensor::from_parts(Storage::Cpu(T::into_storage(data)), Layout::contiguous(shape)?, T::DTYPE, Device::Cpu);
+        let t = Tensor::from_parts(
+            Storage::Cpu(T::into_storage(data)),
+            Layout::contiguous(shape)?,
+            T::DTYPE,
+            Device::Cpu,
+        );
         t.to_device(device)
     }
 
-    pub fn from_slice<T: IntoCpuStorage>(data: &[T], shape: &[usize], device: &Device) -> Result<Tensor> {
+    pub fn from_slice<T: IntoCpuStorage>(
+        data: &[T],
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor> {
         Tensor::from_vec(data.to_vec(), shape, device)
     }
 
     /// f64 values converted to `dtype` (rounded to nearest for floats, truncated for integers).
-    pub fn from_f64(data: &[f64], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn from_f64(
+        data: &[f64],
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         use half::{bf16, f16};
         match dtype {
             DType::F32 => Tensor::from_vec(data.iter().map(|&x| x as f32).collect(), shape, device),
-            DType::F16 => Tensor::from_vec(data.iter().map(|&x| f16::from_f64(x)).collect(), shape, device),
-            DType::BF16 => Tensor::from_vec(data.iter().map(|&x| bf16::from_f64(x)).collect(), shape, device),
+            DType::F16 => Tensor::from_vec(
+                data.iter().map(|&x| f16::from_f64(x)).collect(),
+                shape,
+                device,
+            ),
+            DType::BF16 => Tensor::from_vec(
+                data.iter().map(|&x| bf16::from_f64(x)).collect(),
+                shape,
+                device,
+            ),
             DType::I32 => Tensor::from_vec(data.iter().map(|&x| x as i32).collect(), shape, device),
             DType::I64 => Tensor::from_vec(data.iter().map(|&x| x as i64).collect(), shape, device),
             DType::U8 => Tensor::from_vec(data.iter().map(|&x| x as u8).collect(), shape, device),
@@ -69,7 +113,14 @@ impl Tensor {
     }
 
     /// Uniform values in `[low, high)` from a seeded generator; the same on every device.
-    pub fn rand_uniform(shape: &[usize], low: f64, high: f64, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn rand_uniform(
+        shape: &[usize],
+        low: f64,
+        high: f64,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let mut rng = Rng::new(seed);
         let n = shape.iter().product();
         let data: Vec<f64> = (0..n).map(|_| low + (high - low) * rng.uniform()).collect();
@@ -77,7 +128,14 @@ impl Tensor {
     }
 
     /// Normal values with the given mean and standard deviation from a seeded generator.
-    pub fn randn(shape: &[usize], mean: f64, std: f64, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn randn(
+        shape: &[usize],
+        mean: f64,
+        std: f64,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let mut rng = Rng::new(seed);
         let n = shape.iter().product();
         let data: Vec<f64> = (0..n).map(|_| mean + std * rng.normal()).collect();
@@ -122,13 +180,22 @@ impl Tensor {
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let mut shape = shape.to_vec();
         if let Some(i) = shape.iter().position(|&d| d == usize::MAX) {
-            let known: usize = shape.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, &d)| d).product();
+            let known: usize = shape
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, &d)| d)
+                .product();
             if known == 0 || self.numel() % known != 0 {
                 return shape_err!("cannot reshape {:?} to {shape:?}", self.shape());
             }
             shape[i] = self.numel() / known;
         }
-        let src = if self.is_contiguous() { self.clone() } else { self.contiguous()? };
+        let src = if self.is_contiguous() {
+            self.clone()
+        } else {
+            self.contiguous()?
+        };
         Ok(src.with_layout(src.layout.reshape(&shape)?))
     }
 
@@ -137,14 +204,20 @@ impl Tensor {
     }
 
     pub fn transpose(&self, a: isize, b: isize) -> Result<Tensor> {
-        let (a, b) = (resolve_dim(a, self.rank(), "transpose")?, resolve_dim(b, self.rank(), "transpose")?);
+        let (a, b) = (
+            resolve_dim(a, self.rank(), "transpose")?,
+            resolve_dim(b, self.rank(), "transpose")?,
+        );
         Ok(self.with_layout(self.layout.transpose(a, b)?))
     }
 
     /// Transpose of the last two dimensions.
     pub fn t(&self) -> Result<Tensor> {
         if self.rank() < 2 {
-            return shape_err!("t() needs at least 2 dimensions, got shape {:?}", self.shape());
+            return shape_err!(
+                "t() needs at least 2 dimensions, got shape {:?}",
+                self.shape()
+            );
         }
         self.transpose(-2, -1)
     }
@@ -162,7 +235,10 @@ impl Tensor {
     /// Inserts a dimension of size 1 at `dim` (0..=rank).
     pub fn unsqueeze(&self, dim: usize) -> Result<Tensor> {
         if dim > self.rank() {
-            return shape_err!("unsqueeze({dim}) is out of range for shape {:?}", self.shape());
+            return shape_err!(
+                "unsqueeze({dim}) is out of range for shape {:?}",
+                self.shape()
+            );
         }
         let mut shape = self.shape().to_vec();
         shape.insert(dim, 1);
@@ -173,7 +249,11 @@ impl Tensor {
     pub fn squeeze(&self, dim: isize) -> Result<Tensor> {
         let d = resolve_dim(dim, self.rank(), "squeeze")?;
         if self.shape()[d] != 1 {
-            return shape_err!("squeeze({dim}): dimension of size {} in shape {:?} is not 1", self.shape()[d], self.shape());
+            return shape_err!(
+                "squeeze({dim}): dimension of size {} in shape {:?} is not 1",
+                self.shape()[d],
+                self.shape()
+            );
         }
         let mut shape = self.shape().to_vec();
         shape.remove(d);
@@ -185,10 +265,16 @@ impl Tensor {
     /// The elements in row-major order; `T` must be the tensor's dtype.
     pub fn to_vec<T: IntoCpuStorage>(&self) -> Result<Vec<T>> {
         if T::DTYPE != self.dtype {
-            return Err(Error::DType(format!("to_vec::<{}>() on a {} tensor", T::DTYPE, self.dtype)));
+            return Err(Error::DType(format!(
+                "to_vec::<{}>() on a {} tensor",
+                T::DTYPE,
+                self.dtype
+            )));
         }
         let cpu = self.to_device(&Device::Cpu)?.contiguous()?;
-        let Storage::Cpu(s) = cpu.storage() else { unreachable!("to_device(cpu) gives CPU storage") };
+        let Storage::Cpu(s) = cpu.storage() else {
+            unreachable!("to_device(cpu) gives CPU storage")
+        };
         let v = T::slice(s).expect("dtype checked above");
         let off = cpu.layout.offset();
         Ok(v[off..off + cpu.numel()].to_vec())
@@ -197,8 +283,10 @@ impl Tensor {
     /// The elements as f64, whatever the dtype (for tests and printing).
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
         let cpu = self.to_device(&Device::Cpu)?;
-        let Storage::Cpu(s) = cpu.storage() else { unreachable!("to_device(cpu) gives CPU storage") };
-        Ok(with_cpu_storage!(s, v, T => {
+        let Storage::Cpu(s) = cpu.storage() else {
+            unreachable!("to_device(cpu) gives CPU storage")
+        };
+        Ok(with_cpu_storage!(s, v, _T => {
             cpu.layout.storage_indices().map(|i| crate::dtype::Element::to_f64(v[i])).collect()
         }))
     }
@@ -206,7 +294,10 @@ impl Tensor {
     /// The only element of a one-element tensor.
     pub fn to_scalar_f64(&self) -> Result<f64> {
         if self.numel() != 1 {
-            return shape_err!("to_scalar_f64 needs one element, shape is {:?}", self.shape());
+            return shape_err!(
+                "to_scalar_f64 needs one element, shape is {:?}",
+                self.shape()
+            );
         }
         Ok(self.to_f64_vec()?[0])
     }
@@ -214,7 +305,10 @@ impl Tensor {
     /// Errors unless `other` is on the same device.
     pub(crate) fn same_device(&self, other: &Tensor, op: &str) -> Result<()> {
         if !self.device.same(&other.device) {
-            return Err(Error::Device(format!("{op}: tensors on {} and {}", self.device, other.device)));
+            return Err(Error::Device(format!(
+                "{op}: tensors on {} and {}",
+                self.device, other.device
+            )));
         }
         Ok(())
     }
@@ -222,6 +316,12 @@ impl Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Tensor({:?}, {}, {})", self.shape(), self.dtype, self.device)
+        write!(
+            f,
+            "Tensor({:?}, {}, {})",
+            self.shape(),
+            self.dtype,
+            self.device
+        )
     }
 }

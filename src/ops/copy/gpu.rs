@@ -20,9 +20,15 @@ pub fn full(gpu: &Arc<Gpu>, n: usize, value: f64, dtype: DType) -> Result<GpuBuf
     args.ptr(&out, 0);
     let kernel = match bytes.len() {
         1 => args.push(bytes[0]).push(n as i64) as &mut KernelArgs,
-        2 => args.push(u16::from_le_bytes([bytes[0], bytes[1]])).push(n as i64),
-        4 => args.push(u32::from_le_bytes(bytes.try_into().unwrap())).push(n as i64),
-        _ => args.push(u64::from_le_bytes(bytes.try_into().unwrap())).push(n as i64),
+        2 => args
+            .push(u16::from_le_bytes([bytes[0], bytes[1]]))
+            .push(n as i64),
+        4 => args
+            .push(u32::from_le_bytes(bytes.try_into().unwrap()))
+            .push(n as i64),
+        _ => args
+            .push(u64::from_le_bytes(bytes.try_into().unwrap()))
+            .push(n as i64),
     };
     gpu.launch(&format!("fill_b{}", bytes.len()), linear(n), kernel)?;
     Ok(out)
@@ -38,7 +44,10 @@ pub fn gather(buf: &GpuBuffer, layout: &Layout, dtype: DType) -> Result<GpuBuffe
         return Ok(out);
     }
     let mut args = KernelArgs::new();
-    args.ptr(buf, 0).push(StridedDesc::new(layout)).ptr(&out, 0).push(n as i64);
+    args.ptr(buf, layout.offset() * size)
+        .push(StridedDesc::new(layout))
+        .ptr(&out, 0)
+        .push(n as i64);
     gpu.launch(&format!("copy_strided_b{size}"), linear(n), &mut args)?;
     Ok(out)
 }

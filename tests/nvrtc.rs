@@ -1,0 +1,183 @@
+//! Every kernel file compiles with NVRTC to CUBIN for sm_80 and sm_90 (CUBIN runs ptxas, the only
+//! check of inline PTX), without register spills; prints registers and shared memory per kernel.
+//! NVRTC comes from NVIDIA's PyPI wheel, installed into `.cuda-tools/` on first use.
+
+use std::path::Path;
+use std::process::Command;
+use vpr_engine::device::kernels::KERNEL_MODULES;
+use vpr_engine::device::nvrtc::{project_tools_dir, wheel_lib_dir, Nvrtc, Target};
+
+const NVRTC_WHEEL: &str = "nvidia-cuda-nvrtc==13.0.88";
+const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
+
+fn install_nvrtc() {
+    let tools = project_tools_dir();
+    if wheel_lib_dir(&tools).join("libnvrtc.so.13").exists() {
+        return;
+    }
+    eprintln!("installing {NVRTC_WHEEL} into {}", tools.display());
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+        ])
+        .arg(&tools)
+        .arg(NVRTC_WHEEL)
+        .status()
+        .expect("running python3 -m pip");
+    assert!(
+        status.success(),
+        "pip could not install {NVRTC_WHEEL} into {}",
+        tools.display()
+    );
+}
+
+/// Per-kernel figures from ptxas's verbose log.
+#[derive(Debug, Default, Clone)]
+struct Resources {
+    kernel: String,
+    registers: u32,
+    shared_bytes: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+    stack_bytes: u32,
+}
+
+fn number_before(line: &str, unit: &str) -> Option<u32> {
+    let pos = line.find(unit)?;
+    line[..pos].split_whitespace().last()?.parse().ok()
+}
+
+fn parse_ptxas_log(log: &str) -> Vec<Resources> {
+    let mut out: Vec<Resources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            out.push(Resources {
+                kernel: rest.split('\'').next().unwrap_or("").to_string(),
+                ..Default::default()
+            });
+        } else if let Some(r) = out.last_mut() {
+            if line.contains("bytes stack frame") {
+                r.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
+                r.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
+                r.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used") && line.contains("registers") {
+                r.registers = number_before(line, "registers").unwrap_or(0);
+                r.shared_bytes = number_before(line, "bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
+    install_nvrtc();
+    let nvrtc = Nvrtc::load().expect("NVRTC from .cuda-tools");
+    let (major, minor) = nvrtc.version();
+    assert!(Path::new(nvrtc.path()).exists() || nvrtc.path().starts_with("lib"));
+    let jobs: Vec<_> = KERNEL_MODULES
+        .iter()
+        .flat_map(|m| ARCHS.map(|a| (m, a)))
+        .collect();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .chunks(jobs.len().div_ceil(2).max(1))
+            .map(|chunk| {
+                let nvrtc = &nvrtc;
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|&(m, arch)| {
+                            (
+                                m.name,
+                                arch,
+                                nvrtc.compile(m, Target::Cubin(arch), &["--ptxas-options=-v"]),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+
+    println!("NVRTC {major}.{minor}: kernel resources");
+    println!(
+        "{:<14} {:<6} {:<36} {:>5} {:>9} {:>7} {:>7}",
+        "file", "arch", "kernel", "regs", "smem", "stack", "spills"
+    );
+    let mut failures = Vec::new();
+    for (module, arch, compiled) in results {
+        let compiled = match compiled {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(format!("{module}.cu for {arch}: {e}"));
+                continue;
+            }
+        };
+        assert!(
+            !compiled.binary.is_empty(),
+            "{module}.cu for {arch}: empty CUBIN"
+        );
+        let module_kernels = &KERNEL_MODULES
+            .iter()
+            .find(|m| m.name == module)
+            .unwrap()
+            .kernels;
+        let resources = parse_ptxas_log(&compiled.log);
+        for k in module_kernels.iter() {
+            if !resources.iter().any(|r| &r.kernel == k) {
+                failures.push(format!(
+                    "{module}.cu for {arch}: ptxas reported nothing for kernel {k}"
+                ));
+            }
+        }
+        for r in resources {
+            println!(
+                "{:<14} {:<6} {:<36} {:>5} {:>9} {:>7} {:>7}",
+                module,
+                arch,
+                r.kernel,
+                r.registers,
+                r.shared_bytes,
+                r.stack_bytes,
+                r.spill_stores + r.spill_loads
+            );
+            if r.spill_stores + r.spill_loads > 0 {
+                failures.push(format!(
+                    "{module}.cu {} on {arch}: {} bytes of register spills",
+                    r.kernel,
+                    r.spill_stores + r.spill_loads
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "NVRTC check failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn ptxas_log_parser_reads_the_figures() {
+    let log = "ptxas info    : Compiling entry function 'gemm_bf16' for 'sm_90'\n\
+               ptxas info    : Function properties for gemm_bf16\n\
+               ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+               ptxas info    : Used 128 registers, used 1 barriers, 16384 bytes smem, 400 bytes cmem[0]\n";
+    let r = &parse_ptxas_log(log)[0];
+    assert_eq!(
+        (r.kernel.as_str(), r.registers, r.shared_bytes),
+        ("gemm_bf16", 128, 16384)
+    );
+    assert_eq!((r.stack_bytes, r.spill_stores, r.spill_loads), (8, 4, 12));
+}
