@@ -19,19 +19,38 @@ fn kernel_names(build: &cc::Build, include_dir: &Path, cu: &Path) -> Vec<String>
     let output = build
         .get_compiler()
         .to_command()
-        .args(["-E", "-P", "-x", "c++", "-DCUDA_EMU", "-DEMU_LIST_KERNELS", "-I"])
+        .args([
+            "-E",
+            "-P",
+            "-x",
+            "c++",
+            "-DCUDA_EMU",
+            "-DEMU_LIST_KERNELS",
+            "-I",
+        ])
         .arg(include_dir)
         .arg(cu)
         .output()
         .unwrap_or_else(|e| panic!("running the C++ preprocessor on {}: {e}", cu.display()));
-    assert!(output.status.success(), "preprocessing {} failed:\n{}", cu.display(), String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "preprocessing {} failed:\n{}",
+        cu.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
     let text = String::from_utf8_lossy(&output.stdout);
     let mut names = Vec::new();
     let mut rest: &str = &text;
     while let Some(pos) = rest.find("EMU_KERNEL_ENTRY") {
         rest = &rest[pos + "EMU_KERNEL_ENTRY".len()..];
-        let s = rest.trim_start().strip_prefix("void").expect("kernels return void").trim_start();
-        let end = s.find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(s.len());
+        let s = rest
+            .trim_start()
+            .strip_prefix("void")
+            .expect("kernels return void")
+            .trim_start();
+        let end = s
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(s.len());
         names.push(s[..end].to_string());
     }
     names
@@ -61,7 +80,12 @@ fn main() {
     let mut sources_rs = String::from("pub static KERNEL_HEADERS: &[(&str, &str)] = &[\n");
     for h in &headers {
         let name = h.file_name().unwrap().to_str().unwrap();
-        writeln!(sources_rs, "    ({name:?}, include_str!({:?})),", h.display().to_string()).unwrap();
+        writeln!(
+            sources_rs,
+            "    ({name:?}, include_str!({:?})),",
+            h.display().to_string()
+        )
+        .unwrap();
     }
     sources_rs.push_str("];\n\npub static KERNEL_MODULES: &[KernelModule] = &[\n");
 
@@ -81,7 +105,10 @@ fn main() {
         .opt_level(2)
         .file(include_dir.join("emu_runtime.cpp"));
     if env::var("VPR_VGPU_ASAN").is_ok_and(|v| v == "1") {
-        build.flag("-fsanitize=address").flag("-fno-omit-frame-pointer").opt_level(1);
+        build
+            .flag("-fsanitize=address")
+            .flag("-fno-omit-frame-pointer")
+            .opt_level(1);
         println!("cargo:rustc-link-lib=dylib=asan");
     }
 
@@ -120,7 +147,11 @@ fn main() {
              args: *mut *mut c_void, opt: *const LaunchOptions, err: *mut c_char, errlen: usize) -> c_int;"
         )
         .unwrap();
-        writeln!(entry_match, "        {module:?} => Some(vgpu_launch_{module}),").unwrap();
+        writeln!(
+            entry_match,
+            "        {module:?} => Some(vgpu_launch_{module}),"
+        )
+        .unwrap();
     }
     sources_rs.push_str("];\n");
     entries_rs.push_str("}\n\n/// The dispatcher of one kernel file.\npub(crate) fn module_entry(module: &str) -> Option<ModuleEntry> {\n    match module {\n");

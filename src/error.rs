@@ -18,7 +18,10 @@ pub enum Error {
     /// An invalid argument other than a shape or dtype.
     Argument(String),
     /// A file could not be read or written.
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     /// A file was read but its contents are wrong.
     Format { path: String, message: String },
 }

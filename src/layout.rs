@@ -27,8 +27,16 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -51,9 +59,16 @@ pub fn resolve_dim(dim: isize, rank: usize, what: &str) -> Result<usize> {
 impl Layout {
     pub fn contiguous(shape: &[usize]) -> Result<Self> {
         if shape.len() > MAX_DIMS {
-            return shape_err!("shape {shape:?} has {} dimensions; at most {MAX_DIMS} are supported", shape.len());
+            return shape_err!(
+                "shape {shape:?} has {} dimensions; at most {MAX_DIMS} are supported",
+                shape.len()
+            );
         }
-        Ok(Layout { shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0 })
+        Ok(Layout {
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            offset: 0,
+        })
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -89,7 +104,14 @@ impl Layout {
         if self.numel() == 0 {
             return 0;
         }
-        self.offset + self.shape.iter().zip(&self.strides).map(|(&d, &s)| (d - 1) * s).sum::<usize>() + 1
+        self.offset
+            + self
+                .shape
+                .iter()
+                .zip(&self.strides)
+                .map(|(&d, &s)| (d - 1) * s)
+                .sum::<usize>()
+            + 1
     }
 
     /// Storage index of every element, in row-major order of the view.
@@ -116,7 +138,11 @@ impl Layout {
     pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != self.numel() {
-            return shape_err!("cannot reshape {:?} ({} elements) to {shape:?} ({n} elements)", self.shape, self.numel());
+            return shape_err!(
+                "cannot reshape {:?} ({} elements) to {shape:?} ({n} elements)",
+                self.shape,
+                self.numel()
+            );
         }
         if !self.is_contiguous() {
             return shape_err!("cannot reshape the non-contiguous view {:?} (strides {:?}); call contiguous() first", self.shape, self.strides);
@@ -128,8 +154,16 @@ impl Layout {
 
     pub fn permute(&self, dims: &[usize]) -> Result<Self> {
         let mut seen = vec![false; self.rank()];
-        if dims.len() != self.rank() || dims.iter().any(|&d| d >= self.rank() || std::mem::replace(&mut seen[d], true)) {
-            return shape_err!("permute {dims:?} is not a permutation of the {} dimensions of {:?}", self.rank(), self.shape);
+        if dims.len() != self.rank()
+            || dims
+                .iter()
+                .any(|&d| d >= self.rank() || std::mem::replace(&mut seen[d], true))
+        {
+            return shape_err!(
+                "permute {dims:?} is not a permutation of the {} dimensions of {:?}",
+                self.rank(),
+                self.shape
+            );
         }
         Ok(Layout {
             shape: dims.iter().map(|&d| self.shape[d]).collect(),
@@ -140,7 +174,10 @@ impl Layout {
 
     pub fn transpose(&self, a: usize, b: usize) -> Result<Self> {
         if a >= self.rank() || b >= self.rank() {
-            return shape_err!("transpose({a}, {b}) is out of range for shape {:?}", self.shape);
+            return shape_err!(
+                "transpose({a}, {b}) is out of range for shape {:?}",
+                self.shape
+            );
         }
         let mut dims: Vec<usize> = (0..self.rank()).collect();
         dims.swap(a, b);
@@ -149,7 +186,10 @@ impl Layout {
 
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Self> {
         if dim >= self.rank() || start + len > self.shape[dim] {
-            return shape_err!("narrow(dim {dim}, start {start}, len {len}) is out of range for shape {:?}", self.shape);
+            return shape_err!(
+                "narrow(dim {dim}, start {start}, len {len}) is out of range for shape {:?}",
+                self.shape
+            );
         }
         let mut l = self.clone();
         l.offset += start * self.strides[dim];
@@ -172,6 +212,10 @@ impl Layout {
                 _ => return shape_err!("cannot broadcast {:?} to {shape:?}", self.shape),
             };
         }
-        Ok(Layout { shape: shape.to_vec(), strides, offset: self.offset })
+        Ok(Layout {
+            shape: shape.to_vec(),
+            strides,
+            offset: self.offset,
+        })
     }
 }

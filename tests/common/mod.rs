@@ -6,9 +6,15 @@ use vpr_engine::{Device, Tensor};
 
 /// A fresh seed per run (or `VPR_TEST_SEED`), printed so a failure can be replayed.
 pub fn seed(test: &str) -> u64 {
-    let s = std::env::var("VPR_TEST_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
-    });
+    let s = std::env::var("VPR_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
     eprintln!("{test}: VPR_TEST_SEED={s}");
     s
 }
@@ -25,14 +31,20 @@ pub fn gpu_devices() -> Vec<Device> {
 
 /// Asserts `max |got - want| / max(|want|, 1) <= tol`, naming the case and the seed.
 pub fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str, seed: u64) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ (seed {seed})");
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: lengths differ (seed {seed})"
+    );
     let err = max_error(got, want);
     if !(err <= tol) {
         let worst = got
             .iter()
             .zip(want)
             .enumerate()
-            .max_by(|a, b| max_error(&[*a.1 .0], &[*a.1 .1]).total_cmp(&max_error(&[*b.1 .0], &[*b.1 .1])))
+            .max_by(|a, b| {
+                max_error(&[*a.1 .0], &[*a.1 .1]).total_cmp(&max_error(&[*b.1 .0], &[*b.1 .1]))
+            })
             .map(|(i, (g, w))| format!("element {i}: got {g}, want {w}"))
             .unwrap_or_default();
         panic!("{what}: max error {err:e} > {tol:e} ({worst}); replay with VPR_TEST_SEED={seed}");
@@ -40,8 +52,18 @@ pub fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str, seed: u64) 
 }
 
 pub fn assert_tensor_close(got: &Tensor, want: &Tensor, tol: f64, what: &str, seed: u64) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shapes differ (seed {seed})");
-    assert_close(&got.to_f64_vec().unwrap(), &want.to_f64_vec().unwrap(), tol, what, seed);
+    assert_eq!(
+        got.shape(),
+        want.shape(),
+        "{what}: shapes differ (seed {seed})"
+    );
+    assert_close(
+        &got.to_f64_vec().unwrap(),
+        &want.to_f64_vec().unwrap(),
+        tol,
+        what,
+        seed,
+    );
 }
 
 /// Awkward sizes: 1, primes, one past powers of two.
