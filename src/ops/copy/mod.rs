@@ -5,7 +5,7 @@ mod gpu;
 
 use crate::device::Device;
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::tensor::{CpuStorage, Storage, Tensor};
 
@@ -131,4 +131,20 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
         }
     }
     Ok(rows)
+}
+
+/// Rejects tensors whose layout would reach past their storage (never produced by our own views,
+/// but checked before a kernel trusts a layout).
+pub(crate) fn check_extent(t: &Tensor) -> Result<()> {
+    let len = match t.storage() {
+        Storage::Cpu(s) => s.len(),
+        Storage::Gpu(b) => b.len_bytes() / t.dtype().size_in_bytes(),
+    };
+    if t.layout().storage_extent() > len {
+        return Err(Error::Shape(format!(
+            "view {:?} reaches past its storage of {len} elements",
+            t.layout()
+        )));
+    }
+    Ok(())
 }
