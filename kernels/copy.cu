@@ -10,24 +10,21 @@ extern "C" __global__ void fill_b2(unsigned short* out, unsigned short v, long l
 extern "C" __global__ void fill_b4(unsigned* out, unsigned v, long long n) { fill(out, v, n); }
 extern "C" __global__ void fill_b8(unsigned long long* out, unsigned long long v, long long n) { fill(out, v, n); }
 
-// dst (dense) = src viewed through `view`; kernels by element size, since a copy needs no type.
+// dst viewed through `dst_view` = src viewed through `src_view` (both of the same shape); by
+// element size, since a copy needs no type. Dense outputs pass a contiguous dst_view.
 template <class T>
-__device__ void copy_strided(const T* src, Strided view, T* dst, long long n) {
-  GRID_STRIDE_LOOP(i, n) dst[i] = src[strided_offset(view, i)];
+__device__ void copy_strided(const T* src, Strided src_view, T* dst, Strided dst_view, long long n) {
+  GRID_STRIDE_LOOP(i, n) dst[strided_offset(dst_view, i)] = src[strided_offset(src_view, i)];
 }
-extern "C" __global__ void copy_strided_b1(const unsigned char* src, Strided v, unsigned char* dst, long long n) {
-  copy_strided(src, v, dst, n);
-}
-extern "C" __global__ void copy_strided_b2(const unsigned short* src, Strided v, unsigned short* dst, long long n) {
-  copy_strided(src, v, dst, n);
-}
-extern "C" __global__ void copy_strided_b4(const unsigned* src, Strided v, unsigned* dst, long long n) {
-  copy_strided(src, v, dst, n);
-}
-extern "C" __global__ void copy_strided_b8(const unsigned long long* src, Strided v, unsigned long long* dst,
-                                           long long n) {
-  copy_strided(src, v, dst, n);
-}
+#define COPY_STRIDED(bytes, T)                                                                            \
+  extern "C" __global__ void copy_strided_b##bytes(const T* src, Strided src_view, T* dst, Strided dst_view, \
+                                                   long long n) {                                           \
+    copy_strided(src, src_view, dst, dst_view, n);                                                         \
+  }
+COPY_STRIDED(1, unsigned char)
+COPY_STRIDED(2, unsigned short)
+COPY_STRIDED(4, unsigned)
+COPY_STRIDED(8, unsigned long long)
 
 // Casts follow PyTorch: floats round to nearest even through f32, float to integer truncates
 // toward zero, integer to integer wraps.

@@ -2,6 +2,7 @@
 //! (`kernels/*.cu`) compiled by NVRTC at run time; the same kernels also run on the CPU through a
 //! virtual GPU, and every op has a plain CPU implementation.
 
+pub mod autograd;
 pub mod check;
 pub mod device;
 pub mod dtype;

@@ -8,6 +8,7 @@ pub use random::Rng;
 pub(crate) use storage::{with_cpu_float_storage, with_cpu_storage};
 pub use storage::{CpuStorage, IntoCpuStorage, Storage};
 
+use crate::autograd::record;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};
@@ -15,12 +16,16 @@ use crate::layout::{resolve_dim, Layout};
 use std::fmt;
 use std::sync::Arc;
 
+/// A tensor value. Cloning is cheap and keeps the identity (`id`) the autograd tape knows it by;
+/// every op, views included, returns a tensor with a new identity.
 #[derive(Clone)]
 pub struct Tensor {
     storage: Arc<Storage>,
     layout: Layout,
     dtype: DType,
     device: Device,
+    id: u64,
+    requires_grad: bool,
 }
 
 impl Tensor {
@@ -36,17 +41,57 @@ impl Tensor {
             layout,
             dtype,
             device,
+            id: crate::autograd::next_id(),
+            requires_grad: false,
         }
     }
 
-    /// A new view of the same storage.
+    /// A new view of the same storage (not recorded: the view ops record themselves).
     pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
         Tensor {
             storage: self.storage.clone(),
             layout,
             dtype: self.dtype,
             device: self.device.clone(),
+            id: crate::autograd::next_id(),
+            requires_grad: false,
         }
+    }
+
+    /// The identity under which autograd tracks this tensor.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether gradients flow to this tensor.
+    pub fn is_requires_grad(&self) -> bool {
+        self.requires_grad
+    }
+
+    /// This tensor as a leaf that gradients flow to (see `autograd::backward`).
+    pub fn requires_grad(mut self) -> Tensor {
+        self.requires_grad = true;
+        self
+    }
+
+    /// The same values, cut off from the graph.
+    pub fn detach(&self) -> Tensor {
+        Tensor {
+            id: crate::autograd::next_id(),
+            requires_grad: false,
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn with_identity(mut self, id: u64, requires_grad: bool) -> Tensor {
+        self.id = id;
+        self.requires_grad = requires_grad;
+        self
+    }
+
+    /// Mutable storage of a tensor nobody else shares (one just made by an op).
+    pub(crate) fn storage_mut(&mut self) -> Option<&mut Storage> {
+        Arc::get_mut(&mut self.storage)
     }
 
     pub fn from_vec<T: IntoCpuStorage>(
@@ -196,11 +241,22 @@ impl Tensor {
         } else {
             self.contiguous()?
         };
-        Ok(src.with_layout(src.layout.reshape(&shape)?))
+        let out = src.with_layout(src.layout.reshape(&shape)?);
+        let in_shape = self.shape().to_vec();
+        Ok(record(out, &[&src], move |g, _| {
+            Ok(vec![Some(g.reshape(&in_shape)?)])
+        }))
     }
 
     pub fn permute(&self, dims: &[usize]) -> Result<Tensor> {
-        Ok(self.with_layout(self.layout.permute(dims)?))
+        let out = self.with_layout(self.layout.permute(dims)?);
+        let mut inverse = vec![0; dims.len()];
+        for (i, &d) in dims.iter().enumerate() {
+            inverse[d] = i;
+        }
+        Ok(record(out, &[self], move |g, _| {
+            Ok(vec![Some(g.permute(&inverse)?)])
+        }))
     }
 
     pub fn transpose(&self, a: isize, b: isize) -> Result<Tensor> {
@@ -208,7 +264,11 @@ impl Tensor {
             resolve_dim(a, self.rank(), "transpose")?,
             resolve_dim(b, self.rank(), "transpose")?,
         );
-        Ok(self.with_layout(self.layout.transpose(a, b)?))
+        let out = self.with_layout(self.layout.transpose(a, b)?);
+        let (a, b) = (a as isize, b as isize);
+        Ok(record(out, &[self], move |g, _| {
+            Ok(vec![Some(g.transpose(a, b)?)])
+        }))
     }
 
     /// Transpose of the last two dimensions.
@@ -225,11 +285,19 @@ impl Tensor {
     /// Elements `start..start + len` along `dim`.
     pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Tensor> {
         let d = resolve_dim(dim, self.rank(), "narrow")?;
-        Ok(self.with_layout(self.layout.narrow(d, start, len)?))
+        let out = self.with_layout(self.layout.narrow(d, start, len)?);
+        let in_shape = self.shape().to_vec();
+        Ok(record(out, &[self], move |g, _| {
+            Ok(vec![Some(g.narrow_scatter(&in_shape, d, start)?)])
+        }))
     }
 
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Tensor> {
-        Ok(self.with_layout(self.layout.broadcast_to(shape)?))
+        let out = self.with_layout(self.layout.broadcast_to(shape)?);
+        let in_shape = self.shape().to_vec();
+        Ok(record(out, &[self], move |g, _| {
+            Ok(vec![Some(crate::autograd::sum_to_shape(g, &in_shape)?)])
+        }))
     }
 
     /// Inserts a dimension of size 1 at `dim` (0..=rank).

@@ -17,6 +17,16 @@ pub fn full(n: usize, value: f64, dtype: DType) -> CpuStorage {
     }
 }
 
+/// Writes the elements of `src` seen through `src_layout` into `dst` seen through `dst_layout`.
+pub fn copy_view(src: &CpuStorage, src_layout: &Layout, dst: &mut CpuStorage, dst_layout: &Layout) {
+    with_cpu_storage!(dst, d, T => {
+        let s = T::slice(src).expect("copy_view between storages of one dtype");
+        for (i, j) in dst_layout.storage_indices().zip(src_layout.storage_indices()) {
+            d[i] = s[j];
+        }
+    })
+}
+
 pub fn gather(s: &CpuStorage, layout: &Layout) -> CpuStorage {
     with_cpu_storage!(s, v, T => T::into_storage(layout.storage_indices().map(|i| v[i]).collect()))
 }

@@ -36,20 +36,38 @@ pub fn full(gpu: &Arc<Gpu>, n: usize, value: f64, dtype: DType) -> Result<GpuBuf
 
 /// A dense copy of the elements of `buf` seen through `layout`.
 pub fn gather(buf: &GpuBuffer, layout: &Layout, dtype: DType) -> Result<GpuBuffer> {
-    let gpu = buf.gpu();
-    let n = layout.numel();
-    let size = dtype.size_in_bytes();
-    let out = gpu.alloc(n * size)?;
-    if n == 0 {
-        return Ok(out);
-    }
-    let mut args = KernelArgs::new();
-    args.ptr(buf, layout.offset() * size)
-        .push(StridedDesc::new(layout))
-        .ptr(&out, 0)
-        .push(n as i64);
-    gpu.launch(&format!("copy_strided_b{size}"), linear(n), &mut args)?;
+    let out = buf.gpu().alloc(layout.numel() * dtype.size_in_bytes())?;
+    copy_view(
+        buf,
+        layout,
+        &out,
+        &Layout::contiguous(layout.shape())?,
+        dtype,
+    )?;
     Ok(out)
+}
+
+/// Writes the elements of `src` seen through `src_layout` to `dst` seen through `dst_layout`.
+pub fn copy_view(
+    src: &GpuBuffer,
+    src_layout: &Layout,
+    dst: &GpuBuffer,
+    dst_layout: &Layout,
+    dtype: DType,
+) -> Result<()> {
+    let n = src_layout.numel();
+    if n == 0 {
+        return Ok(());
+    }
+    let size = dtype.size_in_bytes();
+    let mut args = KernelArgs::new();
+    args.ptr(src, src_layout.offset() * size)
+        .push(StridedDesc::new(src_layout))
+        .ptr(dst, dst_layout.offset() * size)
+        .push(StridedDesc::new(dst_layout))
+        .push(n as i64);
+    src.gpu()
+        .launch(&format!("copy_strided_b{size}"), linear(n), &mut args)
 }
 
 pub fn cast(buf: &GpuBuffer, n: usize, from: DType, to: DType) -> Result<GpuBuffer> {

@@ -3,10 +3,11 @@
 mod cpu;
 mod gpu;
 
+use crate::autograd::record;
 use crate::device::Device;
 use crate::dtype::DType;
-use crate::error::{Error, Result};
-use crate::layout::Layout;
+use crate::error::{shape_err, Error, Result};
+use crate::layout::{resolve_dim, Layout};
 use crate::tensor::{CpuStorage, Storage, Tensor};
 
 impl Tensor {
@@ -30,12 +31,8 @@ impl Tensor {
             Storage::Cpu(s) => Storage::Cpu(cpu::gather(s, self.layout())),
             Storage::Gpu(b) => Storage::Gpu(gpu::gather(b, self.layout(), self.dtype())?),
         };
-        Ok(Tensor::from_parts(
-            storage,
-            layout,
-            self.dtype(),
-            self.device().clone(),
-        ))
+        let out = Tensor::from_parts(storage, layout, self.dtype(), self.device().clone());
+        Ok(record(out, &[self], |g, _| Ok(vec![Some(g.clone())])))
     }
 
     /// This tensor converted to `dtype`, rounding to nearest even; float to integer truncates.
@@ -49,12 +46,11 @@ impl Tensor {
             Storage::Cpu(s) => Storage::Cpu(cpu::cast(s, dtype)),
             Storage::Gpu(b) => Storage::Gpu(gpu::cast(b, src.numel(), src.dtype(), dtype)?),
         };
-        Ok(Tensor::from_parts(
-            storage,
-            layout,
-            dtype,
-            self.device().clone(),
-        ))
+        let out = Tensor::from_parts(storage, layout, dtype, self.device().clone());
+        let from = self.dtype();
+        Ok(record(out, &[self], move |g, _| {
+            Ok(vec![Some(g.to_dtype(from)?)])
+        }))
     }
 
     /// A copy on `device` (this tensor itself when it is already there).
@@ -72,12 +68,93 @@ impl Tensor {
             Device::Cpu => Storage::Cpu(CpuStorage::from_bytes(src.dtype(), &bytes)),
             Device::Gpu(g) => Storage::Gpu(g.upload(&bytes)?),
         };
-        Ok(Tensor::from_parts(
-            storage,
-            Layout::contiguous(self.shape())?,
-            src.dtype(),
-            device.clone(),
-        ))
+        let layout = Layout::contiguous(self.shape())?;
+        let out = Tensor::from_parts(storage, layout, src.dtype(), device.clone());
+        let from = self.device().clone();
+        Ok(record(out, &[self], move |g, _| {
+            Ok(vec![Some(g.to_device(&from)?)])
+        }))
+    }
+
+    /// The tensors joined along `dim`; all other dimensions must agree.
+    pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
+        let Some(first) = tensors.first() else {
+            return Err(Error::Argument("cat of no tensors".into()));
+        };
+        let d = resolve_dim(dim, first.rank(), "cat")?;
+        let mut shape = first.shape().to_vec();
+        shape[d] = 0;
+        for t in tensors {
+            let same_rest = t.rank() == first.rank()
+                && (0..t.rank()).all(|i| i == d || t.shape()[i] == first.shape()[i]);
+            if !same_rest {
+                return shape_err!(
+                    "cat along {dim}: shapes {:?} and {:?} differ outside that dimension",
+                    first.shape(),
+                    t.shape()
+                );
+            }
+            if t.dtype() != first.dtype() {
+                return Err(Error::DType(format!(
+                    "cat of {} and {} tensors",
+                    first.dtype(),
+                    t.dtype()
+                )));
+            }
+            first.same_device(t, "cat")?;
+            shape[d] += t.shape()[d];
+        }
+        let mut out = Tensor::zeros(&shape, first.dtype(), first.device())?;
+        let mut start = 0;
+        let mut sizes = Vec::new();
+        for t in tensors {
+            let n = t.shape()[d];
+            let view = out.layout().narrow(d, start, n)?;
+            out.write_view(&view, t)?;
+            sizes.push(n);
+            start += n;
+        }
+        Ok(record(out, tensors, move |g, needs| {
+            let mut start = 0;
+            let mut grads = Vec::new();
+            for (&n, &need) in sizes.iter().zip(needs) {
+                grads.push(if need {
+                    Some(g.narrow(d as isize, start, n)?.contiguous()?)
+                } else {
+                    None
+                });
+                start += n;
+            }
+            Ok(grads)
+        }))
+    }
+
+    /// A zero tensor of `shape` holding this tensor at `start..` along `dim`: the backward of
+    /// `narrow`.
+    pub(crate) fn narrow_scatter(
+        &self,
+        shape: &[usize],
+        dim: usize,
+        start: usize,
+    ) -> Result<Tensor> {
+        let mut out = Tensor::zeros(shape, self.dtype(), self.device())?;
+        let view = out.layout().narrow(dim, start, self.shape()[dim])?;
+        out.write_view(&view, self)?;
+        Ok(out)
+    }
+
+    /// Copies `src` into the elements of this freshly made tensor seen through `view`.
+    fn write_view(&mut self, view: &Layout, src: &Tensor) -> Result<()> {
+        let dtype = self.dtype();
+        let storage = self
+            .storage_mut()
+            .ok_or_else(|| Error::Argument("write_view into shared storage".into()))?;
+        match (storage, src.storage()) {
+            (Storage::Cpu(d), Storage::Cpu(s)) => cpu::copy_view(s, src.layout(), d, view),
+            (Storage::Gpu(d), Storage::Gpu(s)) => gpu::copy_view(s, src.layout(), d, view, dtype)?,
+            _ => return Err(Error::Device("write_view between devices".into())),
+        }
+        Ok(())
     }
 }
 
