@@ -10,6 +10,7 @@ pub mod error;
 pub mod layout;
 pub mod ops;
 pub mod tensor;
+pub mod train;
 
 pub use device::Device;
 pub use dtype::DType;

@@ -4,6 +4,7 @@
 
 pub mod copy;
 pub mod elementwise;
+pub mod loss;
 pub mod matmul;
 pub mod reduce;
 pub mod softmax;
