@@ -3,8 +3,12 @@
 use std::process::Command;
 
 fn vpr_engine(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vpr-engine")).args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(env!("CARGO_BIN_EXE_vpr-engine"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -12,10 +16,18 @@ fn vpr_engine(args: &[&str]) -> (i32, String) {
 fn info_lists_every_device_and_why_cuda_is_missing() {
     let (code, text) = vpr_engine(&["info"]);
     assert_eq!(code, 0, "{text}");
-    for needle in ["cpu      available", "vgpu     available", "kernel cache:", "default device:"] {
+    for needle in [
+        "cpu      available",
+        "vgpu     available",
+        "kernel cache:",
+        "default device:",
+    ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
-    assert!(text.contains("cuda:0 ") || text.contains("cuda     unavailable: "), "{text}");
+    assert!(
+        text.contains("cuda:0 ") || text.contains("cuda     unavailable: "),
+        "{text}"
+    );
 }
 
 #[test]
@@ -23,11 +35,18 @@ fn check_on_the_virtual_gpu_covers_every_kernel_and_passes() {
     let (code, text) = vpr_engine(&["check", "--device", "vgpu", "--seed", "11"]);
     assert_eq!(code, 0, "{text}");
     let summary = text.lines().last().unwrap();
-    assert!(summary.ends_with(" 0 failed") && !summary.starts_with("0 passed"), "{summary}");
-    for module in vpr_engine::device::kernels::KERNEL_MODULES.iter().filter(|m| m.name != "selftest") {
+    assert!(
+        summary.ends_with(" 0 failed") && !summary.starts_with("0 passed"),
+        "{summary}"
+    );
+    for module in vpr_engine::device::kernels::KERNEL_MODULES
+        .iter()
+        .filter(|m| m.name != "selftest")
+    {
         for kernel in module.kernels {
             assert!(
-                text.lines().any(|l| l.split_whitespace().next() == Some(kernel)),
+                text.lines()
+                    .any(|l| l.split_whitespace().next() == Some(kernel)),
                 "kernel {kernel} of kernels/{}.cu has no conformance case",
                 module.name
             );
@@ -43,4 +62,14 @@ fn bad_arguments_are_clear_errors() {
     let (code, text) = vpr_engine(&["check", "--seed", "many"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("--seed"), "{text}");
+}
+
+#[test]
+fn check_on_a_real_gpu_when_there_is_one() {
+    if let Err(e) = vpr_engine::Device::new("cuda") {
+        eprintln!("skipped: no usable GPU ({e})");
+        return;
+    }
+    let (code, text) = vpr_engine(&["check", "--device", "cuda"]);
+    assert_eq!(code, 0, "{text}");
 }

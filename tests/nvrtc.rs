@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use vpr_engine::device::cuda::cached_cubin;
 use vpr_engine::device::kernels::KERNEL_MODULES;
 use vpr_engine::device::nvrtc::{project_tools_dir, wheel_lib_dir, Nvrtc, Target};
 
@@ -180,4 +181,38 @@ fn ptxas_log_parser_reads_the_figures() {
         ("gemm_bf16", 128, 16384)
     );
     assert_eq!((r.stack_bytes, r.spill_stores, r.spill_loads), (8, 4, 12));
+}
+
+#[test]
+fn compiled_modules_are_cached_on_disk_by_source_arch_and_compiler() {
+    install_nvrtc();
+    let nvrtc = Nvrtc::load().unwrap();
+    let dir = std::env::temp_dir().join(format!("vpr-kernel-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let module = KERNEL_MODULES.iter().find(|m| m.name == "copy").unwrap();
+    let first = cached_cubin(&nvrtc, module, "sm_90", &dir).unwrap();
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        files[0].starts_with("copy-")
+            && files[0].ends_with(&format!(
+                "-sm_90-nvrtc{}.{}.cubin",
+                nvrtc.version().0,
+                nvrtc.version().1
+            ))
+    );
+    // a second call reads the file: prove it by planting different bytes there
+    std::fs::write(dir.join(&files[0]), b"cached").unwrap();
+    assert_eq!(
+        cached_cubin(&nvrtc, module, "sm_90", &dir).unwrap(),
+        b"cached"
+    );
+    assert_ne!(first, b"cached");
+    // another architecture is another entry
+    cached_cubin(&nvrtc, module, "sm_80", &dir).unwrap();
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use cudarc::driver::{result, sys, CudaContext};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// What `vpr-engine info` reports about CUDA on this machine.
@@ -91,6 +91,37 @@ fn source_hash(module: &KernelModule) -> u64 {
     h
 }
 
+/// CUBIN of `module` for `arch`, from the disk cache in `dir` or freshly compiled by NVRTC and
+/// stored there. The file name carries the source hash, the architecture and the NVRTC version, so
+/// a changed kernel or compiler never loads a stale binary.
+pub fn cached_cubin(
+    nvrtc: &Nvrtc,
+    module: &KernelModule,
+    arch: &str,
+    dir: &Path,
+) -> Result<Vec<u8>> {
+    let (major, minor) = nvrtc.version();
+    let name = format!(
+        "{}-{:016x}-{arch}-nvrtc{major}.{minor}.cubin",
+        module.name,
+        source_hash(module)
+    );
+    let path = dir.join(name);
+    if let Ok(bytes) = std::fs::read(&path) {
+        return Ok(bytes);
+    }
+    let compiled = nvrtc.compile(module, Target::Cubin(arch), &[])?;
+    // The cache is an optimisation: failing to write it is not an error. Write then rename, so a
+    // concurrent reader never sees half a file.
+    if std::fs::create_dir_all(dir).is_ok() {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &compiled.binary).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(compiled.binary)
+}
+
 struct LoadedModule {
     module: sys::CUmodule,
     functions: HashMap<String, sys::CUfunction>,
@@ -146,35 +177,10 @@ impl CudaDriver {
             .map_err(|e| cuda_err("binding the context", e))
     }
 
-    /// CUBIN for this device, from the disk cache or freshly compiled.
-    fn cubin(&self, module: &KernelModule) -> Result<Vec<u8>> {
-        let (major, minor) = self.nvrtc.version();
-        let dir = cache_dir();
-        let path = dir.join(format!(
-            "{}-{:016x}-{}-nvrtc{major}.{minor}.cubin",
-            module.name,
-            source_hash(module),
-            self.arch
-        ));
-        if let Ok(bytes) = std::fs::read(&path) {
-            return Ok(bytes);
-        }
-        let compiled = self.nvrtc.compile(module, Target::Cubin(&self.arch), &[])?;
-        // The cache is an optimisation: failing to write it is not an error. Write then rename, so
-        // a concurrent reader never sees half a file.
-        if std::fs::create_dir_all(&dir).is_ok() {
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            if std::fs::write(&tmp, &compiled.binary).is_ok() {
-                let _ = std::fs::rename(&tmp, &path);
-            }
-        }
-        Ok(compiled.binary)
-    }
-
     fn function(&self, module: &'static KernelModule, kernel: &str) -> Result<sys::CUfunction> {
         let mut modules = self.modules.lock().unwrap();
         if !modules.contains_key(module.name) {
-            let cubin = self.cubin(module)?;
+            let cubin = cached_cubin(&self.nvrtc, module, &self.arch, &cache_dir())?;
             // SAFETY: the image is a complete CUBIN produced by NVRTC for this architecture.
             let m = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }
                 .map_err(|e| cuda_err(&format!("loading kernels/{}.cu", module.name), e))?;
