@@ -8,6 +8,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod layout;
+pub mod nn;
 pub mod ops;
 pub mod tensor;
 pub mod train;
