@@ -104,6 +104,12 @@ fn main() {
         .warnings(true)
         .opt_level(2)
         .file(include_dir.join("emu_runtime.cpp"));
+    // AddressSanitizer for the kernels and the emulator (the Rust code is not instrumented, but
+    // its heap is: libasan replaces malloc, so vgpu device buffers get red zones too). Linking
+    // libasan as the first dynamic library of every test and binary of this package is enough:
+    // no LD_PRELOAD and no ASAN_OPTIONS are needed. Use a target dir of its own:
+    //   VPR_VGPU_ASAN=1 CARGO_TARGET_DIR=target/asan cargo test --test vgpu
+    // (the whole suite also needs ASAN_OPTIONS=detect_leaks=0: NVRTC leaks at dlclose).
     if env::var("VPR_VGPU_ASAN").is_ok_and(|v| v == "1") {
         build
             .flag("-fsanitize=address")

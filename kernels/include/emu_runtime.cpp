@@ -115,6 +115,10 @@ struct Fiber {
   uint3 tid{};
   unsigned linear = 0, lane = 0, warp = 0;
   FiberState st = FiberState::Ready;
+  // where the fiber waits while st == AtWarp, for deadlock reports
+  WarpOp wait_op = WarpOp::None;
+  const char* wait_file = "";
+  int wait_line = 0;
   std::vector<PendingCopy> copies;
   unsigned committed = 0;
 #ifdef EMU_ASAN
@@ -122,14 +126,24 @@ struct Fiber {
 #endif
 };
 
+// The lanes of `mask` that have arrived at one warp collective.
+struct Rendezvous {
+  unsigned mask, arrived;
+  WarpOp op;
+  int aux;
+  const char* file;
+  int line;
+};
+
 struct WarpState {
-  unsigned arrived = 0, gen = 0, mask = 0, exited = 0;
-  WarpOp op = WarpOp::None;
-  int aux = 0;
-  const char* file = "";
-  int line = 0;
-  alignas(16) unsigned char in[2][32][48];  // per-lane payload, double-buffered by generation parity
-  alignas(16) unsigned char out[2][32][16];  // per-lane result, written by the last lane to arrive
+  unsigned exited = 0;  // lanes that exited or do not exist (partial warp)
+  // Collectives in progress. Several can be, with different masks: lanes 0-15 in a ballot over
+  // 0x0000ffff while lanes 16-31 already wait in a full-warp __syncwarp is legal CUDA.
+  std::vector<Rendezvous> pending;
+  // Per-lane payload and result. A lane is in at most one collective at a time and reads its
+  // result before it can arrive at the next one, so one slot per lane suffices.
+  alignas(16) unsigned char in[32][48];
+  alignas(16) unsigned char out[32][16];
 };
 
 struct Block {
@@ -207,21 +221,26 @@ struct StackPool {
   }
 };
 
-// Stack pools outlive launches (mapping 1024 stacks per launch would dominate small kernels);
-// a worker borrows one for the duration of a launch.
+// Stack pools and block states outlive launches (mapping 1024 stacks per launch would dominate
+// small kernels, and worker threads are started per launch); a worker borrows one of each for the
+// duration of a launch. The lists are never destroyed, so that the pooled objects stay reachable
+// for LeakSanitizer, which checks after static destructors have run.
 std::mutex g_pool_mutex;
-std::vector<StackPool*> g_free_pools;
+std::vector<StackPool*>& g_free_pools = *new std::vector<StackPool*>();
+std::vector<Block*>& g_free_blocks = *new std::vector<Block*>();
 
-StackPool* borrow_pool() {
+template <class T>
+T* borrow(std::vector<T*>& list) {
   std::lock_guard<std::mutex> lock(g_pool_mutex);
-  if (g_free_pools.empty()) return new StackPool();
-  StackPool* p = g_free_pools.back();
-  g_free_pools.pop_back();
+  if (list.empty()) return new T();
+  T* p = list.back();
+  list.pop_back();
   return p;
 }
-void return_pool(StackPool* p) {
+template <class T>
+void give_back(std::vector<T*>& list, T* p) {
   std::lock_guard<std::mutex> lock(g_pool_mutex);
-  g_free_pools.push_back(p);
+  list.push_back(p);
 }
 
 // ---------------------------------------------------------------- switching
@@ -271,9 +290,10 @@ void fiber_main() {
     fail("thread %u exited with %zu cp.async copies it never waited for", me->linear, me->copies.size());
   }
   WarpState& ws = b->w[me->warp];
-  if (ws.arrived > 0 && (ws.mask >> me->lane & 1u)) {
-    fail("thread %u (warp %u lane %u) exited while its warp waits for it in %s at %s:%d", me->linear, me->warp,
-         me->lane, op_name(ws.op), ws.file, ws.line);
+  for (const Rendezvous& r : ws.pending) {
+    if (r.mask >> me->lane & 1u)
+      fail("thread %u (warp %u lane %u) exited while its warp waits for it in %s at %s:%d", me->linear, me->warp,
+           me->lane, op_name(r.op), r.file, r.line);
   }
   ws.exited |= 1u << me->lane;
   me->st = FiberState::Done;
@@ -310,10 +330,7 @@ std::string describe_waiters(Block* b) {
   auto where = [&](const Fiber& fb) -> std::string {
     switch (fb.st) {
       case FiberState::AtBarrier: return format("wait in __syncthreads at %s:%d", b->bar_file, b->bar_line);
-      case FiberState::AtWarp: {
-        const WarpState& ws = b->w[fb.warp];
-        return format("wait in %s at %s:%d", op_name(ws.op), ws.file, ws.line);
-      }
+      case FiberState::AtWarp: return format("wait in %s at %s:%d", op_name(fb.wait_op), fb.wait_file, fb.wait_line);
       case FiberState::Done: return "exited";
       default: return "ready";
     }
@@ -410,10 +427,8 @@ struct LaunchState {
 };
 
 void run_blocks(LaunchState& L) {
-  static thread_local Block* block = nullptr;
-  if (!block) block = new Block();  // leaked on purpose: it outlives thread-exit ordering issues
-  Block* b = block;
-  StackPool* pool = borrow_pool();
+  Block* b = borrow(g_free_blocks);
+  StackPool* pool = borrow(g_free_pools);
   tl_block = b;
   b->bdim = uint3{L.block.x, L.block.y, L.block.z};
   b->gdim = uint3{L.grid.x, L.grid.y, L.grid.z};
@@ -436,7 +451,8 @@ void run_blocks(LaunchState& L) {
       std::lock_guard<std::mutex> lock(L.error_mutex);
       L.error = format("cannot map %u fiber stacks of %u bytes", b->n, L.opt->stack_bytes);
       L.failed = true;
-      return_pool(pool);
+      give_back(g_free_pools, pool);
+      give_back(g_free_blocks, b);
       tl_block = nullptr;
       return;
     }
@@ -456,10 +472,8 @@ void run_blocks(LaunchState& L) {
     for (unsigned wi = 0; wi < b->nwarps; ++wi) {
       WarpState& ws = b->w[wi];
       const unsigned lanes = std::min(32u, b->n - wi * 32);
-      ws.arrived = 0;
-      ws.gen = 0;
       ws.exited = lanes == 32 ? 0u : ~0u << lanes;  // lanes of a partial warp that do not exist
-      ws.op = WarpOp::None;
+      ws.pending.clear();
     }
     b->arena_top = 0;
     b->static_bytes = 0;
@@ -474,6 +488,11 @@ void run_blocks(LaunchState& L) {
     ASAN_POISON_MEMORY_REGION(b->dyn + b->dyn_bytes, kRedZone);
 #endif
     if (!run_block(b)) {
+#ifdef EMU_ASAN
+      // The fibers of a failed block never return, so their frames' red zones stay poisoned on
+      // stacks the next block reuses.
+      for (unsigned i = 0; i < b->n; ++i) ASAN_UNPOISON_MEMORY_REGION(b->f[i].stack, b->f[i].stack_size);
+#endif
       std::lock_guard<std::mutex> lock(L.error_mutex);
       if (!L.failed) L.error = b->error;
       L.failed = true;
@@ -483,7 +502,8 @@ void run_blocks(LaunchState& L) {
   ASAN_UNPOISON_MEMORY_REGION(b->arena.data(), b->arena.size());
   ASAN_UNPOISON_MEMORY_REGION(b->dyn, b->dyn_bytes + kRedZone);
 #endif
-  return_pool(pool);
+  give_back(g_free_pools, pool);
+  give_back(g_free_blocks, b);
   tl_block = nullptr;
 }
 
@@ -495,8 +515,9 @@ void write_error(char* err, size_t errlen, const std::string& msg) {
 // ---------------------------------------------------------------- warp collectives
 // Every lane of the mask deposits its payload and parks; the last lane to arrive computes all
 // lanes' results while the others are parked (a snapshot, which matters for ldmatrix), then
-// wakes them. Payload and result buffers alternate by generation parity, so a fast lane that
-// reaches the next collective cannot overwrite a result a slow lane has not read yet.
+// wakes them. Lanes that wait in the same collective with the same mask must be at the same
+// operation and source line (__syncwarp excepted: on sm_70+ it may be reached from different
+// lines); other mismatches that cannot resolve end as a deadlock report.
 template <class Leader>
 const unsigned char* collective(WarpOp op, int aux, unsigned mask, const char* file, int line, const void* in,
                                 size_t in_bytes, Leader&& leader) {
@@ -509,23 +530,23 @@ const unsigned char* collective(WarpOp op, int aux, unsigned mask, const char* f
   if (mask & ws.exited)
     fail("%s at %s:%d: mask 0x%08x names lanes that exited or do not exist (0x%08x) in warp %u", op_name(op), file,
          line, mask, mask & ws.exited, me->warp);
-  const unsigned parity = ws.gen & 1u;
-  if (ws.arrived == 0) {
-    ws.op = op;
-    ws.aux = aux;
-    ws.mask = mask;
-    ws.file = file;
-    ws.line = line;
-  } else if (ws.op != op || ws.aux != aux || ws.mask != mask || ws.line != line || std::strcmp(ws.file, file)) {
-    fail("divergent warp collective in warp %u: lane %u at %s (%s:%d, mask 0x%08x) while other lanes wait in %s "
-         "(%s:%d, mask 0x%08x)",
-         me->warp, me->lane, op_name(op), file, line, mask, op_name(ws.op), ws.file, ws.line, ws.mask);
+  size_t gi = 0;
+  while (gi < ws.pending.size() && ws.pending[gi].mask != mask) ++gi;
+  if (gi == ws.pending.size()) {
+    ws.pending.push_back(Rendezvous{mask, 0u, op, aux, file, line});
+  } else {
+    const Rendezvous& r = ws.pending[gi];
+    if (r.op != op || r.aux != aux || (op != WarpOp::Sync && (r.line != line || std::strcmp(r.file, file))))
+      fail("divergent warp collective in warp %u: lane %u at %s (%s:%d, mask 0x%08x) while other lanes wait in %s "
+           "(%s:%d, same mask)",
+           me->warp, me->lane, op_name(op), file, line, mask, op_name(r.op), r.file, r.line);
   }
-  std::memcpy(ws.in[parity][me->lane], in, in_bytes);
-  if (++ws.arrived == unsigned(__builtin_popcount(mask))) {
-    leader(ws, parity);
-    ws.arrived = 0;
-    ws.gen++;
+  std::memcpy(ws.in[me->lane], in, in_bytes);
+  ws.pending[gi].arrived |= 1u << me->lane;
+  if (ws.pending[gi].arrived == mask) {
+    const Rendezvous done = ws.pending[gi];
+    ws.pending.erase(ws.pending.begin() + gi);
+    leader(done, ws);
     const size_t from = std::max(b->ready.size(), b->ready_head);
     for (unsigned l = 0; l < 32; ++l) {
       if (l == me->lane || !(mask >> l & 1u)) continue;
@@ -534,9 +555,12 @@ const unsigned char* collective(WarpOp op, int aux, unsigned mask, const char* f
     shuffle_tail(b, from);
   } else {
     me->st = FiberState::AtWarp;
+    me->wait_op = op;
+    me->wait_file = file;
+    me->wait_line = line;
     yield_to_sched(b, false);
   }
-  return ws.out[parity][me->lane];
+  return ws.out[me->lane];
 }
 
 float half_lo(bool bf16_type, unsigned w) {
@@ -556,18 +580,20 @@ struct MmaIn {
 
 // ---------------------------------------------------------------- public runtime API
 void fail(const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  std::string msg = vformat(fmt, ap);
-  va_end(ap);
   Block* b = tl_block;
-  if (!b || !b->cur) {
-    std::fprintf(stderr, "[vgpu] fatal outside a kernel thread: %s\n", msg.c_str());
-    std::abort();
+  {  // the message must not outlive this scope: the fiber's stack is abandoned below
+    va_list ap;
+    va_start(ap, fmt);
+    std::string msg = vformat(fmt, ap);
+    va_end(ap);
+    if (!b || !b->cur) {
+      std::fprintf(stderr, "[vgpu] fatal outside a kernel thread: %s\n", msg.c_str());
+      std::abort();
+    }
+    Fiber* me = b->cur;
+    b->error = format("block (%u,%u,%u) thread (%u,%u,%u): %s", b->bidx.x, b->bidx.y, b->bidx.z, me->tid.x, me->tid.y,
+                      me->tid.z, msg.c_str());
   }
-  Fiber* me = b->cur;
-  b->error = format("block (%u,%u,%u) thread (%u,%u,%u): %s", b->bidx.x, b->bidx.y, b->bidx.z, me->tid.x, me->tid.y,
-                    me->tid.z, msg.c_str());
   b->failed = true;
   yield_to_sched(b, true);
   std::abort();  // unreachable: the scheduler never resumes a failed block
@@ -588,7 +614,7 @@ void syncthreads(const char* file, int line) {
 }
 
 void syncwarp(unsigned mask, const char* file, int line) {
-  collective(WarpOp::Sync, 0, mask, file, line, nullptr, 0, [](WarpState&, unsigned) {});
+  collective(WarpOp::Sync, 0, mask, file, line, nullptr, 0, [](const Rendezvous&, WarpState&) {});
 }
 
 void shfl(ShflKind kind, unsigned mask, const void* value, void* result, unsigned bytes, int arg, int width,
@@ -599,12 +625,13 @@ void shfl(ShflKind kind, unsigned mask, const void* value, void* result, unsigne
   std::memcpy(payload, value, bytes);
   std::memcpy(payload + 16, &arg, 4);
   const unsigned char* out = collective(WarpOp::Shfl, int(kind) * 64 + width, mask, file, line, payload, sizeof payload,
-                                        [&](WarpState& ws, unsigned p) {
+                                        [&](const Rendezvous& g, WarpState& ws) {
                                           const unsigned w = unsigned(width);
                                           for (unsigned l = 0; l < 32; ++l) {
-                                            if (!(ws.mask >> l & 1u)) continue;
+                                            if (!(g.mask >> l & 1u)) continue;
                                             int a;
-                                            std::memcpy(&a, ws.in[p][l] + 16, 4);
+                                            std::memcpy(&a, ws.in[l] + 16, 4);
+                                            if (kind != ShflKind::Idx) a &= 31;  // shfl.sync reads b[4:0]
                                             const unsigned group = l & ~(w - 1);
                                             unsigned src = l;
                                             switch (kind) {
@@ -620,10 +647,10 @@ void shfl(ShflKind kind, unsigned mask, const void* value, void* result, unsigne
                                               case ShflKind::Up: src = (l & (w - 1)) < unsigned(a) ? l : l - unsigned(a); break;
                                             }
                                             // reading a lane outside the mask is undefined on the GPU: poison
-                                            if (src >= 32 || !(ws.mask >> src & 1u))
-                                              std::memset(ws.out[p][l], kPoison, bytes);
+                                            if (src >= 32 || !(g.mask >> src & 1u))
+                                              std::memset(ws.out[l], kPoison, bytes);
                                             else
-                                              std::memcpy(ws.out[p][l], ws.in[p][src], bytes);
+                                              std::memcpy(ws.out[l], ws.in[src], bytes);
                                           }
                                         });
   std::memcpy(result, out, bytes);
@@ -631,15 +658,15 @@ void shfl(ShflKind kind, unsigned mask, const void* value, void* result, unsigne
 
 unsigned ballot(unsigned mask, int pred, const char* file, int line) {
   const int p = pred != 0;
-  const unsigned char* out = collective(WarpOp::Ballot, 0, mask, file, line, &p, sizeof p, [](WarpState& ws, unsigned q) {
+  const unsigned char* out = collective(WarpOp::Ballot, 0, mask, file, line, &p, sizeof p, [](const Rendezvous& g, WarpState& ws) {
     unsigned r = 0;
     for (unsigned l = 0; l < 32; ++l) {
-      if (!(ws.mask >> l & 1u)) continue;
+      if (!(g.mask >> l & 1u)) continue;
       int x;
-      std::memcpy(&x, ws.in[q][l], 4);
+      std::memcpy(&x, ws.in[l], 4);
       r |= unsigned(x) << l;
     }
-    for (unsigned l = 0; l < 32; ++l) std::memcpy(ws.out[q][l], &r, 4);
+    for (unsigned l = 0; l < 32; ++l) std::memcpy(ws.out[l], &r, 4);
   });
   unsigned r;
   std::memcpy(&r, out, 4);
@@ -662,11 +689,11 @@ void mma_m16n8k16(bool bf16_type, float (&d)[4], const unsigned (&a)[4], const u
   if (tl_block->n - tl_block->cur->warp * 32 < 32)
     fail("mma.sync at %s:%d in a partial warp (blockDim %u)", file, line, tl_block->n);
   const unsigned char* out =
-      collective(WarpOp::Mma, bf16_type, 0xffffffffu, file, line, &in, sizeof in, [bf16_type](WarpState& ws, unsigned p) {
+      collective(WarpOp::Mma, bf16_type, 0xffffffffu, file, line, &in, sizeof in, [bf16_type](const Rendezvous&, WarpState& ws) {
         float A[16][16], B[16][8];
         for (unsigned l = 0; l < 32; ++l) {
           MmaIn x;
-          std::memcpy(&x, ws.in[p][l], sizeof x);
+          std::memcpy(&x, ws.in[l], sizeof x);
           const unsigned g = l >> 2, t = l & 3;
           for (unsigned i = 0; i < 8; ++i) {
             const unsigned w = x.a[i >> 1];
@@ -679,7 +706,7 @@ void mma_m16n8k16(bool bf16_type, float (&d)[4], const unsigned (&a)[4], const u
         }
         for (unsigned l = 0; l < 32; ++l) {
           MmaIn x;
-          std::memcpy(&x, ws.in[p][l], sizeof x);
+          std::memcpy(&x, ws.in[l], sizeof x);
           const unsigned g = l >> 2, t = l & 3;
           float r[4];
           for (unsigned i = 0; i < 4; ++i) {
@@ -688,7 +715,7 @@ void mma_m16n8k16(bool bf16_type, float (&d)[4], const unsigned (&a)[4], const u
             for (unsigned k = 0; k < 16; ++k) acc += double(A[row][k]) * double(B[k][col]);
             r[i] = float(acc);
           }
-          std::memcpy(ws.out[p][l], r, sizeof r);
+          std::memcpy(ws.out[l], r, sizeof r);
         }
       });
   std::memcpy(d, out, 16);
@@ -702,11 +729,11 @@ void ldmatrix(unsigned count, bool trans, unsigned* r, const void* row, const ch
     fail("ldmatrix at %s:%d in a partial warp (blockDim %u)", file, line, tl_block->n);
   const unsigned char* out = collective(
       WarpOp::Ldmatrix, int(count * 2 + trans), 0xffffffffu, file, line, &row, sizeof row,
-      [count, trans, file, line](WarpState& ws, unsigned p) {
+      [count, trans, file, line](const Rendezvous&, WarpState& ws) {
         uint16_t m[32][8];
         for (unsigned a = 0; a < 8 * count; ++a) {
           const unsigned char* addr;
-          std::memcpy(&addr, ws.in[p][a], sizeof addr);
+          std::memcpy(&addr, ws.in[a], sizeof addr);
           if (reinterpret_cast<uintptr_t>(addr) & 15)
             fail("ldmatrix at %s:%d: lane %u row address %p is not 16-byte aligned", file, line, a, (const void*)addr);
           if (!tl_block->in_shared(addr, 16))
@@ -726,7 +753,7 @@ void ldmatrix(unsigned count, bool trans, unsigned* r, const void* row, const ch
             }
             regs[j] = unsigned(lo) | (unsigned(hi) << 16);
           }
-          std::memcpy(ws.out[p][l], regs, sizeof regs);
+          std::memcpy(ws.out[l], regs, sizeof regs);
         }
       });
   std::memcpy(r, out, 4 * count);
@@ -769,6 +796,9 @@ void* block_shared(SharedSlot& slot, size_t bytes, size_t align) {
     b->static_bytes += bytes;
     if (b->static_bytes > kStaticSharedLimit)
       fail("static shared memory of this kernel exceeds %zu bytes", kStaticSharedLimit);
+    if (b->static_bytes + b->dyn_bytes > kDynamicSharedLimit)
+      fail("%zu bytes of static plus %zu bytes of dynamic shared memory exceed the %zu-byte limit", b->static_bytes,
+           b->dyn_bytes, kDynamicSharedLimit);
     if (off + bytes + kRedZone > b->arena.size()) fail("too many EMU_SHARED arrays in one kernel");
 #ifdef EMU_ASAN
     ASAN_UNPOISON_MEMORY_REGION(b->arena.data() + off, bytes);
@@ -789,7 +819,7 @@ int run_grid(Dim3 grid, Dim3 block, unsigned smem, const LaunchOptions* opt, voi
     write_error(err, errlen, format("invalid block (%u,%u,%u): 1 to 1024 threads, z at most 64", block.x, block.y, block.z));
     return 1;
   }
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
     write_error(err, errlen, format("invalid grid (%u,%u,%u)", grid.x, grid.y, grid.z));
     return 1;
   }
@@ -818,3 +848,12 @@ int run_grid(Dim3 grid, Dim3 block, unsigned smem, const LaunchOptions* opt, voi
 }
 
 }  // namespace emu
+
+// 1 when the virtual GPU was built with AddressSanitizer (VPR_VGPU_ASAN=1), for the tests.
+extern "C" int emu_asan_enabled() {
+#ifdef EMU_ASAN
+  return 1;
+#else
+  return 0;
+#endif
+}

@@ -40,6 +40,17 @@ pub(crate) type ModuleEntry = unsafe extern "C" fn(
 
 include!(concat!(env!("OUT_DIR"), "/vgpu_entries.rs"));
 
+extern "C" {
+    fn emu_asan_enabled() -> c_int;
+}
+
+/// Whether the virtual GPU was built with AddressSanitizer (`VPR_VGPU_ASAN=1`, see build.rs):
+/// an out-of-bounds access in a kernel then aborts the process with a report.
+pub fn built_with_asan() -> bool {
+    // SAFETY: a constant function of the C++ runtime without arguments or state.
+    unsafe { emu_asan_enabled() != 0 }
+}
+
 /// How the virtual GPU schedules threads. Defaults come from the environment:
 /// `VPR_VGPU_SEED` (shuffled schedule; 0 or unset runs threads in order), `VPR_VGPU_THREADS`
 /// (OS threads running blocks), `VPR_VGPU_STACK_KB` (per CUDA thread, default 64).
