@@ -72,7 +72,7 @@ pub fn gradcheck(
             let (minus, x_minus) = evaluate(-eps)?;
             let numeric = (plus - minus) / (x_plus - x_minus);
             let err = (analytic[j] - numeric).abs() / numeric.abs().max(1.0);
-            if !(err <= report.max_error) {
+            if err.is_nan() || err > report.max_error {
                 report.max_error = err;
                 report.worst = format!(
                     "input {i} element {j}: analytic {}, numeric {numeric}",

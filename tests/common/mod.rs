@@ -37,7 +37,7 @@ pub fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str, seed: u64) 
         "{what}: lengths differ (seed {seed})"
     );
     let err = max_error(got, want);
-    if !(err <= tol) {
+    if err.is_nan() || err > tol {
         let worst = got
             .iter()
             .zip(want)
