@@ -1,0 +1,215 @@
+// Elementwise ops on f32/f16/bf16 storage with f32 math: unary maps (some with up to two scalar
+// parameters p0, p1) and binary ops with NumPy broadcasting. Results are rounded to the storage
+// type to nearest even.
+//
+// Every op has two entry points per dtype:
+//   *_<dtype>          dense: inputs and output contiguous with the same number of elements. The
+//                      main loop moves 16 bytes per load/store (4 floats, 8 halfs) when every
+//                      pointer is 16-byte aligned (checked here, so narrowed views stay correct),
+//                      then a scalar loop does the tail (or everything when misaligned).
+//   *_strided_<dtype>  any views: transposed, narrowed, broadcast (stride 0). The output is dense;
+//                      each thread turns its output index into input offsets through `Strided`
+//                      descriptors. The host merges dimensions that are contiguous for every operand
+//                      first, so typical cases (bias over rows, a scalar, a transposed matrix) come
+//                      here with rank 1 or 2: at most one integer division per element.
+// Both are memory bound: consecutive threads touch consecutive output elements, so stores (and
+// loads of any operand that is contiguous along the innermost dimension) coalesce.
+#include "common.cuh"
+
+// ---------------------------------------------------------------- the ops, in f32
+
+#define UNARY_OP(name, expr)                                                          \
+  struct Op_##name {                                                                  \
+    __device__ __forceinline__ static float f(float x, float p0, float p1) { return expr; } \
+  };
+UNARY_OP(neg, -x)
+UNARY_OP(exp, expf(x))
+UNARY_OP(log, logf(x))
+UNARY_OP(sqrt, sqrtf(x))
+UNARY_OP(rsqrt, rsqrtf(x))
+// relu(NaN) is NaN, as in PyTorch (fmaxf would return 0).
+UNARY_OP(relu, (x > 0.f || x != x) ? x : 0.f)
+// The exact erf form, torch.nn.GELU(approximate='none').
+UNARY_OP(gelu, 0.5f * x * (1.f + erff(x * 0.70710678118654752f)))
+UNARY_OP(sigmoid, 1.f / (1.f + expf(-x)))
+UNARY_OP(abs, fabsf(x))
+UNARY_OP(powf, powf(x, p0))
+// torch.clamp: NaN in x or in a bound propagates; min > max gives max everywhere.
+UNARY_OP(clamp, nan_min(nan_max(x, p0), p1))
+UNARY_OP(affine, x * p0 + p1)
+#undef UNARY_OP
+
+#define BINARY_OP(name, expr)                                                   \
+  struct Op_##name {                                                            \
+    __device__ __forceinline__ static float f(float a, float b) { return expr; } \
+  };
+BINARY_OP(add, a + b)
+BINARY_OP(sub, a - b)
+BINARY_OP(mul, a* b)
+BINARY_OP(div, a / b)
+// torch.maximum/minimum propagate NaN from either side.
+BINARY_OP(maximum, nan_max(a, b))
+BINARY_OP(minimum, nan_min(a, b))
+BINARY_OP(pow, powf(a, b))
+#undef BINARY_OP
+
+// ---------------------------------------------------------------- 16-byte packs
+
+// 16 bytes of T, loaded and stored as one uint4 (ld.global.nc.v4 / st.global.v4).
+template <class T>
+union Pack {
+  uint4 u;
+  T v[16 / sizeof(T)];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15ull) == 0; }
+
+// ---------------------------------------------------------------- strided offsets
+
+// Storage offsets, in the views `a` and `b` (same shape, own strides), of the element at row-major
+// position `i`. `I` is the index type: 32-bit division is several times cheaper than 64-bit, so
+// kernels use unsigned when the element count allows. The loop is unrolled over MAX_DIMS with a
+// rank guard so the descriptors are read with constant indices (no local-memory copy of the
+// parameters), and the outermost dimension needs no division: what is left of `i` is its index.
+template <class I, int N>
+__device__ __forceinline__ void strided_offsets(const Strided (&views)[N], I i, long long (&off)[N]) {
+  const int rank = int(views[0].rank);
+#pragma unroll
+  for (int j = 0; j < N; ++j) off[j] = 0;
+#pragma unroll
+  for (int k = MAX_DIMS - 1; k >= 1; --k) {
+    if (k < rank) {
+      const I s = I(views[0].shape[k]);
+      const I q = i / s;
+      const long long r = (long long)(i - q * s);
+#pragma unroll
+      for (int j = 0; j < N; ++j) off[j] += r * views[j].strides[k];
+      i = q;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) off[j] += (long long)i * views[j].strides[0];
+}
+
+// ---------------------------------------------------------------- unary
+
+template <class T, class Op>
+__device__ void unary_dense(const T* __restrict__ x, T* __restrict__ y, long long n, float p0, float p1) {
+  constexpr int V = 16 / sizeof(T);
+  long long done = 0;
+  if (aligned16(x) && aligned16(y)) {
+    const long long nv = n / V;
+    GRID_STRIDE_LOOP(i, nv) {
+      Pack<T> p;
+      p.u = __ldg(reinterpret_cast<const uint4*>(x) + i);
+#pragma unroll
+      for (int k = 0; k < V; ++k) p.v[k] = from_f32<T>(Op::f(to_f32(p.v[k]), p0, p1));
+      reinterpret_cast<uint4*>(y)[i] = p.u;
+    }
+    done = nv * V;
+  }
+  GRID_STRIDE_LOOP(i, n - done) y[done + i] = from_f32<T>(Op::f(to_f32(x[done + i]), p0, p1));
+}
+
+template <class T, class Op, class I>
+__device__ void unary_strided_loop(const T* __restrict__ x, const Strided (&xv)[1], T* __restrict__ y, I n, float p0,
+                                   float p1) {
+  for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
+    long long off[1];
+    strided_offsets(xv, i, off);
+    y[i] = from_f32<T>(Op::f(to_f32(x[off[0]]), p0, p1));
+  }
+}
+
+template <class T, class Op>
+__device__ void unary_strided(const T* __restrict__ x, Strided xv, T* __restrict__ y, long long n, float p0,
+                              float p1) {
+  const Strided views[1] = {xv};
+  if (n <= 0x7fffffffll) {
+    unary_strided_loop<T, Op, unsigned>(x, views, y, unsigned(n), p0, p1);
+  } else {
+    unary_strided_loop<T, Op, long long>(x, views, y, n, p0, p1);
+  }
+}
+
+#define UNARY_ENTRY(op, dname, T)                                                                            \
+  extern "C" __global__ void unary_##op##_##dname(const T* x, T* y, long long n, float p0, float p1) {      \
+    unary_dense<T, Op_##op>(x, y, n, p0, p1);                                                               \
+  }                                                                                                          \
+  extern "C" __global__ void unary_##op##_strided_##dname(const T* x, Strided xv, T* y, long long n, float p0, \
+                                                          float p1) {                                        \
+    unary_strided<T, Op_##op>(x, xv, y, n, p0, p1);                                                         \
+  }
+#define UNARY_ALL_TYPES(op) UNARY_ENTRY(op, f32, float) UNARY_ENTRY(op, f16, f16) UNARY_ENTRY(op, bf16, bf16)
+UNARY_ALL_TYPES(neg)
+UNARY_ALL_TYPES(exp)
+UNARY_ALL_TYPES(log)
+UNARY_ALL_TYPES(sqrt)
+UNARY_ALL_TYPES(rsqrt)
+UNARY_ALL_TYPES(relu)
+UNARY_ALL_TYPES(gelu)
+UNARY_ALL_TYPES(sigmoid)
+UNARY_ALL_TYPES(abs)
+UNARY_ALL_TYPES(powf)
+UNARY_ALL_TYPES(clamp)
+UNARY_ALL_TYPES(affine)
+
+// ---------------------------------------------------------------- binary
+
+template <class T, class Op>
+__device__ void binary_dense(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, long long n) {
+  constexpr int V = 16 / sizeof(T);
+  long long done = 0;
+  if (aligned16(a) && aligned16(b) && aligned16(out)) {
+    const long long nv = n / V;
+    GRID_STRIDE_LOOP(i, nv) {
+      Pack<T> pa, pb;
+      pa.u = __ldg(reinterpret_cast<const uint4*>(a) + i);
+      pb.u = __ldg(reinterpret_cast<const uint4*>(b) + i);
+#pragma unroll
+      for (int k = 0; k < V; ++k) pa.v[k] = from_f32<T>(Op::f(to_f32(pa.v[k]), to_f32(pb.v[k])));
+      reinterpret_cast<uint4*>(out)[i] = pa.u;
+    }
+    done = nv * V;
+  }
+  GRID_STRIDE_LOOP(i, n - done) out[done + i] = from_f32<T>(Op::f(to_f32(a[done + i]), to_f32(b[done + i])));
+}
+
+template <class T, class Op, class I>
+__device__ void binary_strided_loop(const T* __restrict__ a, const T* __restrict__ b, const Strided (&views)[2],
+                                    T* __restrict__ out, I n) {
+  for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
+    long long off[2];
+    strided_offsets(views, i, off);
+    out[i] = from_f32<T>(Op::f(to_f32(a[off[0]]), to_f32(b[off[1]])));
+  }
+}
+
+// `av` and `bv` have the output's shape (broadcast dimensions have stride 0).
+template <class T, class Op>
+__device__ void binary_strided(const T* __restrict__ a, Strided av, const T* __restrict__ b, Strided bv,
+                               T* __restrict__ out, long long n) {
+  const Strided views[2] = {av, bv};
+  if (n <= 0x7fffffffll) {
+    binary_strided_loop<T, Op, unsigned>(a, b, views, out, unsigned(n));
+  } else {
+    binary_strided_loop<T, Op, long long>(a, b, views, out, n);
+  }
+}
+
+#define BINARY_ENTRY(op, dname, T)                                                                     \
+  extern "C" __global__ void binary_##op##_##dname(const T* a, const T* b, T* out, long long n) {     \
+    binary_dense<T, Op_##op>(a, b, out, n);                                                           \
+  }                                                                                                    \
+  extern "C" __global__ void binary_##op##_strided_##dname(const T* a, Strided av, const T* b, Strided bv, \
+                                                           T* out, long long n) {                      \
+    binary_strided<T, Op_##op>(a, av, b, bv, out, n);                                                 \
+  }
+#define BINARY_ALL_TYPES(op) BINARY_ENTRY(op, f32, float) BINARY_ENTRY(op, f16, f16) BINARY_ENTRY(op, bf16, bf16)
+BINARY_ALL_TYPES(add)
+BINARY_ALL_TYPES(sub)
+BINARY_ALL_TYPES(mul)
+BINARY_ALL_TYPES(div)
+BINARY_ALL_TYPES(maximum)
+BINARY_ALL_TYPES(minimum)
+BINARY_ALL_TYPES(pow)

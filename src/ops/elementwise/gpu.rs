@@ -1,0 +1,116 @@
+//! Launches of kernels/elementwise.cu.
+
+use super::{coalesce, BinaryOp, UnaryOp};
+use crate::device::{GpuBuffer, KernelArgs, LaunchConfig};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::layout::{Layout, MAX_DIMS};
+use crate::ops::{StridedDesc, LINEAR_MAX_BLOCKS, LINEAR_THREADS};
+
+/// The launch of a dense kernel over `n` elements whose operands start at these byte offsets:
+/// one thread per 16-byte pack when all are 16-byte aligned (the kernel takes the vector path),
+/// else one per element. Buffers themselves are at least 256-byte aligned.
+fn dense_launch(n: usize, byte_offsets: &[usize], dtype: DType) -> LaunchConfig {
+    let per_pack = 16 / dtype.size_in_bytes();
+    let items = if byte_offsets.iter().all(|o| o % 16 == 0) {
+        n.div_ceil(per_pack)
+    } else {
+        n
+    };
+    LaunchConfig::linear(items, LINEAR_THREADS, LINEAR_MAX_BLOCKS)
+}
+
+/// A descriptor for coalesced dimensions (see `coalesce`); the offset is passed in the pointer.
+fn desc(shape: &[usize], strides: &[usize]) -> StridedDesc {
+    let mut d = StridedDesc {
+        rank: shape.len() as i64,
+        shape: [1; MAX_DIMS],
+        strides: [0; MAX_DIMS],
+    };
+    for (i, (&n, &s)) in shape.iter().zip(strides).enumerate() {
+        d.shape[i] = n as i64;
+        d.strides[i] = s as i64;
+    }
+    d
+}
+
+pub fn unary(x: &GpuBuffer, layout: &Layout, dtype: DType, op: UnaryOp) -> Result<GpuBuffer> {
+    let gpu = x.gpu();
+    let (n, size) = (layout.numel(), dtype.size_in_bytes());
+    let out = gpu.alloc(n * size)?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let (p0, p1) = op.params();
+    let x_offset = layout.offset() * size;
+    let mut args = KernelArgs::new();
+    args.ptr(x, x_offset);
+    if layout.is_contiguous() {
+        args.ptr(&out, 0).push(n as i64).push(p0).push(p1);
+        gpu.launch(
+            &format!("unary_{}_{dtype}", op.name()),
+            dense_launch(n, &[x_offset], dtype),
+            &mut args,
+        )?;
+    } else {
+        let (shape, [strides]) = coalesce(layout.shape(), [layout.strides()]);
+        args.push(desc(&shape, &strides))
+            .ptr(&out, 0)
+            .push(n as i64)
+            .push(p0)
+            .push(p1);
+        let cfg = LaunchConfig::linear(n, LINEAR_THREADS, LINEAR_MAX_BLOCKS);
+        gpu.launch(
+            &format!("unary_{}_strided_{dtype}", op.name()),
+            cfg,
+            &mut args,
+        )?;
+    }
+    Ok(out)
+}
+
+/// `la` and `lb` are views with the output's shape (broadcast dimensions have stride 0).
+pub fn binary(
+    a: &GpuBuffer,
+    la: &Layout,
+    b: &GpuBuffer,
+    lb: &Layout,
+    dtype: DType,
+    op: BinaryOp,
+) -> Result<GpuBuffer> {
+    let gpu = a.gpu();
+    let (n, size) = (la.numel(), dtype.size_in_bytes());
+    let out = gpu.alloc(n * size)?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let (a_offset, b_offset) = (la.offset() * size, lb.offset() * size);
+    let mut args = KernelArgs::new();
+    // Both views have the output's shape, so contiguous means element i of each is at offset + i.
+    if la.is_contiguous() && lb.is_contiguous() {
+        args.ptr(a, a_offset)
+            .ptr(b, b_offset)
+            .ptr(&out, 0)
+            .push(n as i64);
+        gpu.launch(
+            &format!("binary_{}_{dtype}", op.name()),
+            dense_launch(n, &[a_offset, b_offset], dtype),
+            &mut args,
+        )?;
+    } else {
+        let (shape, [sa, sb]) = coalesce(la.shape(), [la.strides(), lb.strides()]);
+        args.ptr(a, a_offset)
+            .push(desc(&shape, &sa))
+            .ptr(b, b_offset)
+            .push(desc(&shape, &sb))
+            .ptr(&out, 0)
+            .push(n as i64);
+        let cfg = LaunchConfig::linear(n, LINEAR_THREADS, LINEAR_MAX_BLOCKS);
+        gpu.launch(
+            &format!("binary_{}_strided_{dtype}", op.name()),
+            cfg,
+            &mut args,
+        )?;
+    }
+    Ok(out)
+}
