@@ -86,7 +86,15 @@ pub fn compare(
 
 /// The conformance function of each op family.
 type Family = fn(&Device, u64) -> Result<Vec<CheckRow>>;
-const FAMILIES: &[(&str, Family)] = &[("copy", crate::ops::copy::conformance)];
+const FAMILIES: &[(&str, Family)] = &[
+    ("copy", crate::ops::copy::conformance),
+    ("elementwise", crate::ops::elementwise::conformance),
+    ("matmul", crate::ops::matmul::conformance),
+    ("reduce", crate::ops::reduce::conformance),
+    ("softmax", crate::ops::softmax::conformance),
+    ("loss", crate::ops::loss::conformance),
+    ("optim", crate::train::optim::conformance),
+];
 
 /// Every conformance case on `device`, inputs drawn from `seed`.
 pub fn run(device: &Device, seed: u64) -> Vec<CheckRow> {

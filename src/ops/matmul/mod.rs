@@ -139,8 +139,8 @@ impl Tensor {
     /// rank >= 2; `c` broadcasts to the shape of the product. `c` is not read when `beta == 0`,
     /// so NaN in it does not propagate then; without `c` the product is only scaled by `alpha`.
     ///
-    /// Inside an `autocast` scope f32 operands are multiplied in the autocast dtype (the result is
-    /// in that dtype too), as torch.autocast does for matmul and linear.
+    /// Inside an `autocast` scope both operands (and C) are cast to the autocast dtype and the
+    /// result is in that dtype, as torch.autocast does for matmul and linear.
     pub fn gemm(
         a: &Tensor,
         b: &Tensor,
@@ -149,7 +149,11 @@ impl Tensor {
         beta: f32,
     ) -> Result<Tensor> {
         match autograd::autocast_dtype() {
-            Some(low) if a.dtype() == DType::F32 && b.dtype() == DType::F32 => {
+            Some(low)
+                if a.dtype().is_float()
+                    && b.dtype().is_float()
+                    && (a.dtype() != low || b.dtype() != low) =>
+            {
                 let c = c.map(|c| c.to_dtype(low)).transpose()?;
                 Tensor::gemm_recorded(
                     &a.to_dtype(low)?,

@@ -1,1 +1,208 @@
-//! (being written)
+//! Reductions along one axis (sum, sum of squares, mean, max, min, argmax) and `sum_all`. Float
+//! inputs (f32, f16, bf16), f32 accumulation on the GPU (f64 on the CPU); the output has the input
+//! dtype, except argmax which gives i64 indices. NaN follows torch: max, min and argmax return the
+//! NaN (argmax its first index); argmax ties go to the first index. An empty reduced axis gives 0
+//! for sum and sum_sq, NaN for mean, and an error for max, min and argmax.
+
+mod cpu;
+mod gpu;
+
+pub(crate) use gpu::lanes_per_row;
+
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{shape_err, Result};
+use crate::layout::{resolve_dim, Layout};
+use crate::ops::copy::check_extent;
+use crate::tensor::{Storage, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    SumSq,
+    Mean,
+    Max,
+    Min,
+    ArgMax,
+}
+
+impl ReduceOp {
+    pub const ALL: [ReduceOp; 6] = [
+        ReduceOp::Sum,
+        ReduceOp::SumSq,
+        ReduceOp::Mean,
+        ReduceOp::Max,
+        ReduceOp::Min,
+        ReduceOp::ArgMax,
+    ];
+
+    /// The op's part of the kernel names (`reduce_rows_warp_sum_sq_f16` ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::SumSq => "sum_sq",
+            ReduceOp::Mean => "mean",
+            ReduceOp::Max => "max",
+            ReduceOp::Min => "min",
+            ReduceOp::ArgMax => "argmax",
+        }
+    }
+
+    /// The dtype of the result for an input of `dtype`.
+    pub fn out_dtype(self, dtype: DType) -> DType {
+        if self == ReduceOp::ArgMax {
+            DType::I64
+        } else {
+            dtype
+        }
+    }
+}
+
+/// The contiguous input seen as `[outer, n, inner]` with `n` the reduced axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dims {
+    pub outer: usize,
+    pub n: usize,
+    pub inner: usize,
+}
+
+impl Tensor {
+    /// Sum along `dim` (negative counts from the end); `keepdim` keeps it as a size-1 dimension.
+    pub fn sum(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
+        self.reduce(ReduceOp::Sum, dim, keepdim)
+    }
+
+    /// Sum of squares along `dim`.
+    pub fn sum_sq(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
+        self.reduce(ReduceOp::SumSq, dim, keepdim)
+    }
+
+    /// Mean along `dim` (NaN where the axis is empty, as torch).
+    pub fn mean(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
+        self.reduce(ReduceOp::Mean, dim, keepdim)
+    }
+
+    /// Largest value along `dim`; NaN when the slice holds one.
+    pub fn max(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
+        self.reduce(ReduceOp::Max, dim, keepdim)
+    }
+
+    /// Smallest value along `dim`; NaN when the slice holds one.
+    pub fn min(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
+        self.reduce(ReduceOp::Min, dim, keepdim)
+    }
+
+    /// Index (i64) of the largest value along `dim`: the first one among equals, the first NaN if any.
+    pub fn argmax(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
+        self.reduce(ReduceOp::ArgMax, dim, keepdim)
+    }
+
+    /// Sum of all elements, as a tensor of shape `[]` (0 for an empty tensor).
+    pub fn sum_all(&self) -> Result<Tensor> {
+        let flat = self.reshape(&[self.numel()])?;
+        flat.reduce(ReduceOp::Sum, 0, false)?.reshape(&[])
+    }
+
+    /// `op` along `dim`. A tensor of rank 0 accepts dim 0 or -1 and reduces its one element, as
+    /// torch does.
+    pub fn reduce(&self, op: ReduceOp, dim: isize, keepdim: bool) -> Result<Tensor> {
+        let what = format!("{}(dim {dim}) of shape {:?}", op.name(), self.shape());
+        self.dtype().require_float(&what)?;
+        if self.rank() == 0 {
+            resolve_dim(dim, 1, &what)?;
+            return self.reshape(&[1])?.reduce(op, 0, false)?.reshape(&[]);
+        }
+        let d = resolve_dim(dim, self.rank(), &what)?;
+        let shape = self.shape();
+        let dims = Dims {
+            outer: shape[..d].iter().product(),
+            n: shape[d],
+            inner: shape[d + 1..].iter().product(),
+        };
+        let mut out_shape = shape.to_vec();
+        if keepdim {
+            out_shape[d] = 1;
+        } else {
+            out_shape.remove(d);
+        }
+        let out_dtype = op.out_dtype(self.dtype());
+        let outputs = dims.outer * dims.inner;
+        if dims.n == 0 {
+            return match op {
+                ReduceOp::Sum | ReduceOp::SumSq => {
+                    Tensor::zeros(&out_shape, out_dtype, self.device())
+                }
+                ReduceOp::Mean => Tensor::full(&out_shape, f64::NAN, out_dtype, self.device()),
+                _ => shape_err!(
+                    "{what}: the reduced dimension is empty and {} has no identity",
+                    op.name()
+                ),
+            };
+        }
+        if outputs == 0 {
+            return Tensor::zeros(&out_shape, out_dtype, self.device());
+        }
+        let src = self.contiguous()?;
+        check_extent(&src)?;
+        let storage = match src.storage() {
+            Storage::Cpu(s) => Storage::Cpu(cpu::reduce(s, op, dims)?),
+            Storage::Gpu(b) => Storage::Gpu(gpu::reduce(b, src.dtype(), op, dims)?),
+        };
+        Ok(Tensor::from_parts(
+            storage,
+            Layout::contiguous(&out_shape)?,
+            out_dtype,
+            self.device().clone(),
+        ))
+    }
+}
+
+/// Every reduction kernel (each launch path: warp rows, block rows, split rows, columns, split
+/// columns) in every dtype on `device`, against the CPU.
+pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
+    use crate::check::compare;
+    let mut rows = Vec::new();
+    // (shape, dim, the kernels it exercises); the split cases need long axes and few outputs.
+    let cases: [(&[usize], isize, &str); 9] = [
+        (&[1], 0, "rows_warp"),
+        (&[7, 33], -1, "rows_warp"),
+        (&[3, 257], 1, "rows_warp"),
+        (&[2, 5000], -1, "rows_block"),
+        (&[1, 20011], 1, "rows_block+partials"),
+        (&[33, 7], 0, "cols"),
+        (&[3, 7, 257], 1, "cols"),
+        (&[5, 2, 1], 0, "cols"),
+        (&[6000, 3], 0, "cols+partials"),
+    ];
+    for (i, &dtype) in DType::FLOATS.iter().enumerate() {
+        for (j, &(shape, dim, path)) in cases.iter().enumerate() {
+            let src = Tensor::randn(
+                shape,
+                0.5,
+                2.0,
+                seed + (i * 16 + j) as u64,
+                dtype,
+                &Device::Cpu,
+            )?;
+            let on_device = src.to_device(device)?;
+            for op in ReduceOp::ALL {
+                // Sums in f16/bf16 round once at the end, so their error is the dtype's rounding.
+                let tol = if matches!(op, ReduceOp::Max | ReduceOp::Min | ReduceOp::ArgMax) {
+                    0.0
+                } else {
+                    dtype.tolerance()
+                };
+                let kernel = format!("reduce_{path}_{}_{dtype}", op.name());
+                rows.push(compare(
+                    &kernel,
+                    dtype,
+                    shape,
+                    on_device.reduce(op, dim, false),
+                    src.reduce(op, dim, false),
+                    tol,
+                ));
+            }
+        }
+    }
+    Ok(rows)
+}
