@@ -137,7 +137,10 @@ impl Run {
     }
 }
 
-fn setups() -> Vec<(&'static str, Hyper, fn() -> GradScaler)> {
+/// A named optimizer set-up and the loss scaler it trains with.
+type Setup = (&'static str, Hyper, fn() -> GradScaler);
+
+fn setups() -> Vec<Setup> {
     let nesterov = Sgd {
         momentum: 0.9,
         nesterov: true,

@@ -447,7 +447,7 @@ pub fn load_checkpoint(path: &Path, state: &mut TrainState) -> Result<()> {
     let unknown: Vec<String> = st
         .names()
         .into_iter()
-        .filter(|n| !used.contains(*n) && !(skip_optim && n.starts_with("optim/")))
+        .filter(|n| !(used.contains(*n) || skip_optim && n.starts_with("optim/")))
         .map(String::from)
         .collect();
     if !unknown.is_empty() {
