@@ -631,25 +631,6 @@ fn scalar_helpers_and_method_names() {
 }
 
 #[test]
-fn conformance_passes_on_gpus() {
-    let s = seed("conformance_passes_on_gpus");
-    for dev in gpu_devices() {
-        let rows = conformance(&dev, s).unwrap();
-        assert_eq!(rows.len(), 3 * (12 * 2 + 7 * 3));
-        let failed: Vec<String> = rows
-            .iter()
-            .filter(|r| !r.passed())
-            .map(|r| {
-                format!(
-                    "{} {} {}: err {:e} tol {:e} {:?}",
-                    r.kernel, r.dtype, r.shape, r.max_err, r.tol, r.error
-                )
-            })
-            .collect();
-        assert!(
-            failed.is_empty(),
-            "{dev}: replay with VPR_TEST_SEED={s}:\n{}",
-            failed.join("\n")
-        );
-    }
+fn conformance_rows_pass_on_gpus() {
+    common::assert_conformance(conformance, "elementwise conformance");
 }

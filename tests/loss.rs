@@ -284,17 +284,6 @@ fn bad_input_is_a_clear_error() {
 }
 
 #[test]
-fn conformance_rows_pass_on_the_virtual_gpu() {
-    let s = seed("conformance_rows_pass_on_the_virtual_gpu");
-    let vgpu = Device::new("vgpu").unwrap();
-    for row in vpr_engine::ops::loss::conformance(&vgpu, s).unwrap() {
-        assert!(
-            row.passed(),
-            "{} {}: {:e} {:?} (seed {s})",
-            row.kernel,
-            row.shape,
-            row.max_err,
-            row.error
-        );
-    }
+fn conformance_rows_pass_on_gpus() {
+    common::assert_conformance(vpr_engine::ops::loss::conformance, "loss conformance");
 }

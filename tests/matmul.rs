@@ -451,22 +451,8 @@ fn vgpu_shuffled_schedule() {
 }
 
 #[test]
-fn vgpu_conformance_table() {
-    let s = seed("vgpu_conformance_table");
-    let rows = vpr_engine::ops::matmul::conformance(&Device::new("vgpu").unwrap(), s).unwrap();
-    assert_eq!(rows.len(), 27);
-    for r in rows {
-        assert!(
-            r.passed(),
-            "{} {} {}: error {:e} (tol {:e}) {:?}; VPR_TEST_SEED={s}",
-            r.kernel,
-            r.dtype,
-            r.shape,
-            r.max_err,
-            r.tol,
-            r.error
-        );
-    }
+fn conformance_rows_pass_on_gpus() {
+    common::assert_conformance(vpr_engine::ops::matmul::conformance, "matmul conformance");
 }
 
 fn shape_message(r: vpr_engine::Result<Tensor>) -> String {

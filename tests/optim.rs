@@ -550,17 +550,6 @@ fn step_lr_multiplies_every_group_by_gamma() {
 }
 
 #[test]
-fn conformance_rows_pass_on_the_virtual_gpu() {
-    let s = seed("conformance_rows_pass_on_the_virtual_gpu");
-    let vgpu = Device::new("vgpu").unwrap();
-    for row in vpr_engine::train::optim::conformance(&vgpu, s).unwrap() {
-        assert!(
-            row.passed(),
-            "{} {}: {:e} {:?} (seed {s})",
-            row.kernel,
-            row.shape,
-            row.max_err,
-            row.error
-        );
-    }
+fn conformance_rows_pass_on_gpus() {
+    common::assert_conformance(vpr_engine::train::optim::conformance, "optim conformance");
 }

@@ -215,27 +215,8 @@ fn gpu_reduces_non_contiguous_views() {
 }
 
 #[test]
-fn conformance_table_passes_on_gpu() {
-    let s = seed("conformance_table_passes_on_gpu");
-    for dev in gpu_devices() {
-        let rows = vpr_engine::ops::reduce::conformance(&dev, s).unwrap();
-        assert!(rows.len() >= 3 * 6 * 9);
-        let failed: Vec<String> = rows
-            .iter()
-            .filter(|r| !r.passed())
-            .map(|r| {
-                format!(
-                    "{} {} {}: err {:e} tol {:e} {:?}",
-                    r.kernel, r.dtype, r.shape, r.max_err, r.tol, r.error
-                )
-            })
-            .collect();
-        assert!(
-            failed.is_empty(),
-            "{dev} (seed {s}):\n{}",
-            failed.join("\n")
-        );
-    }
+fn conformance_rows_pass_on_gpus() {
+    common::assert_conformance(vpr_engine::ops::reduce::conformance, "reduce conformance");
 }
 
 /// Rows of `n` values with planted NaNs, ties and infinities at positions that land in different

@@ -110,27 +110,8 @@ fn gpu_matches_cpu_for_short_and_long_rows() {
 }
 
 #[test]
-fn conformance_table_passes_on_gpu() {
-    let s = seed("conformance_table_passes_on_gpu");
-    for dev in gpu_devices() {
-        let rows = vpr_engine::ops::softmax::conformance(&dev, s).unwrap();
-        assert!(rows.len() >= 3 * 2 * 6);
-        let failed: Vec<String> = rows
-            .iter()
-            .filter(|r| !r.passed())
-            .map(|r| {
-                format!(
-                    "{} {} {}: err {:e} tol {:e} {:?}",
-                    r.kernel, r.dtype, r.shape, r.max_err, r.tol, r.error
-                )
-            })
-            .collect();
-        assert!(
-            failed.is_empty(),
-            "{dev} (seed {s}):\n{}",
-            failed.join("\n")
-        );
-    }
+fn conformance_rows_pass_on_gpus() {
+    common::assert_conformance(vpr_engine::ops::softmax::conformance, "softmax conformance");
 }
 
 #[test]

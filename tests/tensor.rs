@@ -42,21 +42,8 @@ fn views_index_like_pytorch() {
 }
 
 #[test]
-fn copies_and_casts_match_the_cpu_on_the_virtual_gpu() {
-    let s = seed("copies_and_casts");
-    for device in gpu_devices() {
-        for row in vpr_engine::ops::copy::conformance(&device, s).unwrap() {
-            assert!(
-                row.passed(),
-                "{} {} {}: err {} {:?} (VPR_TEST_SEED={s})",
-                row.kernel,
-                row.dtype,
-                row.shape,
-                row.max_err,
-                row.error
-            );
-        }
-    }
+fn copies_and_casts_match_the_cpu_on_gpus() {
+    common::assert_conformance(vpr_engine::ops::copy::conformance, "copy conformance");
 }
 
 #[test]

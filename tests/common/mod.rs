@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: seeds, devices and comparisons.
 #![allow(dead_code)]
 
-use vpr_engine::check::max_error;
+use vpr_engine::check::{max_error, CheckRow};
 use vpr_engine::{Device, Tensor};
 
 /// A fresh seed per run (or `VPR_TEST_SEED`), printed so a failure can be replayed.
@@ -68,3 +68,30 @@ pub fn assert_tensor_close(got: &Tensor, want: &Tensor, tol: f64, what: &str, se
 
 /// Awkward sizes: 1, primes, one past powers of two.
 pub const ODD_SIZES: &[usize] = &[1, 7, 33, 257];
+
+/// Runs an op family's conformance cases on every GPU and asserts that each row passes.
+pub fn assert_conformance(
+    cases: fn(&Device, u64) -> vpr_engine::Result<Vec<CheckRow>>,
+    test: &str,
+) {
+    let s = seed(test);
+    for device in gpu_devices() {
+        let rows = cases(&device, s).unwrap();
+        assert!(!rows.is_empty());
+        let failed: Vec<String> = rows
+            .iter()
+            .filter(|r| !r.passed())
+            .map(|r| {
+                format!(
+                    "{} {} {}: err {:e} tol {:e} {:?}",
+                    r.kernel, r.dtype, r.shape, r.max_err, r.tol, r.error
+                )
+            })
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{device}: replay with VPR_TEST_SEED={s}:\n{}",
+            failed.join("\n")
+        );
+    }
+}
