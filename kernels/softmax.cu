@@ -185,3 +185,134 @@ __device__ void softmax_block(const T* in, T* out, long long rows, long long n) 
 SOFTMAX_DTYPE(f32, float)
 SOFTMAX_DTYPE(f16, f16)
 SOFTMAX_DTYPE(bf16, bf16)
+
+// ---------------------------------------------------------------- backward
+//
+// softmax_backward_<dt>(y, dy, dx, rows, n, width) and log_softmax_backward_<dt>(...): from the
+// forward's output y and its gradient dy (both dense [rows, n], like dx):
+//   softmax:      dx = y * (dy - sum(dy * y))
+//   log_softmax:  dx = dy - exp(y) * sum(dy)
+// Same work split as the forward: `width` of 1..32 gives each row a group of that many lanes of a
+// warp (rows up to 1024; 8 warps per block), width 0 gives each row a whole block. Two reads of a
+// row: the first reduces (log_softmax reads only dy there), the second writes; f32 math throughout.
+// Vector accesses when y, dy and dx sit at the same offset from 16-byte alignment (true for the
+// dense buffers the host passes).
+
+// Sum over aligned groups of `width` lanes; every lane of the warp must call it.
+__device__ __forceinline__ float group_sum(float v, int width) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    if (o < width) v += __shfl_xor_sync(FULL_MASK, v, o);
+  }
+  return v;
+}
+
+// Every thread of the block gets the block's sum. Every thread must call it.
+__device__ float block_sum(float v) {
+  EMU_SHARED(float, warp_part, [32]);
+  EMU_SHARED(float, total, [1]);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = group_sum(v, 32);
+  __syncthreads();  // the previous row's readers are done with `total`
+  if (lane == 0) warp_part[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float w = lane < warps ? warp_part[lane] : 0.f;
+    w = group_sum(w, 32);
+    if (lane == 0) total[0] = w;
+  }
+  __syncthreads();
+  return total[0];
+}
+
+template <bool LOG>
+__device__ __forceinline__ float grad_term(float y, float dy) {
+  return LOG ? dy : dy * y;
+}
+
+template <bool LOG>
+__device__ __forceinline__ float grad_out(float y, float dy, float s) {
+  return LOG ? dy - expf(y) * s : y * (dy - s);
+}
+
+// This thread's part (elements t, t + nt, ... of the head, vectors and tail) of the row's sum.
+template <class T, bool LOG>
+__device__ __forceinline__ float row_grad_sum(const T* y, const T* dy, long long n, int t, int nt, bool vectors) {
+  constexpr int V = 16 / sizeof(T);
+  float acc = 0.f;
+  const long long head = vectors ? aligned_head(dy, n) : n, nvec = (n - head) / V;
+  for (long long k = t; k < head; k += nt) acc += grad_term<LOG>(to_f32(y[k]), to_f32(dy[k]));
+  const uint4* vy = reinterpret_cast<const uint4*>(y + head);
+  const uint4* vg = reinterpret_cast<const uint4*>(dy + head);
+  for (long long k = t; k < nvec; k += nt) {
+    Vec<T> a, b;
+    if (!LOG) a.raw = vy[k];  // log_softmax sums dy alone
+    b.raw = vg[k];
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc += grad_term<LOG>(LOG ? 0.f : to_f32(a.e[j]), to_f32(b.e[j]));
+  }
+  for (long long k = head + nvec * V + t; k < n; k += nt) acc += grad_term<LOG>(to_f32(y[k]), to_f32(dy[k]));
+  return acc;
+}
+
+template <class T, bool LOG>
+__device__ __forceinline__ void row_grad_write(const T* y, const T* dy, T* dx, long long n, int t, int nt, bool vectors,
+                                               float s) {
+  constexpr int V = 16 / sizeof(T);
+  const long long head = vectors ? aligned_head(dy, n) : n, nvec = (n - head) / V;
+  for (long long k = t; k < head; k += nt) dx[k] = from_f32<T>(grad_out<LOG>(to_f32(y[k]), to_f32(dy[k]), s));
+  const uint4* vy = reinterpret_cast<const uint4*>(y + head);
+  const uint4* vg = reinterpret_cast<const uint4*>(dy + head);
+  uint4* vx = reinterpret_cast<uint4*>(dx + head);
+  for (long long k = t; k < nvec; k += nt) {
+    Vec<T> a, b;
+    a.raw = vy[k];
+    b.raw = vg[k];
+#pragma unroll
+    for (int j = 0; j < V; ++j) a.e[j] = from_f32<T>(grad_out<LOG>(to_f32(a.e[j]), to_f32(b.e[j]), s));
+    vx[k] = a.raw;
+  }
+  for (long long k = head + nvec * V + t; k < n; k += nt) dx[k] = from_f32<T>(grad_out<LOG>(to_f32(y[k]), to_f32(dy[k]), s));
+}
+
+template <class T, bool LOG>
+__device__ void softmax_backward(const T* y, const T* dy, T* dx, long long rows, long long n, int width) {
+  const unsigned long long a = (unsigned long long)y, b = (unsigned long long)dy, c = (unsigned long long)dx;
+  const bool vectors = ((a ^ b) & 15) == 0 && ((a ^ c) & 15) == 0;
+  if (width == 0) {
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+      const long long o = r * n;
+      const float s = block_sum(row_grad_sum<T, LOG>(y + o, dy + o, n, threadIdx.x, blockDim.x, vectors));
+      row_grad_write<T, LOG>(y + o, dy + o, dx + o, n, threadIdx.x, blockDim.x, vectors, s);
+    }
+    return;
+  }
+  // groups of `width` lanes per row; the loop runs over groups of rows so that its trip count, and
+  // with it the shuffles, is uniform across the warp
+  const int lane = threadIdx.x & 31, t = lane & (width - 1);
+  const long long rows_per_warp = 32 / width, warps = blockDim.x >> 5;
+  for (long long r0 = (blockIdx.x * warps + (threadIdx.x >> 5)) * rows_per_warp; r0 < rows;
+       r0 += gridDim.x * warps * rows_per_warp) {
+    const long long r = r0 + lane / width, o = r * n;
+    float s = 0.f;
+    if (r < rows) s = row_grad_sum<T, LOG>(y + o, dy + o, n, t, width, vectors);
+    s = group_sum(s, width);
+    if (r < rows) row_grad_write<T, LOG>(y + o, dy + o, dx + o, n, t, width, vectors, s);
+  }
+}
+
+// __launch_bounds__(1024, 1): the block mode may use up to 1024 threads. Naming the minimum of one
+// block per SM explicitly matters: without it ptxas (sm_80) squeezed this kernel into 32 registers
+// and spilled; with it the kernel takes ~50 registers, no spills.
+#define SOFTMAX_BACKWARD_ENTRIES(dt, T)                                                                             \
+  extern "C" __global__ void __launch_bounds__(1024, 1)                                                             \
+      softmax_backward_##dt(const T* y, const T* dy, T* dx, long long rows, long long n, int width) {              \
+    softmax_backward<T, false>(y, dy, dx, rows, n, width);                                                          \
+  }                                                                                                                 \
+  extern "C" __global__ void __launch_bounds__(1024, 1)                                                             \
+      log_softmax_backward_##dt(const T* y, const T* dy, T* dx, long long rows, long long n, int width) {          \
+    softmax_backward<T, true>(y, dy, dx, rows, n, width);                                                           \
+  }
+SOFTMAX_BACKWARD_ENTRIES(f32, float)
+SOFTMAX_BACKWARD_ENTRIES(f16, f16)
+SOFTMAX_BACKWARD_ENTRIES(bf16, bf16)

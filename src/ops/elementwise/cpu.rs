@@ -225,6 +225,178 @@ fn map2<T: Element>(
     out
 }
 
+/// Twin of the `<op>_backward_<dtype>` kernels: `dx = dy * op'(x)` over dense `x` and `dy` of `n`
+/// elements, for the ops with a fused backward ([`UnaryOp::fused_backward`]).
+pub fn unary_backward(
+    x: &CpuStorage,
+    dy: &CpuStorage,
+    n: usize,
+    op: UnaryOp,
+) -> Result<CpuStorage> {
+    let l = Layout::contiguous(&[n])?;
+    with_cpu_float_storage!(x, xv, T => {
+        let Some(g) = T::slice(dy) else {
+            return dtype_err!("{} backward: input is {} but the gradient is {}", op.name(), x.dtype(), dy.dtype());
+        };
+        let out = match op {
+            UnaryOp::Sqrt => map2(xv, &l, g, &l, |x, dy| dy / (2.0 * x.sqrt())),
+            UnaryOp::Rsqrt => map2(xv, &l, g, &l, |x, dy| {
+                let r = 1.0 / x.sqrt();
+                -0.5 * dy * r * r * r
+            }),
+            UnaryOp::Relu => map2(xv, &l, g, &l, |x, dy| if x <= 0.0 { 0.0 } else { dy }),
+            UnaryOp::Gelu => map2(xv, &l, g, &l, gelu_grad),
+            UnaryOp::Sigmoid => map2(xv, &l, g, &l, |x, dy| {
+                let s = sigmoid(x);
+                dy * s * (1.0 - s)
+            }),
+            UnaryOp::Abs => map2(xv, &l, g, &l, |x, dy| {
+                if x > 0.0 {
+                    dy
+                } else if x < 0.0 {
+                    -dy
+                } else {
+                    0.0
+                }
+            }),
+            UnaryOp::Powf(p) => map2(xv, &l, g, &l, move |x, dy| {
+                if p == 0.0 {
+                    0.0
+                } else {
+                    dy * p * x.powf(p - 1.0)
+                }
+            }),
+            UnaryOp::Clamp(lo, hi) => {
+                map2(xv, &l, g, &l, move |x, dy| if x > lo && x < hi { dy } else { 0.0 })
+            }
+            UnaryOp::Neg | UnaryOp::Exp | UnaryOp::Log | UnaryOp::Affine(..) => {
+                return Err(crate::error::Error::Argument(format!(
+                    "{} has no fused backward kernel",
+                    op.name()
+                )))
+            }
+        };
+        Ok(T::into_storage(out))
+    }, _ => dtype_err!("{} backward needs a float tensor (f32, f16 or bf16), got {}", op.name(), x.dtype()))
+}
+
+/// d/dx x Φ(x) = Φ(x) + x φ(x), times dy.
+fn gelu_grad(x: f32, dy: f32) -> f32 {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+    dy * (cdf + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp())
+}
+
+/// The gradients of a and b (views with the output's shape) given the dense output gradient `dy`,
+/// both dense over the output's shape: twin of the `<op>_backward_<dtype>` kernels of maximum,
+/// minimum and pow.
+pub fn binary_backward(
+    a: &CpuStorage,
+    la: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+    dy: &CpuStorage,
+    op: BinaryOp,
+) -> Result<(CpuStorage, CpuStorage)> {
+    let grad: fn(f32, f32, f32) -> (f32, f32) = match op {
+        BinaryOp::Maximum => |a, b, dy| {
+            let g = if a == b { 0.5 * dy } else { dy };
+            (if a < b { 0.0 } else { g }, if a > b { 0.0 } else { g })
+        },
+        BinaryOp::Minimum => |a, b, dy| {
+            let g = if a == b { 0.5 * dy } else { dy };
+            (if a > b { 0.0 } else { g }, if a < b { 0.0 } else { g })
+        },
+        BinaryOp::Pow => |a, b, dy| {
+            let da = if b == 0.0 {
+                0.0
+            } else {
+                dy * b * a.powf(b - 1.0)
+            };
+            let db = if a == 0.0 && b >= 0.0 {
+                0.0
+            } else {
+                dy * a.powf(b) * a.ln()
+            };
+            (da, db)
+        },
+        _ => {
+            return Err(crate::error::Error::Argument(format!(
+                "{} has no fused backward kernel",
+                op.name()
+            )))
+        }
+    };
+    let l = Layout::contiguous(la.shape())?;
+    with_cpu_float_storage!(a, x, T => {
+        let (Some(y), Some(g)) = (T::slice(b), T::slice(dy)) else {
+            return dtype_err!("{} backward: operands {} and {}, gradient {}", op.name(), a.dtype(), b.dtype(), dy.dtype());
+        };
+        // two passes (one per output) keep to map3's single-output shape; this is the reference path
+        let da = map3(x, la, y, lb, g, &l, move |a, b, dy| grad(a, b, dy).0);
+        let db = map3(x, la, y, lb, g, &l, move |a, b, dy| grad(a, b, dy).1);
+        Ok((T::into_storage(da), T::into_storage(db)))
+    }, _ => dtype_err!("{} backward needs float tensors (f32, f16 or bf16), got {}", op.name(), a.dtype()))
+}
+
+/// Twin of `select_backward_<dtype>`: `g` and the i64 `idx` dense over `[outer, inner]`, the result
+/// dense over `[outer, n, inner]` with `g[o, j]` at `k = idx[o, j]` and 0 elsewhere.
+pub fn select_backward(
+    idx: &CpuStorage,
+    g: &CpuStorage,
+    outer: usize,
+    n: usize,
+    inner: usize,
+) -> Result<CpuStorage> {
+    let Some(idx) = i64::slice(idx) else {
+        return dtype_err!("select backward needs i64 indices, got {}", idx.dtype());
+    };
+    with_cpu_float_storage!(g, gv, T => {
+        let mut out = vec![T::from_f32(0.0); outer * n * inner];
+        parallel_fill(&mut out, |start, chunk| {
+            for (k, o) in chunk.iter_mut().enumerate() {
+                let i = start + k;
+                let (j, t) = (i % inner, i / inner);
+                let slice = (t / n) * inner + j;
+                if idx[slice] == (t % n) as i64 {
+                    *o = gv[slice];
+                }
+            }
+        });
+        Ok(T::into_storage(out))
+    }, _ => dtype_err!("select backward needs a float gradient (f32, f16 or bf16), got {}", g.dtype()))
+}
+
+/// `map2` with a third operand, for the backward twins: all views have the output's shape.
+fn map3<T: Element>(
+    a: &[T],
+    la: &Layout,
+    b: &[T],
+    lb: &Layout,
+    c: &[T],
+    lc: &Layout,
+    f: impl Fn(f32, f32, f32) -> f32 + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::from_f32(0.0); la.numel()];
+    if out.is_empty() {
+        return out;
+    }
+    let (shape, strides) = coalesce(la.shape(), [la.strides(), lb.strides(), lc.strides()]);
+    parallel_fill(&mut out, |start, chunk| {
+        walk(
+            &shape,
+            &strides,
+            [la.offset(), lb.offset(), lc.offset()],
+            start,
+            chunk.len(),
+            |k, [i, j, m]| {
+                chunk[k] = T::from_f32(f(a[i].to_f32(), b[j].to_f32(), c[m].to_f32()));
+            },
+        );
+    });
+    out
+}
+
 /// Fills `out` by calling `fill(start, chunk)` on consecutive chunks, on several threads when
 /// `out` is large enough.
 fn parallel_fill<T: Send>(out: &mut [T], fill: impl Fn(usize, &mut [T]) + Sync) {

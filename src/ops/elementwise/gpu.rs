@@ -114,3 +114,97 @@ pub fn binary(
     }
     Ok(out)
 }
+
+/// `<op>_backward_<dtype>`: dx = dy * op'(x) over `n` elements of dense `x` and `dy` (both at
+/// offset 0).
+pub fn unary_backward(
+    x: &GpuBuffer,
+    dy: &GpuBuffer,
+    n: usize,
+    dtype: DType,
+    op: UnaryOp,
+) -> Result<GpuBuffer> {
+    let gpu = x.gpu();
+    let out = gpu.alloc(n * dtype.size_in_bytes())?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let (p0, p1) = op.params();
+    let mut args = KernelArgs::new();
+    args.ptr(x, 0)
+        .ptr(dy, 0)
+        .ptr(&out, 0)
+        .push(n as i64)
+        .push(p0)
+        .push(p1);
+    gpu.launch(
+        &format!("{}_backward_{dtype}", op.name()),
+        dense_launch(n, &[0], dtype),
+        &mut args,
+    )?;
+    Ok(out)
+}
+
+/// `<op>_backward_<dtype>` of maximum, minimum or pow: the gradients of `a` and `b` (views with the
+/// output's shape) over the output's shape, each only when `need` says so. `dy` is dense at
+/// offset 0.
+pub fn binary_backward(
+    (a, la): (&GpuBuffer, &Layout),
+    (b, lb): (&GpuBuffer, &Layout),
+    dy: &GpuBuffer,
+    dtype: DType,
+    op: BinaryOp,
+    need: [bool; 2],
+) -> Result<[Option<GpuBuffer>; 2]> {
+    let gpu = a.gpu();
+    let (n, size) = (la.numel(), dtype.size_in_bytes());
+    let outs = need.map(|w| w.then(|| gpu.alloc(n * size)).transpose());
+    let [da, db] = outs;
+    let (da, db) = (da?, db?);
+    if n == 0 {
+        return Ok([da, db]);
+    }
+    let (shape, [sa, sb]) = coalesce(la.shape(), [la.strides(), lb.strides()]);
+    let mut args = KernelArgs::new();
+    args.ptr(a, la.offset() * size)
+        .push(desc(&shape, &sa))
+        .ptr(b, lb.offset() * size)
+        .push(desc(&shape, &sb))
+        .ptr(dy, 0);
+    for out in [&da, &db] {
+        match out {
+            Some(buf) => args.ptr(buf, 0),
+            None => args.push(0u64), // a null pointer: the kernel skips that gradient
+        };
+    }
+    args.push(n as i64);
+    let cfg = LaunchConfig::linear(n, LINEAR_THREADS, LINEAR_MAX_BLOCKS);
+    gpu.launch(&format!("{}_backward_{dtype}", op.name()), cfg, &mut args)?;
+    Ok([da, db])
+}
+
+/// `select_backward_<dtype>`: the dense `[outer, n, inner]` gradient of picking element `idx` (i64,
+/// dense over `[outer, inner]`) of each slice, from the dense gradient `g` of the picks.
+pub fn select_backward(
+    idx: &GpuBuffer,
+    g: &GpuBuffer,
+    (outer, n, inner): (usize, usize, usize),
+    dtype: DType,
+) -> Result<GpuBuffer> {
+    let gpu = g.gpu();
+    let total = outer * n * inner;
+    let out = gpu.alloc(total * dtype.size_in_bytes())?;
+    if total == 0 {
+        return Ok(out);
+    }
+    let mut args = KernelArgs::new();
+    args.ptr(idx, 0)
+        .ptr(g, 0)
+        .ptr(&out, 0)
+        .push(n as i64)
+        .push(inner as i64)
+        .push(total as i64);
+    let cfg = LaunchConfig::linear(total, LINEAR_THREADS, LINEAR_MAX_BLOCKS);
+    gpu.launch(&format!("select_backward_{dtype}"), cfg, &mut args)?;
+    Ok(out)
+}

@@ -4,13 +4,21 @@
 //!
 //! Every op goes through [`Tensor::unary`] or [`Tensor::binary`], so a backward rule can name the
 //! op it needs as a value (`UnaryOp::Affine(..)`, `BinaryOp::Mul` ...) and call the same code.
+//!
+//! Backward rules: neg, exp, log, affine and the arithmetic binary ops compose existing ops (one
+//! pass each over the gradient); the unary ops whose derivative would take several passes
+//! (sqrt, rsqrt, relu, gelu, sigmoid, abs, powf, clamp) and maximum, minimum and pow have fused
+//! kernels `<op>_backward_<dtype>`. Gradients of broadcast operands are summed back with
+//! `autograd::sum_to_shape`. Non-differentiable points follow torch: relu' = 0 at x <= 0, abs' = 0
+//! at 0, clamp passes the gradient strictly inside (lo, hi), maximum/minimum split ties evenly.
 
 mod cpu;
 mod gpu;
 
+use crate::autograd::{self, sum_to_shape};
 use crate::device::Device;
 use crate::dtype::DType;
-use crate::error::{dtype_err, Error, Result};
+use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::layout::{broadcast_shapes, Layout};
 use crate::ops::copy::check_extent;
 use crate::tensor::{Storage, Tensor};
@@ -72,6 +80,14 @@ impl UnaryOp {
         }
     }
 
+    /// Whether the backward is a fused kernel `<name>_backward_<dtype>` (else it composes ops).
+    pub fn fused_backward(self) -> bool {
+        !matches!(
+            self,
+            UnaryOp::Neg | UnaryOp::Exp | UnaryOp::Log | UnaryOp::Affine(..)
+        )
+    }
+
     /// The two scalar parameters the kernels take (unused ones are 0).
     fn params(self) -> (f32, f32) {
         match self {
@@ -108,6 +124,11 @@ impl BinaryOp {
         BinaryOp::Pow,
     ];
 
+    /// Whether the backward is a fused kernel `<name>_backward_<dtype>` (else it composes ops).
+    pub fn fused_backward(self) -> bool {
+        matches!(self, BinaryOp::Maximum | BinaryOp::Minimum | BinaryOp::Pow)
+    }
+
     /// The op's name in kernel names (`binary_<name>_<dtype>`).
     pub fn name(self) -> &'static str {
         match self {
@@ -125,6 +146,32 @@ impl BinaryOp {
 impl Tensor {
     /// `op` applied to every element; the result is dense, with this tensor's shape and dtype.
     pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
+        let out = self.unary_forward(op)?;
+        if !self.is_requires_grad() || !autograd::is_grad_enabled() {
+            return Ok(out);
+        }
+        // keep alive only what the rule reads: the output for exp, nothing for the linear ops, else
+        // the input
+        let (dtype, saved) = match op {
+            UnaryOp::Neg | UnaryOp::Affine(..) => (self.dtype(), None),
+            UnaryOp::Exp => (self.dtype(), Some(out.clone())),
+            _ => (self.dtype(), Some(self.clone())),
+        };
+        Ok(autograd::record(out, &[self], move |g, _| {
+            let g = g.to_dtype(dtype)?;
+            let dx = match op {
+                UnaryOp::Neg => g.neg()?,
+                UnaryOp::Affine(mul, _) => g.mul_scalar(mul as f64)?,
+                UnaryOp::Exp => g.mul(saved_tensor(&saved)?)?,
+                UnaryOp::Log => g.div(saved_tensor(&saved)?)?,
+                _ => Tensor::unary_backward(saved_tensor(&saved)?, &g, op)?,
+            };
+            Ok(vec![Some(dx)])
+        }))
+    }
+
+    /// The forward of [`Tensor::unary`], recording nothing.
+    fn unary_forward(&self, op: UnaryOp) -> Result<Tensor> {
         self.dtype().require_float(op.name())?;
         check_extent(self)?;
         let layout = Layout::contiguous(self.shape())?;
@@ -143,6 +190,71 @@ impl Tensor {
     /// `op(self, rhs)` elementwise over the broadcast shape of both (NumPy rules). Both must have
     /// the same float dtype and live on the same device.
     pub fn binary(&self, op: BinaryOp, rhs: &Tensor) -> Result<Tensor> {
+        let out = self.binary_forward(op, rhs)?;
+        let tracked = self.is_requires_grad() || rhs.is_requires_grad();
+        if !tracked || !autograd::is_grad_enabled() {
+            return Ok(out);
+        }
+        // keep alive only what the rule reads (d/da of a * b reads b, d/db reads a, ...)
+        let (need_a, need_b) = (self.is_requires_grad(), rhs.is_requires_grad());
+        let keep = |t: &Tensor, used: bool| used.then(|| t.clone());
+        let (a, b, y) = match op {
+            BinaryOp::Add | BinaryOp::Sub => (None, None, None),
+            BinaryOp::Mul => (keep(self, need_b), keep(rhs, need_a), None),
+            BinaryOp::Div => (None, Some(rhs.clone()), keep(&out, need_b)),
+            BinaryOp::Maximum | BinaryOp::Minimum | BinaryOp::Pow => {
+                (Some(self.clone()), Some(rhs.clone()), None)
+            }
+        };
+        let shapes = [self.shape().to_vec(), rhs.shape().to_vec()];
+        let dtype = self.dtype();
+        Ok(autograd::record(out, &[self, rhs], move |g, needs| {
+            let g = g.to_dtype(dtype)?;
+            if op.fused_backward() {
+                let (a, b) = (saved_tensor(&a)?, saved_tensor(&b)?);
+                let grads = Tensor::binary_backward(a, b, &g, op, [needs[0], needs[1]])?;
+                return grads
+                    .into_iter()
+                    .zip(&shapes)
+                    .map(|(t, shape)| t.map(|t| sum_to_shape(&t, shape)).transpose())
+                    .collect();
+            }
+            // each operand's gradient over the output's shape up to its sign, computed only when
+            // needed; the sign is applied after summing back over broadcast dimensions
+            let full = |operand: usize| -> Result<Tensor> {
+                match (op, operand) {
+                    (BinaryOp::Add | BinaryOp::Sub, _) => Ok(g.clone()),
+                    (BinaryOp::Mul, 0) => g.mul(saved_tensor(&b)?),
+                    (BinaryOp::Mul, _) => g.mul(saved_tensor(&a)?),
+                    (BinaryOp::Div, 0) => g.div(saved_tensor(&b)?),
+                    // d/db a/b = -g a / b² = -(g / b) y
+                    (BinaryOp::Div, _) => g.div(saved_tensor(&b)?)?.mul(saved_tensor(&y)?),
+                    _ => unreachable!("fused backward ops returned above"),
+                }
+            };
+            let negated =
+                |operand: usize| matches!((op, operand), (BinaryOp::Sub | BinaryOp::Div, 1));
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, shape)| {
+                    needs[i]
+                        .then(|| {
+                            let t = sum_to_shape(&full(i)?, shape)?;
+                            if negated(i) {
+                                t.neg()
+                            } else {
+                                Ok(t)
+                            }
+                        })
+                        .transpose()
+                })
+                .collect()
+        }))
+    }
+
+    /// The forward of [`Tensor::binary`], recording nothing.
+    fn binary_forward(&self, op: BinaryOp, rhs: &Tensor) -> Result<Tensor> {
         let name = op.name();
         if self.dtype() != rhs.dtype() {
             return dtype_err!(
@@ -177,6 +289,131 @@ impl Tensor {
             Layout::contiguous(&shape)?,
             self.dtype(),
             self.device().clone(),
+        ))
+    }
+
+    /// `dy * op'(x)` through the fused `<op>_backward_<dtype>` kernel (or its CPU twin).
+    pub(crate) fn unary_backward(x: &Tensor, dy: &Tensor, op: UnaryOp) -> Result<Tensor> {
+        if x.shape() != dy.shape() || x.dtype() != dy.dtype() {
+            return shape_err!(
+                "{} backward: input {} {:?}, gradient {} {:?}",
+                op.name(),
+                x.dtype(),
+                x.shape(),
+                dy.dtype(),
+                dy.shape()
+            );
+        }
+        x.same_device(dy, op.name())?;
+        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+        let n = x.numel();
+        let storage = match (x.storage(), dy.storage()) {
+            (Storage::Cpu(xs), Storage::Cpu(gs)) => {
+                Storage::Cpu(cpu::unary_backward(xs, gs, n, op)?)
+            }
+            (Storage::Gpu(xb), Storage::Gpu(gb)) => {
+                Storage::Gpu(gpu::unary_backward(xb, gb, n, x.dtype(), op)?)
+            }
+            _ => unreachable!("same_device checked that both storages are on one device"),
+        };
+        Ok(Tensor::from_parts(
+            storage,
+            Layout::contiguous(x.shape())?,
+            x.dtype(),
+            x.device().clone(),
+        ))
+    }
+
+    /// The gradients of `a` and `b` over the output's shape (not yet summed over broadcast
+    /// dimensions) for maximum, minimum and pow, each only where `need` asks.
+    pub(crate) fn binary_backward(
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+        op: BinaryOp,
+        need: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]> {
+        let shape = broadcast_shapes(a.shape(), b.shape())?;
+        if dy.shape() != shape.as_slice() || a.dtype() != b.dtype() || a.dtype() != dy.dtype() {
+            return shape_err!(
+                "{} backward: operands {} {:?} and {} {:?}, gradient {} {:?}",
+                op.name(),
+                a.dtype(),
+                a.shape(),
+                b.dtype(),
+                b.shape(),
+                dy.dtype(),
+                dy.shape()
+            );
+        }
+        a.same_device(b, op.name())?;
+        a.same_device(dy, op.name())?;
+        let dy = dy.contiguous()?;
+        let (la, lb) = (
+            a.layout().broadcast_to(&shape)?,
+            b.layout().broadcast_to(&shape)?,
+        );
+        let layout = Layout::contiguous(&shape)?;
+        let wrap =
+            |s: Storage| Tensor::from_parts(s, layout.clone(), a.dtype(), a.device().clone());
+        match (a.storage(), b.storage(), dy.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(y), Storage::Cpu(g)) => {
+                let (da, db) = cpu::binary_backward(x, &la, y, &lb, g, op)?;
+                let mut grads = [Some(Storage::Cpu(da)), Some(Storage::Cpu(db))];
+                for (g, &w) in grads.iter_mut().zip(&need) {
+                    if !w {
+                        *g = None;
+                    }
+                }
+                Ok(grads.map(|g| g.map(wrap)))
+            }
+            (Storage::Gpu(x), Storage::Gpu(y), Storage::Gpu(g)) => {
+                let grads = gpu::binary_backward((x, &la), (y, &lb), g, a.dtype(), op, need)?;
+                Ok(grads.map(|g| g.map(|b| wrap(Storage::Gpu(b)))))
+            }
+            _ => unreachable!("same_device checked that the storages are on one device"),
+        }
+    }
+
+    /// The gradient of picking, along `dim` of a tensor of `shape`, the element at `idx` (i64, one
+    /// per slice, shaped like the reduction's output with or without keepdim) from the gradient
+    /// `g` of the picks: `g` at the picked elements, 0 elsewhere (the backward of max and min).
+    pub(crate) fn select_backward(
+        idx: &Tensor,
+        g: &Tensor,
+        shape: &[usize],
+        dim: usize,
+    ) -> Result<Tensor> {
+        let (outer, n, inner) = (
+            shape[..dim].iter().product::<usize>(),
+            shape[dim],
+            shape[dim + 1..].iter().product::<usize>(),
+        );
+        if idx.dtype() != DType::I64 || idx.numel() != outer * inner || g.numel() != outer * inner {
+            return shape_err!(
+                "select backward along {dim} of {shape:?}: indices {} {:?}, gradient {:?}",
+                idx.dtype(),
+                idx.shape(),
+                g.shape()
+            );
+        }
+        g.dtype().require_float("select backward")?;
+        idx.same_device(g, "select backward")?;
+        let (idx, g) = (idx.contiguous()?, g.contiguous()?);
+        let storage = match (idx.storage(), g.storage()) {
+            (Storage::Cpu(i), Storage::Cpu(gs)) => {
+                Storage::Cpu(cpu::select_backward(i, gs, outer, n, inner)?)
+            }
+            (Storage::Gpu(i), Storage::Gpu(gb)) => {
+                Storage::Gpu(gpu::select_backward(i, gb, (outer, n, inner), g.dtype())?)
+            }
+            _ => unreachable!("same_device checked that both storages are on one device"),
+        };
+        Ok(Tensor::from_parts(
+            storage,
+            Layout::contiguous(shape)?,
+            g.dtype(),
+            g.device().clone(),
         ))
     }
 
@@ -253,6 +490,14 @@ impl Tensor {
     pub fn pow(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary(BinaryOp::Pow, rhs)
     }
+}
+
+/// A tensor a backward rule saved at record time; saved whenever the rule can read it, so a
+/// missing one is a bug in the rule, reported rather than panicking.
+fn saved_tensor(t: &Option<Tensor>) -> Result<&Tensor> {
+    t.as_ref().ok_or_else(|| {
+        Error::Argument("elementwise backward: a needed tensor was not saved".into())
+    })
 }
 
 /// The error function, within 2e-15 of the true value. The CPU GELU uses it (Rust's `f64::erf`
@@ -360,8 +605,102 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
                 tol,
             ));
         }
+        rows.extend(backward_conformance(
+            device,
+            seed.wrapping_add(d as u64 * 100),
+            dtype,
+        )?);
     }
     Ok(rows)
+}
+
+/// The fused backward kernels on `device` against their CPU twins: unary (odd size, so the vector
+/// loop has a tail), binary with both operands broadcasting, and select.
+fn backward_conformance(
+    device: &Device,
+    seed: u64,
+    dtype: DType,
+) -> Result<Vec<crate::check::CheckRow>> {
+    use crate::check::compare;
+    let (cpu, tol) = (Device::Cpu, dtype.tolerance());
+    let on = |t: &Tensor| t.to_device(device);
+    let mut rows = Vec::new();
+    for (i, &op) in UnaryOp::ALL.iter().enumerate() {
+        if !op.fused_backward() {
+            continue;
+        }
+        let (lo, hi) = unary_domain(op);
+        let s = seed.wrapping_add(1000 + 2 * i as u64);
+        let x = Tensor::rand_uniform(&[7, 37], lo, hi, s, dtype, &cpu)?;
+        let g = Tensor::rand_uniform(&[7, 37], -2.0, 2.0, s + 1, dtype, &cpu)?;
+        rows.push(compare(
+            &format!("{}_backward_{dtype}", op.name()),
+            dtype,
+            &[7, 37],
+            Tensor::unary_backward(&on(&x)?, &on(&g)?, op),
+            Tensor::unary_backward(&x, &g, op),
+            tol,
+        ));
+    }
+    for (i, &op) in BinaryOp::ALL.iter().enumerate() {
+        if !op.fused_backward() {
+            continue;
+        }
+        let ((alo, ahi), (blo, bhi)) = binary_domain(op);
+        let s = seed.wrapping_add(1100 + 3 * i as u64);
+        let a = Tensor::rand_uniform(&[3, 1, 67], alo, ahi, s, dtype, &cpu)?;
+        let b = Tensor::rand_uniform(&[5, 1], blo, bhi, s + 1, dtype, &cpu)?;
+        // maximum and minimum: a tie, on which the gradient splits, at output (0, 4, 5)
+        let b = if op == BinaryOp::Pow {
+            b
+        } else {
+            let tie = a.narrow(0, 0, 1)?.narrow(2, 5, 1)?.reshape(&[1, 1])?;
+            Tensor::cat(&[&b.narrow(0, 0, 4)?, &tie], 0)?
+        };
+        let g = Tensor::rand_uniform(&[3, 5, 67], -2.0, 2.0, s + 2, dtype, &cpu)?;
+        let got = Tensor::binary_backward(&on(&a)?, &on(&b)?, &on(&g)?, op, [true, true]);
+        let want = Tensor::binary_backward(&a, &b, &g, op, [true, true]);
+        let (got, want) = (split_pair(got), split_pair(want));
+        for (which, got, want) in [("da", got.0, want.0), ("db", got.1, want.1)] {
+            rows.push(compare(
+                &format!("{}_backward_{dtype} ({which})", op.name()),
+                dtype,
+                &[3, 5, 67],
+                got,
+                want,
+                tol,
+            ));
+        }
+    }
+    // max along the middle axis of [3, 33, 7]: picks at every position of the reduced axis
+    let x = Tensor::randn(
+        &[3, 33, 7],
+        0.0,
+        1.0,
+        seed.wrapping_add(1200),
+        DType::F32,
+        &cpu,
+    )?;
+    let idx = x.argmax(1, false)?;
+    let g = Tensor::rand_uniform(&[3, 7], -2.0, 2.0, seed.wrapping_add(1201), dtype, &cpu)?;
+    rows.push(compare(
+        &format!("select_backward_{dtype}"),
+        dtype,
+        &[3, 33, 7],
+        Tensor::select_backward(&on(&idx)?, &on(&g)?, &[3, 33, 7], 1),
+        Tensor::select_backward(&idx, &g, &[3, 33, 7], 1),
+        0.0,
+    ));
+    Ok(rows)
+}
+
+/// Both gradients of a fused binary backward as results of their own (an error goes to both).
+fn split_pair(r: Result<[Option<Tensor>; 2]>) -> (Result<Tensor>, Result<Tensor>) {
+    let missing = || Error::Argument("no gradient computed".into());
+    match r {
+        Ok([a, b]) => (a.ok_or_else(missing), b.ok_or_else(missing)),
+        Err(e) => (Err(Error::Argument(e.to_string())), Err(e)),
+    }
 }
 
 /// Input range where `op` is defined and well conditioned.

@@ -3,12 +3,19 @@
 //! dtype, except argmax which gives i64 indices. NaN follows torch: max, min and argmax return the
 //! NaN (argmax its first index); argmax ties go to the first index. An empty reduced axis gives 0
 //! for sum and sum_sq, NaN for mean, and an error for max, min and argmax.
+//!
+//! Backward: sum and mean broadcast the gradient back over the reduced axis (mean divides by its
+//! length), sum_sq gives 2 x g. max and min give each slice's gradient to one element, the one
+//! argmax picks (for min, argmax of -x): the first index among equal extremes, the NaN where the
+//! slice holds one. torch.max(dim) also routes a tie to a single index (which one is up to its
+//! kernels); torch.amax would split it. argmax is not differentiable and records nothing.
 
 mod cpu;
 mod gpu;
 
 pub(crate) use gpu::lanes_per_row;
 
+use crate::autograd;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
@@ -106,11 +113,35 @@ impl Tensor {
     /// `op` along `dim`. A tensor of rank 0 accepts dim 0 or -1 and reduces its one element, as
     /// torch does.
     pub fn reduce(&self, op: ReduceOp, dim: isize, keepdim: bool) -> Result<Tensor> {
+        let out = autograd::no_grad(|| self.reduce_forward(op, dim, keepdim))?;
+        if op == ReduceOp::ArgMax || !self.is_requires_grad() || !autograd::is_grad_enabled() {
+            return Ok(out);
+        }
+        // sum and mean need only the input's shape; the others read the input
+        let x = matches!(op, ReduceOp::SumSq | ReduceOp::Max | ReduceOp::Min).then(|| self.clone());
+        let (shape, dtype) = (self.shape().to_vec(), self.dtype());
+        Ok(autograd::record(out, &[self], move |g, _| {
+            let g = g.to_dtype(dtype)?;
+            Ok(vec![Some(reduce_backward(
+                op,
+                dim,
+                &shape,
+                x.as_ref(),
+                &g,
+            )?)])
+        }))
+    }
+
+    /// The forward of [`Tensor::reduce`], recording nothing.
+    fn reduce_forward(&self, op: ReduceOp, dim: isize, keepdim: bool) -> Result<Tensor> {
         let what = format!("{}(dim {dim}) of shape {:?}", op.name(), self.shape());
         self.dtype().require_float(&what)?;
         if self.rank() == 0 {
             resolve_dim(dim, 1, &what)?;
-            return self.reshape(&[1])?.reduce(op, 0, false)?.reshape(&[]);
+            return self
+                .reshape(&[1])?
+                .reduce_forward(op, 0, false)?
+                .reshape(&[]);
         }
         let d = resolve_dim(dim, self.rank(), &what)?;
         let shape = self.shape();
@@ -157,22 +188,78 @@ impl Tensor {
     }
 }
 
+/// The gradient of the input (of `shape`; the input itself `x` where the rule reads it) of `op`
+/// (not argmax) along `dim`, from the gradient `g` of the output (with or without keepdim).
+fn reduce_backward(
+    op: ReduceOp,
+    dim: isize,
+    shape: &[usize],
+    x: Option<&Tensor>,
+    g: &Tensor,
+) -> Result<Tensor> {
+    if shape.iter().product::<usize>() == 0 {
+        return Tensor::zeros(shape, g.dtype(), g.device());
+    }
+    // rank 0 reduces its one element, like a [1] tensor along 0
+    let full: Vec<usize> = if shape.is_empty() {
+        vec![1]
+    } else {
+        shape.to_vec()
+    };
+    let d = resolve_dim(dim, full.len(), "reduce backward")?;
+    let mut kept = full.clone();
+    kept[d] = 1;
+    // the output gradient with the reduced dimension as size 1, broadcasting against the input
+    let g = g.reshape(&kept)?;
+    let input = || -> Result<Tensor> {
+        match x {
+            Some(x) => x.reshape(&full),
+            None => Err(crate::error::Error::Argument(format!(
+                "{} backward: the input was not saved",
+                op.name()
+            ))),
+        }
+    };
+    let dx = match op {
+        ReduceOp::Sum => g.broadcast_to(&full)?.contiguous()?,
+        ReduceOp::Mean => g
+            .mul_scalar(1.0 / full[d] as f64)?
+            .broadcast_to(&full)?
+            .contiguous()?,
+        ReduceOp::SumSq => input()?.mul(&g.mul_scalar(2.0)?)?,
+        ReduceOp::Max => {
+            Tensor::select_backward(&input()?.argmax(d as isize, true)?, &g, &full, d)?
+        }
+        ReduceOp::Min => {
+            let picks = input()?.neg()?.argmax(d as isize, true)?;
+            Tensor::select_backward(&picks, &g, &full, d)?
+        }
+        ReduceOp::ArgMax => {
+            return Err(crate::error::Error::Argument(
+                "argmax is not differentiable".into(),
+            ))
+        }
+    };
+    dx.reshape(shape)
+}
+
 /// Every reduction kernel (each launch path: warp rows, block rows, split rows, columns, split
 /// columns) in every dtype on `device`, against the CPU.
 pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
     use crate::check::compare;
     let mut rows = Vec::new();
-    // (shape, dim, the kernels it exercises); the split cases need long axes and few outputs.
+    // (shape, dim, the kernel the row is named after); the split cases (a long axis and few
+    // outputs) run a rows or cols kernel per segment and then `reduce_partials`.
     let cases: [(&[usize], isize, &str); 9] = [
         (&[1], 0, "rows_warp"),
         (&[7, 33], -1, "rows_warp"),
         (&[3, 257], 1, "rows_warp"),
         (&[2, 5000], -1, "rows_block"),
-        (&[1, 20011], 1, "rows_block+partials"),
+        (&[1, 20011], 1, "partials"),
         (&[33, 7], 0, "cols"),
         (&[3, 7, 257], 1, "cols"),
         (&[5, 2, 1], 0, "cols"),
-        (&[6000, 3], 0, "cols+partials"),
+        (&[6000, 3], 0, "partials"),
     ];
     for (i, &dtype) in DType::FLOATS.iter().enumerate() {
         for (j, &(shape, dim, path)) in cases.iter().enumerate() {
