@@ -84,6 +84,15 @@ pub fn compare(
     row
 }
 
+/// Both results of a fallible pair (an op with two outputs), or its error for each, so each output
+/// gets its own conformance row.
+pub(crate) fn split_pair(r: Result<(Tensor, Tensor)>) -> (Result<Tensor>, Result<Tensor>) {
+    match r {
+        Ok((a, b)) => (Ok(a), Ok(b)),
+        Err(e) => (Err(crate::error::Error::Argument(e.to_string())), Err(e)),
+    }
+}
+
 /// The conformance function of each op family.
 type Family = fn(&Device, u64) -> Result<Vec<CheckRow>>;
 const FAMILIES: &[(&str, Family)] = &[

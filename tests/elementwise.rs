@@ -4,7 +4,9 @@
 mod common;
 
 use common::{assert_close, assert_tensor_close, gpu_devices, seed, ODD_SIZES};
-use vpr_engine::ops::elementwise::{conformance, erf, BinaryOp, UnaryOp};
+use vpr_engine::ops::elementwise::{
+    binary_domain, conformance, erf, unary_domain, BinaryOp, UnaryOp,
+};
 use vpr_engine::{DType, Device, Error, Tensor};
 
 const CPU: Device = Device::Cpu;
@@ -15,21 +17,6 @@ type View = fn(&Tensor) -> Tensor;
 /// The [3, 33, 7] test tensor as one dimension.
 fn flat(t: &Tensor) -> Tensor {
     t.reshape(&[693]).unwrap()
-}
-
-fn unary_domain(op: UnaryOp) -> (f64, f64) {
-    match op {
-        UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Powf(_) => (0.05, 4.0),
-        _ => (-4.0, 4.0),
-    }
-}
-
-fn binary_domain(op: BinaryOp) -> ((f64, f64), (f64, f64)) {
-    match op {
-        BinaryOp::Div => ((-4.0, 4.0), (0.5, 3.0)),
-        BinaryOp::Pow => ((0.05, 3.0), (-2.0, 2.0)),
-        _ => ((-4.0, 4.0), (-4.0, 4.0)),
-    }
 }
 
 fn unary_f64(op: UnaryOp, x: f64) -> f64 {

@@ -703,16 +703,16 @@ fn split_pair(r: Result<[Option<Tensor>; 2]>) -> (Result<Tensor>, Result<Tensor>
     }
 }
 
-/// Input range where `op` is defined and well conditioned.
-fn unary_domain(op: UnaryOp) -> (f64, f64) {
+/// Input range where `op` is defined and well conditioned (for conformance cases and tests).
+pub fn unary_domain(op: UnaryOp) -> (f64, f64) {
     match op {
         UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Powf(_) => (0.05, 4.0),
         _ => (-4.0, 4.0),
     }
 }
 
-/// Input ranges of the left and right operands of `op`.
-fn binary_domain(op: BinaryOp) -> ((f64, f64), (f64, f64)) {
+/// Input ranges of the left and right operands of `op` (for conformance cases and tests).
+pub fn binary_domain(op: BinaryOp) -> ((f64, f64), (f64, f64)) {
     match op {
         BinaryOp::Div => ((-4.0, 4.0), (0.5, 3.0)),
         BinaryOp::Pow => ((0.05, 3.0), (-2.0, 2.0)),

@@ -167,7 +167,7 @@ fn backward(
 /// Forward and backward of every dtype, both reductions, with ignored rows, on `device` against
 /// the CPU.
 pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
-    use crate::check::compare;
+    use crate::check::{compare, split_pair};
     let mut rows = Vec::new();
     let cpu = Device::Cpu;
     for (i, &dtype) in DType::FLOATS.iter().enumerate() {
@@ -198,7 +198,7 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
                 Ok((loss, g))
             };
             let (got, want) = (run(device), run(&cpu));
-            let ((gl, gg), (wl, wg)) = (split(got), split(want));
+            let ((gl, gg), (wl, wg)) = (split_pair(got), split_pair(want));
             let tol = dtype.tolerance().max(1e-5);
             rows.push(compare(
                 &format!("cross_entropy_fwd_{dtype}"),
@@ -235,12 +235,4 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
         1e-5,
     ));
     Ok(rows)
-}
-
-/// Both results of a fallible pair, or the error twice.
-fn split(r: Result<(Tensor, Tensor)>) -> (Result<Tensor>, Result<Tensor>) {
-    match r {
-        Ok((a, b)) => (Ok(a), Ok(b)),
-        Err(e) => (Err(Error::Argument(e.to_string())), Err(e)),
-    }
 }

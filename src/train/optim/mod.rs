@@ -463,7 +463,7 @@ pub(crate) fn buf_tensor(b: GpuBuffer, shape: &[usize], device: &Device) -> Resu
 /// scaler's unscale with an inf, clipping), on `device` against the CPU. The tensors have an odd
 /// number of elements, so both the 16-byte vector loop and the scalar tail run.
 pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
-    use crate::check::compare;
+    use crate::check::{compare, split_pair};
     use crate::train::{clip_grad_norm, GradScaler};
     let shape = [3, 257];
     let cpu = Device::Cpu;
@@ -568,7 +568,8 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
             .ok_or_else(|| Error::Argument("clip dropped a gradient".into()))?;
         Ok((norm, g))
     };
-    let ((got_norm, got_grad), (want_norm, want_grad)) = (split(clip(device)), split(clip(&cpu)));
+    let ((got_norm, got_grad), (want_norm, want_grad)) =
+        (split_pair(clip(device)), split_pair(clip(&cpu)));
     let again = |r: &Result<Tensor>| match r {
         Ok(t) => Ok(t.clone()),
         Err(e) => Err(Error::Argument(e.to_string())),
@@ -599,12 +600,4 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
         1e-5,
     ));
     Ok(rows)
-}
-
-/// Both results of a fallible pair, or the error twice.
-fn split(r: Result<(Tensor, Tensor)>) -> (Result<Tensor>, Result<Tensor>) {
-    match r {
-        Ok((a, b)) => (Ok(a), Ok(b)),
-        Err(e) => (Err(Error::Argument(e.to_string())), Err(e)),
-    }
 }
