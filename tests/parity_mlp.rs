@@ -278,3 +278,29 @@ fn adamw() {
 fn adamw_bf16() {
     check_run("adamw_bf16", 2e-2);
 }
+
+#[test]
+fn training_steps_after_the_first_allocate_nothing_from_the_driver() {
+    // a device of its own, so other tests' allocations do not count
+    let device = Device::vgpu_with(vpr_engine::device::VgpuOptions::default());
+    let gpu = device.gpu().unwrap().clone();
+    let f = fixture();
+    let mlp = Mlp::new(&f, &device);
+    let mut opt = Optimizer::new(vec![ParamGroup::new(mlp.params(), Adam::adamw(1e-3))]).unwrap();
+    let mut after_first = 0;
+    for step in 0..4 {
+        opt.zero_grad();
+        let (x, y) = f.batch(step, &device);
+        autograd::backward(&mlp.loss(&x, &y)).unwrap();
+        opt.step().unwrap();
+        if step == 1 {
+            after_first = gpu.driver_allocations();
+        }
+    }
+    assert!(after_first > 0);
+    assert_eq!(
+        gpu.driver_allocations(),
+        after_first,
+        "steps 3 and 4 called the driver's allocator"
+    );
+}

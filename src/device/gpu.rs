@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What a GPU backend must do. Device pointers are plain integers (`CUdeviceptr` on the real GPU,
@@ -124,6 +124,8 @@ pub struct Gpu {
     /// Fill every new allocation with 0xFF (NaN in every float type), so that output elements a
     /// kernel fails to write show up. Always on for the virtual GPU; `check` turns it on for CUDA.
     poison: AtomicBool,
+    /// Allocations the cache could not serve (calls into the driver), for tests and diagnostics.
+    driver_allocations: AtomicUsize,
 }
 
 impl Gpu {
@@ -134,7 +136,13 @@ impl Gpu {
             driver,
             cache: Mutex::new(HashMap::new()),
             poison,
+            driver_allocations: AtomicUsize::new(0),
         }
+    }
+
+    /// How many allocations went to the driver because the cache had no block of the size.
+    pub fn driver_allocations(&self) -> usize {
+        self.driver_allocations.load(Ordering::Relaxed)
     }
 
     pub fn set_poison(&self, on: bool) {
@@ -166,12 +174,12 @@ impl Gpu {
         let cached = self.cache.lock().unwrap().get_mut(&size).and_then(Vec::pop);
         let ptr = match cached {
             Some(p) => p,
-            None => match self.driver.alloc(size) {
+            None => match self.driver_alloc(size) {
                 Ok(p) => p,
                 Err(_) => {
                     // out of memory: give the cached blocks back and try once more
                     self.release_cache();
-                    self.driver.alloc(size)?
+                    self.driver_alloc(size)?
                 }
             },
         };
@@ -185,6 +193,11 @@ impl Gpu {
             bytes,
             capacity: size,
         })
+    }
+
+    fn driver_alloc(&self, size: usize) -> Result<u64> {
+        self.driver_allocations.fetch_add(1, Ordering::Relaxed);
+        self.driver.alloc(size)
     }
 
     /// Frees every cached block.
