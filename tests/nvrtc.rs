@@ -24,6 +24,7 @@ fn install_nvrtc() {
             "install",
             "--quiet",
             "--disable-pip-version-check",
+            "--root-user-action=ignore",
             "--no-deps",
             "--target",
         ])
