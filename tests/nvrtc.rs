@@ -13,7 +13,9 @@ const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
 fn install_nvrtc() {
     let tools = project_tools_dir();
-    if wheel_lib_dir(&tools).join("libnvrtc.so.13").exists() {
+    // An explicit NVRTC (e.g. the toolkit's on a GPU machine with no network) needs no wheel.
+    let explicit = std::env::var_os("VPR_NVRTC").is_some_and(|p| Path::new(&p).exists());
+    if explicit || wheel_lib_dir(&tools).join("libnvrtc.so.13").exists() {
         return;
     }
     eprintln!("installing {NVRTC_WHEEL} into {}", tools.display());

@@ -29,6 +29,14 @@ fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// The CUDA version the driver supports, as (major, minor).
+fn driver_cuda_version() -> Option<(i32, i32)> {
+    let mut v = 0;
+    // SAFETY: a plain out-parameter; only called once the driver library is known to load.
+    let status = unsafe { sys::cuDriverGetVersion(&mut v) };
+    (status == sys::CUresult::CUDA_SUCCESS).then_some((v / 1000, v % 1000 / 10))
+}
+
 const NO_DRIVER: &str = "the NVIDIA driver library (libcuda.so) was not found on this machine";
 
 pub fn probe() -> CudaStatus {
@@ -182,8 +190,23 @@ impl CudaDriver {
         if !modules.contains_key(module.name) {
             let cubin = cached_cubin(&self.nvrtc, module, &self.arch, &cache_dir())?;
             // SAFETY: the image is a complete CUBIN produced by NVRTC for this architecture.
-            let m = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }
-                .map_err(|e| cuda_err(&format!("loading kernels/{}.cu", module.name), e))?;
+            let m = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(
+                |e| {
+                    // The usual cause is an NVRTC newer than the driver: say both versions.
+                    let (major, minor) = self.nvrtc.version();
+                    let driver = driver_cuda_version()
+                        .map_or("unknown".to_string(), |(a, b)| format!("{a}.{b}"));
+                    cuda_err(
+                        &format!(
+                            "loading kernels/{}.cu ({} CUBIN from NVRTC {major}.{minor}; the \
+                             driver supports CUDA {driver}; set VPR_NVRTC to an NVRTC no newer \
+                             than the driver)",
+                            module.name, self.arch
+                        ),
+                        e,
+                    )
+                },
+            )?;
             modules.insert(
                 module.name,
                 LoadedModule {

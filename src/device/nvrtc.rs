@@ -60,8 +60,11 @@ pub struct Compiled {
 }
 
 impl Nvrtc {
-    /// Finds libnvrtc: `$VPR_NVRTC` (a path), the project's `.cuda-tools/`, then the loader path.
+    /// Finds libnvrtc: `$VPR_NVRTC` (a path), the project's `.cuda-tools/`, the loader path, then
+    /// the toolkit folders (`$CUDA_HOME`, `$CUDA_PATH`, `/usr/local/cuda`): a CUDA install is not
+    /// always registered with the loader, and without NVRTC `cuda` is unusable.
     pub fn load() -> Result<Nvrtc> {
+        const SONAMES: [&str; 3] = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
         let mut candidates: Vec<String> = Vec::new();
         if let Ok(p) = std::env::var("VPR_NVRTC") {
             candidates.push(p);
@@ -70,7 +73,19 @@ impl Nvrtc {
         if wheel.exists() {
             candidates.push(wheel.display().to_string());
         }
-        candidates.extend(["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"].map(String::from));
+        candidates.extend(SONAMES.map(String::from));
+        let toolkits = ["CUDA_HOME", "CUDA_PATH"]
+            .iter()
+            .filter_map(|v| std::env::var_os(v).map(PathBuf::from))
+            .chain([PathBuf::from("/usr/local/cuda")]);
+        for root in toolkits {
+            for name in SONAMES {
+                let lib = root.join("lib64").join(name);
+                if lib.exists() {
+                    candidates.push(lib.display().to_string());
+                }
+            }
+        }
         let mut errors = Vec::new();
         for c in &candidates {
             match Self::load_from(c) {

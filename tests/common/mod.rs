@@ -19,11 +19,18 @@ pub fn seed(test: &str) -> u64 {
     s
 }
 
-/// The virtual GPU, and the real one when this machine has a usable GPU.
+/// The virtual GPU, and the real one when this machine has a usable GPU. The real GPU's new
+/// allocations are filled with NaN as the virtual GPU's always are, so an output element a kernel
+/// fails to write shows up there too instead of passing with a stale value from the cache.
 pub fn gpu_devices() -> Vec<Device> {
     let mut devices = vec![Device::new("vgpu").unwrap()];
     match Device::new("cuda") {
-        Ok(d) => devices.push(d),
+        Ok(d) => {
+            if let Some(g) = d.gpu() {
+                g.set_poison(true);
+            }
+            devices.push(d)
+        }
         Err(e) => eprintln!("cuda tests skipped: {e}"),
     }
     devices
