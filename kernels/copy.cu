@@ -27,7 +27,17 @@ COPY_STRIDED(4, unsigned)
 COPY_STRIDED(8, unsigned long long)
 
 // Casts follow PyTorch: floats round to nearest even through f32, float to integer truncates
-// toward zero, integer to integer wraps.
+// toward zero, integer to integer wraps. Where PyTorch is undefined (NaN or out-of-range floats to
+// integers; its CPU path gives INT_MIN) we saturate and map NaN to 0, as the GPU's cvt.rzi.sat and
+// Rust's `as` do, so the CPU, the virtual GPU and the real GPU agree on every input.
+template <class I>
+__device__ I saturating_int(float x, float lo, float hi_excl, I min, I max) {
+  if (x != x) return 0;
+  if (x <= lo) return min;
+  if (x >= hi_excl) return max;
+  return I(x);
+}
+
 template <class T>
 struct Scalar {
   __device__ static float to_float(T x) { return to_f32(x); }
@@ -37,19 +47,25 @@ struct Scalar {
 template <>
 struct Scalar<int> {
   __device__ static float to_float(int x) { return float(x); }
-  __device__ static int from_float(float x) { return int(x); }
+  __device__ static int from_float(float x) {
+    return saturating_int<int>(x, -2147483648.0f, 2147483648.0f, -2147483647 - 1, 2147483647);
+  }
   static constexpr bool is_float = false;
 };
 template <>
 struct Scalar<long long> {
   __device__ static float to_float(long long x) { return float(x); }
-  __device__ static long long from_float(float x) { return (long long)x; }
+  __device__ static long long from_float(float x) {
+    return saturating_int<long long>(x, -9223372036854775808.0f, 9223372036854775808.0f,
+                                     -9223372036854775807ll - 1, 9223372036854775807ll);
+  }
   static constexpr bool is_float = false;
 };
+// To u8 through a saturating int and a wrap, as PyTorch does in range (300.0 gives 44, -1.0 gives 255).
 template <>
 struct Scalar<unsigned char> {
   __device__ static float to_float(unsigned char x) { return float(x); }
-  __device__ static unsigned char from_float(float x) { return (unsigned char)(int)x; }
+  __device__ static unsigned char from_float(float x) { return (unsigned char)Scalar<int>::from_float(x); }
   static constexpr bool is_float = false;
 };
 

@@ -216,3 +216,45 @@ fn asking_for_cuda_without_a_gpu_explains_why() {
         }
     }
 }
+
+#[test]
+fn float_to_integer_casts_saturate_identically_on_every_device() {
+    let vals = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3e9,
+        -3e9,
+        300.0,
+        -1.0,
+        2.7,
+        -2.7,
+    ];
+    let i32s = [0, i32::MAX, i32::MIN, i32::MAX, i32::MIN, 300, -1, 2, -2];
+    let u8s = [0u8, 255, 0, 255, 0, 44, 255, 2, 254];
+    for device in [Device::Cpu, Device::new("vgpu").unwrap()] {
+        for dtype in DType::FLOATS {
+            let t = Tensor::from_slice(&vals, &[vals.len()], &device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            // f16 and bf16 cannot hold 3e9 exactly, but it stays out of i32's range
+            assert_eq!(
+                t.to_dtype(DType::I32).unwrap().to_vec::<i32>().unwrap(),
+                i32s,
+                "{device} {dtype}"
+            );
+            assert_eq!(
+                t.to_dtype(DType::U8).unwrap().to_vec::<u8>().unwrap(),
+                u8s,
+                "{device} {dtype}"
+            );
+            let i64s = t.to_dtype(DType::I64).unwrap().to_vec::<i64>().unwrap();
+            assert_eq!(
+                (i64s[0], i64s[1], i64s[2], i64s[5], i64s[8]),
+                (0, i64::MAX, i64::MIN, 300, -2),
+                "{device} {dtype}"
+            );
+        }
+    }
+}
