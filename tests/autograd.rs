@@ -824,3 +824,19 @@ fn fused_backward_kernels_match_an_f64_reference_and_the_cpu() {
         }
     }
 }
+
+#[test]
+fn a_linear_layer_gets_a_dense_weight_gradient() {
+    // x @ w.t(): the gradient must reach w in w's own row-major order, not as a strided view
+    // that every optimizer step would first have to copy
+    let w = Parameter::new("w", rand(&[6, 4], 1));
+    let x = rand(&[3, 4], 2);
+    let y = x.matmul(&w.tensor().t().unwrap()).unwrap();
+    autograd::backward_with(&y, rand(&[3, 6], 3)).unwrap();
+    let g = w.grad().unwrap();
+    assert!(
+        g.is_contiguous() && g.layout().offset() == 0,
+        "{:?}",
+        g.layout()
+    );
+}

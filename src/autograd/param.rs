@@ -93,6 +93,12 @@ impl Parameter {
         Ok(())
     }
 
+    /// Runs `f` on the stored value itself (the optimizer's in-place CPU update); `f` keeps its
+    /// shape, dtype and device.
+    pub(crate) fn update_value<R>(&self, f: impl FnOnce(&mut Tensor) -> Result<R>) -> Result<R> {
+        f(&mut self.0.value.write().unwrap())
+    }
+
     pub fn grad(&self) -> Option<Tensor> {
         self.0.grad.lock().unwrap().clone()
     }

@@ -89,6 +89,18 @@ impl Tensor {
         self
     }
 
+    /// The values of a dense f32 CPU tensor that nobody else shares, for updating in place.
+    pub(crate) fn f32_slice_mut(&mut self) -> Option<&mut [f32]> {
+        let n = self.numel();
+        if self.layout.offset() != 0 || !self.layout.is_contiguous() {
+            return None;
+        }
+        match Arc::get_mut(&mut self.storage)? {
+            Storage::Cpu(CpuStorage::F32(v)) if v.len() == n => Some(v),
+            _ => None,
+        }
+    }
+
     /// Mutable storage of a tensor nobody else shares (one just made by an op).
     pub(crate) fn storage_mut(&mut self) -> Option<&mut Storage> {
         Arc::get_mut(&mut self.storage)

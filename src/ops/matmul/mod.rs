@@ -188,19 +188,26 @@ impl Tensor {
                     t.mul_scalar(s as f64)
                 }
             };
+            // A gradient is computed in the memory order of its operand: for a transposed view
+            // (`x @ w.t()`, as in a linear layer) as the transpose of a dense product, so that
+            // the view's backward hands the parameter a dense gradient instead of a strided one.
             let ga = if needs[0] {
-                Some(autograd::sum_to_shape(
-                    &scaled(g.matmul(&b.t()?)?, alpha)?,
-                    a.shape(),
-                )?)
+                let p = if stored_transposed(&a) {
+                    b.matmul(&g.t()?)?.t()?
+                } else {
+                    g.matmul(&b.t()?)?
+                };
+                Some(autograd::sum_to_shape(&scaled(p, alpha)?, a.shape())?)
             } else {
                 None
             };
             let gb = if needs[1] {
-                Some(autograd::sum_to_shape(
-                    &scaled(a.t()?.matmul(g)?, alpha)?,
-                    b.shape(),
-                )?)
+                let p = if stored_transposed(&b) {
+                    g.t()?.matmul(&a)?.t()?
+                } else {
+                    a.t()?.matmul(g)?
+                };
+                Some(autograd::sum_to_shape(&scaled(p, alpha)?, b.shape())?)
             } else {
                 None
             };
@@ -308,6 +315,13 @@ impl Tensor {
             }
         }
     }
+}
+
+/// True for a matrix (or batch of matrices) stored column-major, like the view `w.t()`.
+fn stored_transposed(t: &Tensor) -> bool {
+    let (s, n) = (t.layout().strides(), t.shape());
+    let r = t.rank();
+    r >= 2 && n[r - 1] > 1 && n[r - 2] > 1 && s[r - 2] == 1 && s[r - 1] != 1
 }
 
 /// Conformance cases: odd sizes, every transpose combination, a broadcast batch, alpha/beta with a

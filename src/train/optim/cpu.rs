@@ -9,54 +9,54 @@ const PER_THREAD: usize = 1 << 15;
 /// does not depend on the number of cores.
 const SUMSQ_CHUNK: usize = 1 << 14;
 
-/// `NO` outputs of `op` applied to each element of the `NI` inputs (all of length `n`).
-fn map<const NI: usize, const NO: usize>(
+/// Applies `op` to every element: each slice of `inout` is read and overwritten in place, each
+/// slice of `ins` only read (all of the same length).
+fn update<const NU: usize, const NI: usize>(
+    inout: [&mut [f32]; NU],
     ins: [&[f32]; NI],
-    n: usize,
-    op: impl Fn([f32; NI]) -> [f32; NO] + Sync,
-) -> [Vec<f32>; NO] {
-    let mut outs: [Vec<f32>; NO] = std::array::from_fn(|_| vec![0.0; n]);
+    op: impl Fn([f32; NU], [f32; NI]) -> [f32; NU] + Sync,
+) {
+    let n = inout[0].len();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let threads = cores.min(n / PER_THREAD).max(1);
-    let per = n.div_ceil(threads).max(1);
-    let mut chunks: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(per)).map(|_| Vec::new()).collect();
-    for out in outs.iter_mut() {
-        for (c, chunk) in out.chunks_mut(per).enumerate() {
-            chunks[c].push(chunk);
-        }
-    }
-    let run = |c: usize, mut list: Vec<&mut [f32]>| {
-        let start = c * per;
-        for i in 0..list.first().map_or(0, |l| l.len()) {
-            let y = op(std::array::from_fn(|k| ins[k][start + i]));
-            for (k, o) in list.iter_mut().enumerate() {
-                o[i] = y[k];
+    let per = n.div_ceil(cores.min(n / PER_THREAD).max(1)).max(1);
+    // per chunk: its in-place slices and input slices, with lengths that agree, so the element
+    // loop needs no bounds checks
+    let run = |mut inout: [&mut [f32]; NU], ins: [&[f32]; NI]| {
+        for i in 0..inout[0].len() {
+            let y = op(
+                std::array::from_fn(|k| inout[k][i]),
+                std::array::from_fn(|k| ins[k][i]),
+            );
+            for (o, y) in inout.iter_mut().zip(y) {
+                o[i] = y;
             }
         }
     };
-    if threads == 1 {
-        chunks.into_iter().enumerate().for_each(|(c, l)| run(c, l));
-    } else {
-        std::thread::scope(|s| {
-            for (c, list) in chunks.into_iter().enumerate() {
+    let mut chunks = inout.map(|s| s.chunks_mut(per));
+    std::thread::scope(|scope| {
+        for start in (0..n).step_by(per) {
+            let end = (start + per).min(n);
+            let io: [&mut [f32]; NU] = std::array::from_fn(|k| chunks[k].next().unwrap());
+            let ins: [&[f32]; NI] = std::array::from_fn(|k| &ins[k][start..end]);
+            if end == n {
+                run(io, ins);
+            } else {
                 let run = &run;
-                s.spawn(move || run(c, list));
+                scope.spawn(move || run(io, ins));
             }
-        });
-    }
-    outs
+        }
+    });
 }
 
-/// SGD without momentum: the new parameter.
-pub fn sgd(p: &[f32], g: &[f32], neg_lr: f32, weight_decay: f32) -> Vec<f32> {
-    let [out] = map([p, g], p.len(), |[p, g]| {
+/// SGD without momentum, in place.
+pub fn sgd(p: &mut [f32], g: &[f32], neg_lr: f32, weight_decay: f32) {
+    update([p], [g], |[p], [g]| {
         let mut d = g;
         if weight_decay != 0.0 {
             d += weight_decay * p;
         }
         [p + neg_lr * d]
     });
-    out
 }
 
 /// The hyper-parameters of one SGD-with-momentum step, as f32 the kernel receives.
@@ -69,37 +69,22 @@ pub struct SgdMomentum {
     pub nesterov: bool,
 }
 
-/// SGD with momentum: the new parameter and momentum buffer (`buf` is None on the first step).
-pub fn sgd_momentum(
-    p: &[f32],
-    g: &[f32],
-    buf: Option<&[f32]>,
-    h: &SgdMomentum,
-) -> (Vec<f32>, Vec<f32>) {
-    let decayed = |p: f32, g: f32| {
+/// SGD with momentum, in place on the parameter and its momentum buffer. On the first step
+/// (`first`) the buffer's contents are ignored and it starts as the gradient, as torch does.
+pub fn sgd_momentum(p: &mut [f32], buf: &mut [f32], g: &[f32], first: bool, h: &SgdMomentum) {
+    update([p, buf], [g], |[p, b], [g]| {
+        let mut d = g;
         if h.weight_decay != 0.0 {
-            g + h.weight_decay * p
-        } else {
-            g
+            d += h.weight_decay * p;
         }
-    };
-    let [p_out, b_out] = match buf {
-        None => map([p, g], p.len(), |[p, g]| {
-            let mut d = decayed(p, g);
-            let b = d;
-            if h.nesterov {
-                d += h.momentum * b;
-            }
-            [p + h.neg_lr * d, b]
-        }),
-        Some(buf) => map([p, g, buf], p.len(), |[p, g, b]| {
-            let d = decayed(p, g);
-            let b = b * h.momentum + h.one_minus_dampening * d;
-            let d = if h.nesterov { d + h.momentum * b } else { b };
-            [p + h.neg_lr * d, b]
-        }),
-    };
-    (p_out, b_out)
+        let b = if first {
+            d
+        } else {
+            b * h.momentum + h.one_minus_dampening * d
+        };
+        let d = if h.nesterov { d + h.momentum * b } else { b };
+        [p + h.neg_lr * d, b]
+    });
 }
 
 /// torch's lerp: `self + w * (end - self)` for small weights, the mirrored form otherwise.
@@ -111,15 +96,9 @@ fn lerp(s: f32, e: f32, w: f32) -> f32 {
     }
 }
 
-/// Adam / AdamW: the new parameter, first and second moments.
-pub fn adam(
-    p: &[f32],
-    g: &[f32],
-    m: &[f32],
-    v: &[f32],
-    s: &AdamScalars,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let [p_out, m_out, v_out] = map([p, g, m, v], p.len(), |[p, g, m, v]| {
+/// Adam / AdamW, in place on the parameter and its first and second moments.
+pub fn adam(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamScalars) {
+    update([p, m, v], [g], |[p, m, v], [g]| {
         let p = p * s.decay;
         let mut d = g;
         if s.l2 != 0.0 {
@@ -130,13 +109,13 @@ pub fn adam(
         let denom = v.sqrt() / s.bc2_sqrt + s.eps;
         [p + s.neg_step_size * m / denom, m, v]
     });
-    (p_out, m_out, v_out)
 }
 
 /// `g * inv_scale`, and whether any `g` was inf or NaN.
 pub fn unscale(g: &[f32], inv_scale: f32) -> (Vec<f32>, bool) {
     let found = g.iter().any(|x| !x.is_finite());
-    let [out] = map([g], g.len(), |[x]| [x * inv_scale]);
+    let mut out = g.to_vec();
+    update([&mut out], [], |[x], []| [x * inv_scale]);
     (out, found)
 }
 
@@ -149,6 +128,7 @@ pub fn sumsq(g: &[f32]) -> f32 {
 
 /// `g * factor`.
 pub fn scale(g: &[f32], factor: f32) -> Vec<f32> {
-    let [out] = map([g], g.len(), |[x]| [x * factor]);
+    let mut out = g.to_vec();
+    update([&mut out], [], |[x], []| [x * factor]);
     out
 }

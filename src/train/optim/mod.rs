@@ -282,85 +282,137 @@ impl Optimizer {
 
 /// Updates one parameter and its state.
 fn update(p: &Parameter, grad: &Tensor, hyper: &Hyper, state: &mut ParamState) -> Result<()> {
-    let value = p.tensor().detach().contiguous()?;
+    let value = p.tensor().detach();
     check_grad(p.name(), &value, grad)?;
+    let buffers = [
+        ("momentum_buffer", &state.momentum_buffer),
+        ("exp_avg", &state.exp_avg),
+        ("exp_avg_sq", &state.exp_avg_sq),
+    ];
+    for (what, t) in buffers {
+        if let Some(t) = t {
+            check_state(p.name(), what, &value, t)?;
+        }
+    }
     let grad = grad.contiguous()?;
+    if value.device().is_cpu() {
+        let shape = value.shape().to_vec();
+        // our handle would share the parameter's storage and force a copy
+        drop(value);
+        update_cpu(p, &shape, f32s(&grad), hyper, state)?;
+    } else {
+        update_gpu(p, &value.contiguous()?, &grad, hyper, state)?;
+    }
+    state.step += 1;
+    Ok(())
+}
+
+fn sgd_momentum_hyper(h: &Sgd) -> cpu::SgdMomentum {
+    cpu::SgdMomentum {
+        neg_lr: -h.lr as f32,
+        weight_decay: h.weight_decay as f32,
+        momentum: h.momentum as f32,
+        one_minus_dampening: (1.0 - h.dampening) as f32,
+        nesterov: h.nesterov,
+    }
+}
+
+/// The CPU update, in place on the parameter and its state: every step would otherwise write
+/// fresh buffers, and first-touch page faults double the cost of this memory-bound loop.
+fn update_cpu(
+    p: &Parameter,
+    shape: &[usize],
+    g: &[f32],
+    hyper: &Hyper,
+    state: &mut ParamState,
+) -> Result<()> {
+    let zeros = || Tensor::zeros(shape, DType::F32, &Device::Cpu);
+    p.update_value(|value| {
+        let pv = exclusive_f32(value)?;
+        match hyper {
+            Hyper::Sgd(h) if h.momentum == 0.0 => {
+                cpu::sgd(pv, g, -h.lr as f32, h.weight_decay as f32)
+            }
+            Hyper::Sgd(h) => {
+                let first = state.momentum_buffer.is_none();
+                if first {
+                    state.momentum_buffer = Some(zeros()?);
+                }
+                let b = exclusive_f32(state.momentum_buffer.as_mut().expect("set above"))?;
+                cpu::sgd_momentum(pv, b, g, first, &sgd_momentum_hyper(h));
+            }
+            Hyper::Adam(h) => {
+                if state.exp_avg.is_none() {
+                    state.exp_avg = Some(zeros()?);
+                }
+                if state.exp_avg_sq.is_none() {
+                    state.exp_avg_sq = Some(zeros()?);
+                }
+                let m = exclusive_f32(state.exp_avg.as_mut().expect("set above"))?;
+                let v = exclusive_f32(state.exp_avg_sq.as_mut().expect("set above"))?;
+                cpu::adam(pv, m, v, g, &adam_scalars(h, state.step + 1));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The values of a dense f32 CPU tensor to update in place. A tensor whose storage someone else
+/// shares (or that is a view) is first replaced by a private dense copy, so the update is seen
+/// through this tensor only, as tensors are values.
+fn exclusive_f32(t: &mut Tensor) -> Result<&mut [f32]> {
+    if t.f32_slice_mut().is_none() {
+        *t = f32_tensor(t.to_vec::<f32>()?, t.shape())?;
+    }
+    Ok(t.f32_slice_mut()
+        .expect("a fresh dense f32 tensor is exclusive"))
+}
+
+/// The GPU update: one fused kernel writing new buffers (cheap with the caching allocator).
+fn update_gpu(
+    p: &Parameter,
+    value: &Tensor,
+    grad: &Tensor,
+    hyper: &Hyper,
+    state: &mut ParamState,
+) -> Result<()> {
     let (shape, device) = (value.shape().to_vec(), value.device().clone());
     let n = value.numel();
     match hyper {
         Hyper::Sgd(h) if h.momentum == 0.0 => {
             let (neg_lr, wd) = (-h.lr as f32, h.weight_decay as f32);
-            let out = match (value.storage(), grad.storage()) {
-                (Storage::Cpu(_), Storage::Cpu(_)) => {
-                    f32_tensor(cpu::sgd(f32s(&value), f32s(&grad), neg_lr, wd), &shape)?
-                }
-                _ => {
-                    let b = gpu::sgd(buf(&value)?, buf(&grad)?, n, neg_lr, wd)?;
-                    buf_tensor(b, &shape, &device)?
-                }
-            };
-            p.set(out)?;
+            let b = gpu::sgd(buf(value)?, buf(grad)?, n, neg_lr, wd)?;
+            p.set(buf_tensor(b, &shape, &device)?)?;
         }
         Hyper::Sgd(h) => {
-            let k = cpu::SgdMomentum {
-                neg_lr: -h.lr as f32,
-                weight_decay: h.weight_decay as f32,
-                momentum: h.momentum as f32,
-                one_minus_dampening: (1.0 - h.dampening) as f32,
-                nesterov: h.nesterov,
-            };
             let old = state
                 .momentum_buffer
                 .as_ref()
-                .map(|b| check_state(p.name(), "momentum_buffer", &value, b))
+                .map(Tensor::contiguous)
                 .transpose()?;
-            let (new_p, new_b) = if device.is_cpu() {
-                let (a, b) =
-                    cpu::sgd_momentum(f32s(&value), f32s(&grad), old.as_ref().map(f32s), &k);
-                (f32_tensor(a, &shape)?, f32_tensor(b, &shape)?)
-            } else {
-                let old_buf = old.as_ref().map(buf).transpose()?;
-                let (a, b) = gpu::sgd_momentum(buf(&value)?, buf(&grad)?, old_buf, n, &k)?;
-                (
-                    buf_tensor(a, &shape, &device)?,
-                    buf_tensor(b, &shape, &device)?,
-                )
-            };
-            p.set(new_p)?;
-            state.momentum_buffer = Some(new_b);
+            let old_buf = old.as_ref().map(buf).transpose()?;
+            let k = sgd_momentum_hyper(h);
+            let (a, b) = gpu::sgd_momentum(buf(value)?, buf(grad)?, old_buf, n, &k)?;
+            p.set(buf_tensor(a, &shape, &device)?)?;
+            state.momentum_buffer = Some(buf_tensor(b, &shape, &device)?);
         }
         Hyper::Adam(h) => {
             let zeros = || Tensor::zeros(&shape, DType::F32, &device);
             let m = match &state.exp_avg {
-                Some(m) => check_state(p.name(), "exp_avg", &value, m)?,
+                Some(m) => m.contiguous()?,
                 None => zeros()?,
             };
             let v = match &state.exp_avg_sq {
-                Some(v) => check_state(p.name(), "exp_avg_sq", &value, v)?,
+                Some(v) => v.contiguous()?,
                 None => zeros()?,
             };
             let s = adam_scalars(h, state.step + 1);
-            let (new_p, new_m, new_v) = if device.is_cpu() {
-                let (a, b, c) = cpu::adam(f32s(&value), f32s(&grad), f32s(&m), f32s(&v), &s);
-                (
-                    f32_tensor(a, &shape)?,
-                    f32_tensor(b, &shape)?,
-                    f32_tensor(c, &shape)?,
-                )
-            } else {
-                let (a, b, c) = gpu::adam(buf(&value)?, buf(&grad)?, buf(&m)?, buf(&v)?, n, &s)?;
-                (
-                    buf_tensor(a, &shape, &device)?,
-                    buf_tensor(b, &shape, &device)?,
-                    buf_tensor(c, &shape, &device)?,
-                )
-            };
-            p.set(new_p)?;
-            state.exp_avg = Some(new_m);
-            state.exp_avg_sq = Some(new_v);
+            let (a, b, c) = gpu::adam(buf(value)?, buf(grad)?, buf(&m)?, buf(&v)?, n, &s)?;
+            p.set(buf_tensor(a, &shape, &device)?)?;
+            state.exp_avg = Some(buf_tensor(b, &shape, &device)?);
+            state.exp_avg_sq = Some(buf_tensor(c, &shape, &device)?);
         }
     }
-    state.step += 1;
     Ok(())
 }
 
@@ -407,8 +459,8 @@ fn check_grad(name: &str, value: &Tensor, grad: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// A state buffer, checked against its parameter and made dense.
-fn check_state(name: &str, what: &str, value: &Tensor, t: &Tensor) -> Result<Tensor> {
+/// A state buffer, checked against its parameter.
+fn check_state(name: &str, what: &str, value: &Tensor, t: &Tensor) -> Result<()> {
     if t.shape() != value.shape() || t.dtype() != DType::F32 || !t.device().same(value.device()) {
         return Err(Error::Shape(format!(
             "optimizer state {what} of parameter '{name}' is {:?} {} on {}, the parameter {:?} f32 on {}",
@@ -419,7 +471,7 @@ fn check_state(name: &str, what: &str, value: &Tensor, t: &Tensor) -> Result<Ten
             value.device()
         )));
     }
-    t.contiguous()
+    Ok(())
 }
 
 /// The values of a dense f32 CPU tensor (checked by the callers).
