@@ -258,3 +258,28 @@ fn float_to_integer_casts_saturate_identically_on_every_device() {
         }
     }
 }
+
+#[test]
+fn large_views_made_dense_on_the_cpu_keep_every_element() {
+    // large enough to be split over threads; the reference reads the view element by element
+    let s = seed("large_views");
+    let t = Tensor::rand_uniform(&[3, 300, 257], -1.0, 1.0, s, DType::F32, &Device::Cpu).unwrap();
+    for view in [
+        t.permute(&[2, 0, 1]).unwrap(),
+        t.narrow(1, 7, 250).unwrap().transpose(0, 2).unwrap(),
+        t.narrow(2, 1, 1)
+            .unwrap()
+            .broadcast_to(&[2, 3, 300, 5])
+            .unwrap(),
+    ] {
+        let dense = view.contiguous().unwrap();
+        assert!(dense.is_contiguous());
+        assert_close(
+            &dense.to_f64_vec().unwrap(),
+            &view.to_f64_vec().unwrap(),
+            0.0,
+            "dense copy",
+            s,
+        );
+    }
+}
