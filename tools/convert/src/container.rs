@@ -76,20 +76,25 @@ pub fn open(data: &[u8]) -> Result<Checkpoint<'_>> {
     }
 }
 
+// The readers check offsets with checked arithmetic: offsets come from the file, and one that
+// succeeds proves `at` lies inside the file, so small constant offsets from it cannot overflow.
 fn u16_at(d: &[u8], at: usize) -> Result<u16> {
-    d.get(at..at + 2)
+    at.checked_add(2)
+        .and_then(|end| d.get(at..end))
         .map(|s| u16::from_le_bytes([s[0], s[1]]))
         .ok_or_else(|| err!("zip structure is truncated at byte {at}"))
 }
 
 fn u32_at(d: &[u8], at: usize) -> Result<u32> {
-    d.get(at..at + 4)
+    at.checked_add(4)
+        .and_then(|end| d.get(at..end))
         .map(|s| u32::from_le_bytes(s.try_into().unwrap_or_default()))
         .ok_or_else(|| err!("zip structure is truncated at byte {at}"))
 }
 
 fn u64_at(d: &[u8], at: usize) -> Result<u64> {
-    d.get(at..at + 8)
+    at.checked_add(8)
+        .and_then(|end| d.get(at..end))
         .map(|s| u64::from_le_bytes(s.try_into().unwrap_or_default()))
         .ok_or_else(|| err!("zip structure is truncated at byte {at}"))
 }

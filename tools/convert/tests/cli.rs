@@ -277,3 +277,34 @@ fn hostile_hand_made_checkpoints_are_refused() {
         "pickled object of class __main__.Net",
     );
 }
+
+#[test]
+fn a_zip64_locator_pointing_past_the_end_of_the_address_space_is_refused() {
+    // a zip whose zip64 locator claims its record sits at offset 2^64 - 3
+    let mut bytes = vec![0u8; 64];
+    let eocd = bytes.len();
+    bytes.extend_from_slice(&[0x50, 0x4b, 0x06, 0x07, 0, 0, 0, 0]);
+    bytes.extend_from_slice(&(u64::MAX - 2).to_le_bytes());
+    bytes.extend_from_slice(&[1, 0, 0, 0]);
+    bytes.extend_from_slice(&[0x50, 0x4b, 0x05, 0x06]);
+    bytes.extend_from_slice(&[0u8; 18]);
+    assert_eq!(bytes.len(), eocd + 20 + 22);
+    bytes[..4].copy_from_slice(&[0x50, 0x4b, 0x03, 0x04]);
+    let dir = std::env::temp_dir().join(format!("convert-zip64-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("far.pth");
+    std::fs::write(&input, &bytes).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_convert"))
+        .arg(&input)
+        .arg(dir.join("far.safetensors"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("far.pth") && !text.contains("panicked"),
+        "{text}"
+    );
+    assert!(!dir.join("far.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
