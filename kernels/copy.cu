@@ -11,10 +11,25 @@ extern "C" __global__ void fill_b4(unsigned* out, unsigned v, long long n) { fil
 extern "C" __global__ void fill_b8(unsigned long long* out, unsigned long long v, long long n) { fill(out, v, n); }
 
 // dst viewed through `dst_view` = src viewed through `src_view` (both of the same shape); by
-// element size, since a copy needs no type. Dense outputs pass a contiguous dst_view.
+// element size, since a copy needs no type. Dense outputs pass a contiguous dst_view. The host
+// merges dimensions both views step through alike, and 32-bit index arithmetic is used when the
+// element count allows.
+template <class T, class I>
+__device__ void copy_strided_loop(const T* src, const Strided (&views)[2], T* dst, I n) {
+  for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
+    long long off[2];
+    strided_offsets(views, i, off);
+    dst[off[1]] = src[off[0]];
+  }
+}
 template <class T>
 __device__ void copy_strided(const T* src, Strided src_view, T* dst, Strided dst_view, long long n) {
-  GRID_STRIDE_LOOP(i, n) dst[strided_offset(dst_view, i)] = src[strided_offset(src_view, i)];
+  const Strided views[2] = {src_view, dst_view};
+  if (n <= 0x7fffffffll) {
+    copy_strided_loop<T, unsigned>(src, views, dst, unsigned(n));
+  } else {
+    copy_strided_loop<T, long long>(src, views, dst, n);
+  }
 }
 #define COPY_STRIDED(bytes, T)                                                                            \
   extern "C" __global__ void copy_strided_b##bytes(const T* src, Strided src_view, T* dst, Strided dst_view, \

@@ -64,33 +64,6 @@ union Pack {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15ull) == 0; }
 
-// ---------------------------------------------------------------- strided offsets
-
-// Storage offsets, in the views `a` and `b` (same shape, own strides), of the element at row-major
-// position `i`. `I` is the index type: 32-bit division is several times cheaper than 64-bit, so
-// kernels use unsigned when the element count allows. The loop is unrolled over MAX_DIMS with a
-// rank guard so the descriptors are read with constant indices (no local-memory copy of the
-// parameters), and the outermost dimension needs no division: what is left of `i` is its index.
-template <class I, int N>
-__device__ __forceinline__ void strided_offsets(const Strided (&views)[N], I i, long long (&off)[N]) {
-  const int rank = int(views[0].rank);
-#pragma unroll
-  for (int j = 0; j < N; ++j) off[j] = 0;
-#pragma unroll
-  for (int k = MAX_DIMS - 1; k >= 1; --k) {
-    if (k < rank) {
-      const I s = I(views[0].shape[k]);
-      const I q = i / s;
-      const long long r = (long long)(i - q * s);
-#pragma unroll
-      for (int j = 0; j < N; ++j) off[j] += r * views[j].strides[k];
-      i = q;
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < N; ++j) off[j] += (long long)i * views[j].strides[0];
-}
-
 // ---------------------------------------------------------------- unary
 
 template <class T, class Op>

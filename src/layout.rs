@@ -219,3 +219,63 @@ impl Layout {
         })
     }
 }
+
+/// `shape` and the strides of each operand over it, with size-1 dimensions dropped and neighbours
+/// merged wherever every operand steps through them as one dimension. Iteration over the result
+/// visits the same storage offsets in the same order; strided kernels then do fewer divisions.
+pub fn coalesce<const N: usize>(
+    shape: &[usize],
+    strides: [&[usize]; N],
+) -> (Vec<usize>, [Vec<usize>; N]) {
+    let mut out_shape: Vec<usize> = Vec::with_capacity(shape.len());
+    let mut out_strides: [Vec<usize>; N] = std::array::from_fn(|_| Vec::with_capacity(shape.len()));
+    for (d, &n) in shape.iter().enumerate() {
+        if n == 1 {
+            continue;
+        }
+        let mergeable = !out_shape.is_empty()
+            && strides
+                .iter()
+                .zip(&out_strides)
+                .all(|(s, o)| *o.last().unwrap() == s[d] * n);
+        if mergeable {
+            *out_shape.last_mut().unwrap() *= n;
+            for (s, o) in strides.iter().zip(out_strides.iter_mut()) {
+                *o.last_mut().unwrap() = s[d];
+            }
+        } else {
+            out_shape.push(n);
+            for (s, o) in strides.iter().zip(out_strides.iter_mut()) {
+                o.push(s[d]);
+            }
+        }
+    }
+    (out_shape, out_strides)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coalesce;
+
+    #[test]
+    fn coalesce_merges_only_compatible_dimensions() {
+        // dense [2,3,4] collapses to one dimension
+        assert_eq!(coalesce(&[2, 3, 4], [&[12, 4, 1]]), (vec![24], [vec![1]]));
+        // a bias over rows: [5,7] with strides (7,1) and (0,1) stays two-dimensional
+        assert_eq!(
+            coalesce(&[5, 7], [&[7, 1], &[0, 1]]),
+            (vec![5, 7], [vec![7, 1], vec![0, 1]])
+        );
+        // broadcast over two leading dims merges them (both stride 0 for the bias)
+        assert_eq!(
+            coalesce(&[2, 3, 4], [&[12, 4, 1], &[0, 0, 1]]),
+            (vec![6, 4], [vec![4, 1], vec![0, 1]])
+        );
+        // a transpose does not merge; size-1 dims vanish; all-ones gives rank 0
+        assert_eq!(
+            coalesce(&[3, 1, 2], [&[1, 9, 3]]),
+            (vec![3, 2], [vec![1, 3]])
+        );
+        assert_eq!(coalesce(&[1, 1], [&[5, 1]]), (vec![], [vec![]]));
+    }
+}

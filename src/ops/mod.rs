@@ -24,12 +24,17 @@ impl StridedDesc {
     /// The view's shape and strides. Its offset is not included: pass the kernel the base
     /// pointer advanced by `layout.offset()` elements.
     pub fn new(layout: &Layout) -> Self {
+        Self::from_parts(layout.shape(), layout.strides())
+    }
+
+    /// A descriptor of `shape` with these strides (e.g. after `layout::coalesce`).
+    pub fn from_parts(shape: &[usize], strides: &[usize]) -> Self {
         let mut d = StridedDesc {
-            rank: layout.rank() as i64,
+            rank: shape.len() as i64,
             shape: [1; MAX_DIMS],
             strides: [0; MAX_DIMS],
         };
-        for (i, (&n, &s)) in layout.shape().iter().zip(layout.strides()).enumerate() {
+        for (i, (&n, &s)) in shape.iter().zip(strides).enumerate() {
             d.shape[i] = n as i64;
             d.strides[i] = s as i64;
         }

@@ -1,7 +1,7 @@
 use crate::device::{Gpu, GpuBuffer, KernelArgs, LaunchConfig};
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::layout::Layout;
+use crate::layout::{coalesce, Layout};
 use crate::ops::{StridedDesc, LINEAR_MAX_BLOCKS, LINEAR_THREADS};
 use std::sync::Arc;
 
@@ -60,11 +60,15 @@ pub fn copy_view(
         return Ok(());
     }
     let size = dtype.size_in_bytes();
+    let (shape, [s, d]) = coalesce(
+        src_layout.shape(),
+        [src_layout.strides(), dst_layout.strides()],
+    );
     let mut args = KernelArgs::new();
     args.ptr(src, src_layout.offset() * size)
-        .push(StridedDesc::new(src_layout))
+        .push(StridedDesc::from_parts(&shape, &s))
         .ptr(dst, dst_layout.offset() * size)
-        .push(StridedDesc::new(dst_layout))
+        .push(StridedDesc::from_parts(&shape, &d))
         .push(n as i64);
     src.gpu()
         .launch(&format!("copy_strided_b{size}"), linear(n), &mut args)

@@ -1,10 +1,10 @@
 //! CPU twins of kernels/elementwise.cu: the same f32 formulas, rounded to the storage type to
 //! nearest even (the `half` crate rounds that way), split over threads for large tensors.
 
-use super::{coalesce, erf, BinaryOp, UnaryOp};
+use super::{erf, BinaryOp, UnaryOp};
 use crate::dtype::Element;
 use crate::error::{dtype_err, Result};
-use crate::layout::Layout;
+use crate::layout::{coalesce, Layout};
 use crate::tensor::{with_cpu_float_storage, CpuStorage, IntoCpuStorage};
 
 /// Fewest elements per thread worth a thread of its own (spawning costs ~10 µs).

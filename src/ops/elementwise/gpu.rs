@@ -1,10 +1,10 @@
 //! Launches of kernels/elementwise.cu.
 
-use super::{coalesce, BinaryOp, UnaryOp};
+use super::{BinaryOp, UnaryOp};
 use crate::device::{GpuBuffer, KernelArgs, LaunchConfig};
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::layout::{Layout, MAX_DIMS};
+use crate::layout::{coalesce, Layout};
 use crate::ops::{StridedDesc, LINEAR_MAX_BLOCKS, LINEAR_THREADS};
 
 /// The launch of a dense kernel over `n` elements whose operands start at these byte offsets:
@@ -18,20 +18,6 @@ fn dense_launch(n: usize, byte_offsets: &[usize], dtype: DType) -> LaunchConfig 
         n
     };
     LaunchConfig::linear(items, LINEAR_THREADS, LINEAR_MAX_BLOCKS)
-}
-
-/// A descriptor for coalesced dimensions (see `coalesce`); the offset is passed in the pointer.
-fn desc(shape: &[usize], strides: &[usize]) -> StridedDesc {
-    let mut d = StridedDesc {
-        rank: shape.len() as i64,
-        shape: [1; MAX_DIMS],
-        strides: [0; MAX_DIMS],
-    };
-    for (i, (&n, &s)) in shape.iter().zip(strides).enumerate() {
-        d.shape[i] = n as i64;
-        d.strides[i] = s as i64;
-    }
-    d
 }
 
 pub fn unary(x: &GpuBuffer, layout: &Layout, dtype: DType, op: UnaryOp) -> Result<GpuBuffer> {
@@ -54,7 +40,7 @@ pub fn unary(x: &GpuBuffer, layout: &Layout, dtype: DType, op: UnaryOp) -> Resul
         )?;
     } else {
         let (shape, [strides]) = coalesce(layout.shape(), [layout.strides()]);
-        args.push(desc(&shape, &strides))
+        args.push(StridedDesc::from_parts(&shape, &strides))
             .ptr(&out, 0)
             .push(n as i64)
             .push(p0)
@@ -100,9 +86,9 @@ pub fn binary(
     } else {
         let (shape, [sa, sb]) = coalesce(la.shape(), [la.strides(), lb.strides()]);
         args.ptr(a, a_offset)
-            .push(desc(&shape, &sa))
+            .push(StridedDesc::from_parts(&shape, &sa))
             .ptr(b, b_offset)
-            .push(desc(&shape, &sb))
+            .push(StridedDesc::from_parts(&shape, &sb))
             .ptr(&out, 0)
             .push(n as i64);
         let cfg = LaunchConfig::linear(n, LINEAR_THREADS, LINEAR_MAX_BLOCKS);
@@ -167,9 +153,9 @@ pub fn binary_backward(
     let (shape, [sa, sb]) = coalesce(la.shape(), [la.strides(), lb.strides()]);
     let mut args = KernelArgs::new();
     args.ptr(a, la.offset() * size)
-        .push(desc(&shape, &sa))
+        .push(StridedDesc::from_parts(&shape, &sa))
         .ptr(b, lb.offset() * size)
-        .push(desc(&shape, &sb))
+        .push(StridedDesc::from_parts(&shape, &sb))
         .ptr(dy, 0);
     for out in [&da, &db] {
         match out {
