@@ -17,13 +17,34 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+impl Error {
+    /// An error whose text is one line whatever it quotes from the file: control characters
+    /// (a tensor name from a damaged pickle may hold newlines) are written as escapes.
+    pub fn line(text: String) -> Error {
+        if !text.chars().any(char::is_control) {
+            return Error(text);
+        }
+        Error(
+            text.chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// `bail!("...", args)` returns early with a formatted [`Error`].
 #[macro_export]
 macro_rules! bail {
     ($($arg:tt)*) => {
-        return Err($crate::error::Error(format!($($arg)*)))
+        return Err($crate::error::Error::line(format!($($arg)*)))
     };
 }
 
@@ -31,6 +52,18 @@ macro_rules! bail {
 #[macro_export]
 macro_rules! err {
     ($($arg:tt)*) => {
-        $crate::error::Error(format!($($arg)*))
+        $crate::error::Error::line(format!($($arg)*))
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn errors_stay_on_one_line_whatever_they_quote() {
+        let e = crate::err!("keys that did not fit: {}", "backbone.\nq\u{7}x");
+        assert_eq!(e.0, "keys that did not fit: backbone.\\nq\\u{7}x");
+        assert_eq!(Error::line("plain".into()).0, "plain");
+    }
 }
