@@ -7,6 +7,20 @@ use common::seed;
 use vpr_engine::autograd::{self, gradcheck, no_grad, Parameter};
 use vpr_engine::{DType, Device, Tensor};
 
+type Op = Box<dyn Fn(&[Tensor]) -> vpr_engine::Result<Tensor>>;
+
+/// Fails with the op's name and the seed unless the analytic gradient is within `tol` of central
+/// differences with step 1e-2.
+fn assert_gradcheck_within(what: &str, f: &Op, inputs: &[Tensor], tol: f64, s: u64) {
+    let check = gradcheck(f, inputs, 1e-2, s).unwrap();
+    assert!(
+        check.max_error <= tol,
+        "{what}: {} ({}); VPR_TEST_SEED={s}",
+        check.max_error,
+        check.worst
+    );
+}
+
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     Tensor::rand_uniform(shape, -1.0, 1.0, seed, DType::F32, &Device::Cpu).unwrap()
 }
@@ -34,14 +48,8 @@ fn views_and_copies_pass_gradients_back() {
         ),
     ];
     for (name, f) in cases {
-        let check = gradcheck(&f, std::slice::from_ref(&x), 1e-2, s).unwrap();
         // every op here is linear, so the differences are exact up to f32 rounding
-        assert!(
-            check.max_error <= 1e-4,
-            "{name}: {} ({}); VPR_TEST_SEED={s}",
-            check.max_error,
-            check.worst
-        );
+        assert_gradcheck_within(name, &f, std::slice::from_ref(&x), 1e-4, s);
     }
 }
 
@@ -175,13 +183,7 @@ fn matmul_and_gemm_gradients_match_finite_differences() {
             .enumerate()
             .map(|(j, sh)| rand(sh, s + 10 * i as u64 + j as u64))
             .collect();
-        let check = gradcheck(&f, &inputs, 1e-2, s).unwrap();
-        assert!(
-            check.max_error <= 1e-3,
-            "{name}: {} ({}); VPR_TEST_SEED={s}",
-            check.max_error,
-            check.worst
-        );
+        assert_gradcheck(name, &f, &inputs, s);
     }
 }
 
@@ -223,18 +225,10 @@ use vpr_engine::ops::elementwise::{erf, BinaryOp, UnaryOp};
 use vpr_engine::ops::reduce::ReduceOp;
 use vpr_engine::tensor::Rng;
 
-type Op = Box<dyn Fn(&[Tensor]) -> vpr_engine::Result<Tensor>>;
-
 /// Fails with the op's name and the seed unless the analytic gradient is within 1e-3 of central
 /// differences with step 1e-2 (inputs are kept at least 0.05 from non-differentiable points).
 fn assert_gradcheck(what: &str, f: &Op, inputs: &[Tensor], s: u64) {
-    let check = gradcheck(f, inputs, 1e-2, s).unwrap();
-    assert!(
-        check.max_error <= 1e-3,
-        "{what}: {} ({}); VPR_TEST_SEED={s}",
-        check.max_error,
-        check.worst
-    );
+    assert_gradcheck_within(what, f, inputs, 1e-3, s);
 }
 
 /// Uniform values in [lo, hi], each moved at least `margin` away from the points in `avoid`.
