@@ -149,8 +149,7 @@ fn backward_needs_a_scalar_loss() {
 #[test]
 fn matmul_and_gemm_gradients_match_finite_differences() {
     let s = seed("matmul_grad");
-    type Case = Box<dyn Fn(&[Tensor]) -> vpr_engine::Result<Tensor>>;
-    let cases: Vec<(&str, Vec<Vec<usize>>, Case)> = vec![
+    let cases: Vec<(&str, Vec<Vec<usize>>, Op)> = vec![
         (
             "nn",
             vec![vec![3, 5], vec![5, 4]],
