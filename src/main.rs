@@ -22,7 +22,7 @@ enum Command {
     Info,
     /// Run every kernel on random inputs against the CPU implementation and print a table.
     Check {
-        /// cpu, cuda, cuda:N or vgpu (default: cuda when a GPU is usable, else vgpu).
+        /// cuda, cuda:N or vgpu (default: cuda when a GPU is usable, else vgpu).
         #[arg(long)]
         device: Option<String>,
         /// Seed of the random inputs (default: a fresh one, printed).
@@ -87,13 +87,15 @@ fn check(device: Option<&str>, seed: Option<u64>) -> vpr_engine::Result<bool> {
         Some(d) => Device::new(d)?,
         None => Device::new("cuda").or_else(|_| Device::new("vgpu"))?,
     };
-    if let Some(g) = device.gpu() {
-        // poisoned outputs make unwritten elements fail the comparison
-        g.set_poison(true);
-        println!("device: {}", g.describe());
-    } else {
-        println!("device: cpu");
-    }
+    let Some(g) = device.gpu() else {
+        return Err(vpr_engine::Error::Argument(
+            "check runs the kernels of a GPU against the CPU: use --device cuda, cuda:N or vgpu"
+                .into(),
+        ));
+    };
+    // poisoned outputs make unwritten elements fail the comparison
+    g.set_poison(true);
+    println!("device: {}", g.describe());
     let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

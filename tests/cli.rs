@@ -59,6 +59,9 @@ fn bad_arguments_are_clear_errors() {
     let (code, text) = vpr_engine(&["check", "--device", "tpu"]);
     assert_eq!(code, 2);
     assert!(text.contains("unknown device 'tpu'"), "{text}");
+    let (code, text) = vpr_engine(&["check", "--device", "cpu"]);
+    assert_eq!(code, 2);
+    assert!(text.contains("use --device cuda, cuda:N or vgpu"), "{text}");
     let (code, text) = vpr_engine(&["check", "--seed", "many"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("--seed"), "{text}");
