@@ -833,3 +833,42 @@ fn a_linear_layer_gets_a_dense_weight_gradient() {
         g.layout()
     );
 }
+
+#[test]
+fn autocast_keeps_reductions_softmax_and_losses_in_f32() {
+    let x = rand(&[4, 6], 9)
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .requires_grad();
+    let labels = Tensor::from_vec(vec![0i64, 5, 2, 3], &[4], &Device::Cpu).unwrap();
+    let (soft, logsoft, sum, mean, max, loss) = autograd::autocast(DType::BF16, || {
+        (
+            x.softmax(-1).unwrap(),
+            x.log_softmax(-1).unwrap(),
+            x.sum(1, false).unwrap(),
+            x.mean(0, false).unwrap(),
+            x.max(1, false).unwrap(),
+            x.cross_entropy(&labels, vpr_engine::ops::loss::Reduction::Mean)
+                .unwrap(),
+        )
+    });
+    for (name, t) in [
+        ("softmax", &soft),
+        ("log_softmax", &logsoft),
+        ("sum", &sum),
+        ("mean", &mean),
+        ("loss", &loss),
+    ] {
+        assert_eq!(t.dtype(), DType::F32, "{name} under autocast");
+    }
+    assert_eq!(
+        max.dtype(),
+        DType::BF16,
+        "max selects, it does not accumulate"
+    );
+    // outside the scope nothing is promoted, and gradients reach the bf16 input in bf16
+    assert_eq!(x.softmax(-1).unwrap().dtype(), DType::BF16);
+    let grads = autograd::backward(&loss).unwrap();
+    assert_eq!(grads.get(&x).unwrap().dtype(), DType::BF16);
+    autograd::clear_tape();
+}

@@ -88,6 +88,15 @@ pub fn autocast_dtype() -> Option<DType> {
     AUTOCAST.with(Cell::get)
 }
 
+/// Inside an `autocast` scope, an f16 or bf16 `t` cast to f32 (reductions, softmax and losses run
+/// in f32 there, as under torch.autocast); otherwise `t` itself.
+pub(crate) fn autocast_to_f32(t: &Tensor) -> Result<Tensor> {
+    match autocast_dtype() {
+        Some(_) if matches!(t.dtype(), DType::F16 | DType::BF16) => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    }
+}
+
 /// Number of nodes waiting on this thread's tape.
 pub fn tape_len() -> usize {
     TAPE.with(|t| t.borrow().len())

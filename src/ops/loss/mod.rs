@@ -53,6 +53,11 @@ impl Tensor {
             return shape_err!("{what}: expected logits [N, C] and labels [N]");
         }
         self.same_device(labels, "cross_entropy")?;
+        // inside an autocast scope the loss reads f32 logits, as under torch.autocast
+        let promoted = crate::autograd::autocast_to_f32(self)?;
+        if promoted.dtype() != self.dtype() {
+            return promoted.cross_entropy_with(labels, reduction, ignore_index);
+        }
         let (rows, classes) = (self.shape()[0], self.shape()[1]);
         // labels are small: validate them on the host, so a bad one is an error, not a wild read
         let host_labels = labels.to_vec::<i64>()?;

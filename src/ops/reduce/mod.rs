@@ -112,7 +112,15 @@ impl Tensor {
 
     /// `op` along `dim`. A tensor of rank 0 accepts dim 0 or -1 and reduces its one element, as
     /// torch does.
+    /// Inside an `autocast` scope, sums and means of f16/bf16 tensors are computed and returned
+    /// in f32, as under torch.autocast.
     pub fn reduce(&self, op: ReduceOp, dim: isize, keepdim: bool) -> Result<Tensor> {
+        if matches!(op, ReduceOp::Sum | ReduceOp::Mean | ReduceOp::SumSq) {
+            let promoted = autograd::autocast_to_f32(self)?;
+            if promoted.dtype() != self.dtype() {
+                return promoted.reduce(op, dim, keepdim);
+            }
+        }
         let out = autograd::no_grad(|| self.reduce_forward(op, dim, keepdim))?;
         if op == ReduceOp::ArgMax || !self.is_requires_grad() || !autograd::is_grad_enabled() {
             return Ok(out);

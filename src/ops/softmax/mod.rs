@@ -20,12 +20,12 @@ use crate::tensor::{Storage, Tensor};
 impl Tensor {
     /// `exp(x - max) / sum(exp(x - max))` along `dim` (negative counts from the end).
     pub fn softmax(&self, dim: isize) -> Result<Tensor> {
-        self.softmax_impl(dim, false)
+        autograd::autocast_to_f32(self)?.softmax_impl(dim, false)
     }
 
     /// `x - max - log(sum(exp(x - max)))` along `dim`.
     pub fn log_softmax(&self, dim: isize) -> Result<Tensor> {
-        self.softmax_impl(dim, true)
+        autograd::autocast_to_f32(self)?.softmax_impl(dim, true)
     }
 
     fn softmax_impl(&self, dim: isize, log: bool) -> Result<Tensor> {
