@@ -3,6 +3,7 @@
 //! `gpu.rs` the launches of the kernels in `kernels/<family>.cu`.
 
 pub mod copy;
+pub(crate) mod cpu;
 pub mod elementwise;
 pub mod loss;
 pub mod matmul;

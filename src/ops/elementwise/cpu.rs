@@ -5,10 +5,8 @@ use super::{erf, BinaryOp, UnaryOp};
 use crate::dtype::Element;
 use crate::error::{dtype_err, Result};
 use crate::layout::{coalesce, Layout};
+use crate::ops::cpu::{parallel_fill, walk};
 use crate::tensor::{with_cpu_float_storage, CpuStorage, IntoCpuStorage};
-
-/// Fewest elements per thread worth a thread of its own (spawning costs ~10 µs).
-const MIN_PER_THREAD: usize = 1 << 15;
 
 // The same formulas as the kernels' (see the comments there).
 fn nan_max(a: f32, b: f32) -> f32 {
@@ -395,75 +393,6 @@ fn map3<T: Element>(
         );
     });
     out
-}
-
-/// Fills `out` by calling `fill(start, chunk)` on consecutive chunks, on several threads when
-/// `out` is large enough.
-fn parallel_fill<T: Send>(out: &mut [T], fill: impl Fn(usize, &mut [T]) + Sync) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = cores.min(out.len() / MIN_PER_THREAD).max(1);
-    if threads == 1 {
-        fill(0, out);
-        return;
-    }
-    let chunk = out.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for (i, c) in out.chunks_mut(chunk).enumerate() {
-            let fill = &fill;
-            s.spawn(move || fill(i * chunk, c));
-        }
-    });
-}
-
-/// Calls `f(k, offsets)` for k in 0..len, where `offsets` are the storage offsets, in each of the N
-/// operands, of the element at row-major position `start + k` of `shape`. Walks the innermost
-/// dimension in runs and carries into the outer ones like an odometer.
-fn walk<const N: usize>(
-    shape: &[usize],
-    strides: &[Vec<usize>; N],
-    base: [usize; N],
-    start: usize,
-    len: usize,
-    mut f: impl FnMut(usize, [usize; N]),
-) {
-    let rank = shape.len();
-    if rank == 0 {
-        (0..len).for_each(|k| f(k, base));
-        return;
-    }
-    let mut idx = vec![0; rank];
-    let mut rem = start;
-    for d in (0..rank).rev() {
-        idx[d] = rem % shape[d];
-        rem /= shape[d];
-    }
-    let mut pos = base;
-    for (p, s) in pos.iter_mut().zip(strides) {
-        *p += idx.iter().zip(s).map(|(i, s)| i * s).sum::<usize>();
-    }
-    let last = rank - 1;
-    let inner: [usize; N] = std::array::from_fn(|j| strides[j][last]);
-    let mut k = 0;
-    while k < len {
-        let run = (shape[last] - idx[last]).min(len - k);
-        for _ in 0..run {
-            f(k, pos);
-            k += 1;
-            for (p, s) in pos.iter_mut().zip(&inner) {
-                *p += s;
-            }
-        }
-        idx[last] += run;
-        let mut d = last;
-        while d > 0 && idx[d] == shape[d] {
-            idx[d] = 0;
-            idx[d - 1] += 1;
-            for (p, s) in pos.iter_mut().zip(strides) {
-                *p = *p + s[d - 1] - shape[d] * s[d];
-            }
-            d -= 1;
-        }
-    }
 }
 
 #[cfg(test)]
