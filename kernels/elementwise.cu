@@ -129,8 +129,10 @@ UNARY_ALL_TYPES(affine)
 
 // ---------------------------------------------------------------- binary
 
-template <class T, class Op>
-__device__ void binary_dense(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, long long n) {
+// out[i] = f(a[i], b[i]) over dense operands, in f32: the dense path of the binary ops and of the
+// fused unary backward kernels (a = x, b = dy).
+template <class T, class F>
+__device__ void zip_dense(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, long long n, F f) {
   constexpr int V = 16 / sizeof(T);
   long long done = 0;
   if (aligned16(a) && aligned16(b) && aligned16(out)) {
@@ -140,12 +142,12 @@ __device__ void binary_dense(const T* __restrict__ a, const T* __restrict__ b, T
       pa.u = __ldg(reinterpret_cast<const uint4*>(a) + i);
       pb.u = __ldg(reinterpret_cast<const uint4*>(b) + i);
 #pragma unroll
-      for (int k = 0; k < V; ++k) pa.v[k] = from_f32<T>(Op::f(to_f32(pa.v[k]), to_f32(pb.v[k])));
+      for (int k = 0; k < V; ++k) pa.v[k] = from_f32<T>(f(to_f32(pa.v[k]), to_f32(pb.v[k])));
       reinterpret_cast<uint4*>(out)[i] = pa.u;
     }
     done = nv * V;
   }
-  GRID_STRIDE_LOOP(i, n - done) out[done + i] = from_f32<T>(Op::f(to_f32(a[done + i]), to_f32(b[done + i])));
+  GRID_STRIDE_LOOP(i, n - done) out[done + i] = from_f32<T>(f(to_f32(a[done + i]), to_f32(b[done + i])));
 }
 
 template <class T, class Op, class I>
@@ -172,7 +174,7 @@ __device__ void binary_strided(const T* __restrict__ a, Strided av, const T* __r
 
 #define BINARY_ENTRY(op, dname, T)                                                                     \
   extern "C" __global__ void binary_##op##_##dname(const T* a, const T* b, T* out, long long n) {     \
-    binary_dense<T, Op_##op>(a, b, out, n);                                                           \
+    zip_dense(a, b, out, n, [](float x, float y) { return Op_##op::f(x, y); }); \
   }                                                                                                    \
   extern "C" __global__ void binary_##op##_strided_##dname(const T* a, Strided av, const T* b, Strided bv, \
                                                            T* out, long long n) {                      \
@@ -226,32 +228,10 @@ UNARY_GRAD(powf, p0 == 0.f ? 0.f : dy * p0 * powf(x, p0 - 1.f))
 UNARY_GRAD(clamp, (x > p0 && x < p1) ? dy : 0.f)
 #undef UNARY_GRAD
 
-template <class T, class Grad>
-__device__ void unary_backward(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, long long n,
-                               float p0, float p1) {
-  constexpr int V = 16 / sizeof(T);
-  long long done = 0;
-  if (aligned16(x) && aligned16(dy) && aligned16(dx)) {
-    const long long nv = n / V;
-    GRID_STRIDE_LOOP(i, nv) {
-      Pack<T> px, pg;
-      px.u = __ldg(reinterpret_cast<const uint4*>(x) + i);
-      pg.u = __ldg(reinterpret_cast<const uint4*>(dy) + i);
-#pragma unroll
-      for (int k = 0; k < V; ++k) px.v[k] = from_f32<T>(Grad::f(to_f32(px.v[k]), to_f32(pg.v[k]), p0, p1));
-      reinterpret_cast<uint4*>(dx)[i] = px.u;
-    }
-    done = nv * V;
-  }
-  GRID_STRIDE_LOOP(i, n - done) {
-    dx[done + i] = from_f32<T>(Grad::f(to_f32(x[done + i]), to_f32(dy[done + i]), p0, p1));
-  }
-}
-
 #define UNARY_GRAD_ENTRY(op, dname, T)                                                                    \
   extern "C" __global__ void op##_backward_##dname(const T* x, const T* dy, T* dx, long long n, float p0, \
                                                    float p1) {                                            \
-    unary_backward<T, Grad_##op>(x, dy, dx, n, p0, p1);                                                   \
+    zip_dense(x, dy, dx, n, [=](float xv, float g) { return Grad_##op::f(xv, g, p0, p1); }); \
   }
 #define UNARY_GRAD_ALL_TYPES(op) \
   UNARY_GRAD_ENTRY(op, f32, float) UNARY_GRAD_ENTRY(op, f16, f16) UNARY_GRAD_ENTRY(op, bf16, bf16)
