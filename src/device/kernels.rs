@@ -10,9 +10,22 @@ pub struct KernelModule {
     pub kernels: &'static [&'static str],
 }
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
 include!(concat!(env!("OUT_DIR"), "/kernel_sources.rs"));
 
-/// The module that defines `kernel`, or None.
+/// The module that defines `kernel`, or None. Every launch asks, so the answer comes from a map
+/// built once rather than a scan over every kernel name.
 pub fn module_of(kernel: &str) -> Option<&'static KernelModule> {
-    KERNEL_MODULES.iter().find(|m| m.kernels.contains(&kernel))
+    static BY_KERNEL: OnceLock<HashMap<&'static str, &'static KernelModule>> = OnceLock::new();
+    BY_KERNEL
+        .get_or_init(|| {
+            KERNEL_MODULES
+                .iter()
+                .flat_map(|m| m.kernels.iter().map(move |&k| (k, m)))
+                .collect()
+        })
+        .get(kernel)
+        .copied()
 }
