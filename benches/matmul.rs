@@ -4,9 +4,11 @@
 //! loop, in GFLOP/s. GPU (only when `Device::new("cuda")` succeeds): our bf16, f16 and f32 kernels
 //! against cuBLASLt in the same run, in TFLOP/s, on square sizes and ViT-shaped linear layers
 //! (M = batch * 197 or batch * 1370 tokens). Times are medians of several runs after warm-up; a
-//! GPU run is timed from launch to `synchronize`.
+//! GPU run is timed from launch to `synchronize`. On compute capability 9.0 bf16/f16 run twice:
+//! the wgmma kernels (the default there) and the mma.sync ones.
 
 use std::time::Instant;
+use vpr_engine::ops::matmul::{has_wgmma, with_tensor_core_path, TensorCorePath};
 use vpr_engine::{DType, Device, Tensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -228,8 +230,11 @@ fn gpu_bench(dev: &Device) {
     println!(
         "TFLOP/s, median. cuBLASLt's f32 runs in TF32 (cudarc's compute type), ours in full f32.\n"
     );
-    println!("| problem | M x N x K | layout | dtype | ours | cuBLASLt | ours / cuBLASLt |");
-    println!("|---|---|---|---|---|---|---|");
+    let wgmma = has_wgmma(gpu);
+    println!(
+        "| problem | M x N x K | layout | dtype | our kernel | ours | cuBLASLt | ours / cuBLASLt |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for p in gpu_problems() {
         let a32 =
             Tensor::rand_uniform(&[p.m, p.k], -1.0, 1.0, 1, DType::F32, &Device::Cpu).unwrap();
@@ -240,16 +245,29 @@ fn gpu_bench(dev: &Device) {
             let (a, b) = (ah.to_device(dev).unwrap(), bh.to_device(dev).unwrap());
             let work = flops(p.m, p.n, p.k);
             let runs = if work > 2e11 { 5 } else { 20 };
-            let ours = time(3, runs, || {
-                let out = if p.nt {
-                    a.matmul(&b.t().unwrap())
-                } else {
-                    a.matmul(&b)
+            let ours = |path: Option<TensorCorePath>| {
+                let run = || {
+                    time(3, runs, || {
+                        let out = if p.nt {
+                            a.matmul(&b.t().unwrap())
+                        } else {
+                            a.matmul(&b)
+                        }
+                        .unwrap();
+                        gpu.synchronize().unwrap();
+                        drop(out);
+                    })
+                };
+                match path {
+                    Some(path) => with_tensor_core_path(path, run),
+                    None => run(),
                 }
-                .unwrap();
-                gpu.synchronize().unwrap();
-                drop(out);
-            });
+            };
+            let paths: &[Option<TensorCorePath>] = match dtype {
+                DType::F32 => &[None],
+                _ if wgmma => &[Some(TensorCorePath::Wgmma), Some(TensorCorePath::MmaSync)],
+                _ => &[Some(TensorCorePath::MmaSync)],
+            };
             let theirs = lt.as_ref().map(|lt| match dtype {
                 DType::BF16 => lt.time(
                     &p,
@@ -266,19 +284,27 @@ fn gpu_bench(dev: &Device) {
                 _ => lt.time(&p, &host_vec::<f32>(&ah), &host_vec::<f32>(&bh), runs),
             });
             let t = |s: f64| work / s / 1e12;
-            let (theirs_s, ratio) = match theirs {
-                Some(s) => (format!("{:.1}", t(s)), format!("{:.2}", s / ours)),
-                None => ("-".into(), "-".into()),
-            };
-            println!(
-                "| {} | {}x{}x{} | {} | {dtype} | {:.1} | {theirs_s} | {ratio} |",
-                p.label,
-                p.m,
-                p.n,
-                p.k,
-                if p.nt { "x @ w.t()" } else { "a @ b" },
-                t(ours)
-            );
+            for &path in paths {
+                let ours = ours(path);
+                let (theirs_s, ratio) = match theirs {
+                    Some(s) => (format!("{:.1}", t(s)), format!("{:.2}", s / ours)),
+                    None => ("-".into(), "-".into()),
+                };
+                println!(
+                    "| {} | {}x{}x{} | {} | {dtype} | {} | {:.1} | {theirs_s} | {ratio} |",
+                    p.label,
+                    p.m,
+                    p.n,
+                    p.k,
+                    if p.nt { "x @ w.t()" } else { "a @ b" },
+                    match path {
+                        None => "SIMT",
+                        Some(TensorCorePath::Wgmma) => "wgmma",
+                        Some(TensorCorePath::MmaSync) => "mma.sync",
+                    },
+                    t(ours)
+                );
+            }
         }
     }
 }

@@ -75,9 +75,49 @@ __device__ __forceinline__ float epilogue(const GemmParams& p, const T* C, float
   return v;
 }
 
+// Tensor-core kernels: 8 consecutive elements src[offset .. offset + 8) into dst, of which `valid` are inside the
+// matrix (the rest, and everything when valid <= 0, becomes zero).
+template <class T>
+__device__ __forceinline__ void load_chunk(T* dst, const T* src, long long offset, long long valid) {
+  if (valid <= 0) {
+    uint4 z;
+    z.x = z.y = z.z = z.w = 0u;
+    *reinterpret_cast<uint4*>(dst) = z;
+    return;
+  }
+  const T* s = src + offset;
+  const int n = valid < 8 ? int(valid) : 8;
+  if ((reinterpret_cast<unsigned long long>(s) & 15) == 0) {
+    emu::cp_async_16(dst, s, unsigned(n) * 2u);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) dst[i].bits = i < n ? s[i].bits : (unsigned short)0;
+  }
+}
+
+// Tensor-core kernels: output elements (r, c) and (r, c + 1) from their accumulators. The pair goes
+// out as one 32-bit store when N is even (then it is 4-byte aligned).
+template <class T>
+__device__ __forceinline__ void store_pair(const GemmParams& p, const T* C, T* D, long long r, long long c, float acc0,
+                                           float acc1) {
+  if (r >= p.M || c >= p.N) return;
+  const T v0 = from_f32<T>(epilogue(p, C, acc0, r, c));
+  if (c + 1 >= p.N) {
+    D[r * p.N + c] = v0;
+    return;
+  }
+  const T v1 = from_f32<T>(epilogue(p, C, acc1, r, c + 1));
+  if ((p.N & 1) == 0) {
+    *reinterpret_cast<unsigned*>(D + r * p.N + c) = unsigned(v0.bits) | (unsigned(v1.bits) << 16);
+  } else {
+    D[r * p.N + c] = v0;
+    D[r * p.N + c + 1] = v1;
+  }
+}
+
 // ================================================================ f32: SIMT
 namespace sgemm {
-constexpr int BM = 128, BN = 128, BK = 8, THREADS = 256, PAD = 4;
+constexpr int BM = 128, BN = 128, BK = 8, PAD = 4;
 constexpr int LD = BM + PAD;  // shared row length; 528 bytes keeps float4 alignment
 typedef float Tile[BK][LD];   // k-major: row k holds 128 consecutive m (or n)
 
@@ -231,26 +271,6 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], const
   emu::mma_m16n8k16_f16(d, a, b, d);
 }
 
-// 8 consecutive elements src[offset .. offset + 8) into dst, of which `valid` are inside the
-// matrix (the rest, and everything when valid <= 0, becomes zero).
-template <class T>
-__device__ __forceinline__ void load_chunk(T* dst, const T* src, long long offset, long long valid) {
-  if (valid <= 0) {
-    uint4 z;
-    z.x = z.y = z.z = z.w = 0u;
-    *reinterpret_cast<uint4*>(dst) = z;
-    return;
-  }
-  const T* s = src + offset;
-  const int n = valid < 8 ? int(valid) : 8;
-  if ((reinterpret_cast<unsigned long long>(s) & 15) == 0) {
-    emu::cp_async_16(dst, s, unsigned(n) * 2u);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) dst[i].bits = i < n ? s[i].bits : (unsigned short)0;
-  }
-}
-
 // One stage of one operand: 512 chunks of 8 elements, two per thread.
 template <bool K_CONTIGUOUS, class T>
 __device__ __forceinline__ void load_operand(T* s, const T* g, long long ld, long long r0, long long rows,
@@ -372,34 +392,16 @@ __device__ void gemm(const T* __restrict__ A, const T* __restrict__ B, const T* 
   }
   emu::cp_async_wait<0>();
 
-  // Accumulator element e of tile (mi, ni): row g + 8*(e/2), column 2t + e%2. Two adjacent
-  // columns go out as one 32-bit store when N is even (then the pair is 4-byte aligned).
+  // Accumulator element e of tile (mi, ni): row g + 8*(e/2), column 2t + e%2.
   const int g = lane >> 2, t = lane & 3;
-  const bool pairs = (p.N & 1) == 0;
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const long long r = m0 + wm + mi * 16 + g + 8 * h;
-      if (r >= p.M) continue;
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const long long c = n0 + wn + ni * 8 + 2 * t;
-        if (c >= p.N) continue;
-        const T v0 = from_f32<T>(epilogue(p, C, acc[mi][ni][2 * h], r, c));
-        if (c + 1 < p.N) {
-          const T v1 = from_f32<T>(epilogue(p, C, acc[mi][ni][2 * h + 1], r, c + 1));
-          if (pairs) {
-            *reinterpret_cast<unsigned*>(D + r * p.N + c) = unsigned(v0.bits) | (unsigned(v1.bits) << 16);
-          } else {
-            D[r * p.N + c] = v0;
-            D[r * p.N + c + 1] = v1;
-          }
-        } else {
-          D[r * p.N + c] = v0;
-        }
-      }
-    }
+      for (int ni = 0; ni < 4; ++ni)
+        store_pair(p, C, D, m0 + wm + mi * 16 + g + 8 * h, n0 + wn + ni * 8 + 2 * t, acc[mi][ni][2 * h],
+                   acc[mi][ni][2 * h + 1]);
 }
 }  // namespace tc
 
@@ -417,3 +419,166 @@ __device__ void gemm(const T* __restrict__ A, const T* __restrict__ B, const T* 
   GEMM_TC(dt, T, tt, true, true)
 GEMM_TC_ALL(bf16, bf16)
 GEMM_TC_ALL(f16, f16)
+
+// ================================================================ bf16 / f16 on Hopper: wgmma
+// sm_90a only (the host launches these on compute capability 9.0). 128x256x64 block tile, two
+// warpgroups of 64x256, each k16 step one wgmma.m64n256k16 per warpgroup reading both operands
+// from shared memory. Tiles are stored in the 128-byte-swizzled layouts wgmma reads directly, so
+// all four transpose combinations need no transposing copy: a K-major operand ([rows][K] storage)
+// as 128-byte rows of 64 k; an MN-major one ([K][rows] storage) as 128-byte rows of 64 rows at one
+// k, in atoms of 8 k. 4 stages, 2 tiles in flight by cp.async (edges zero-filled as in tc::) and one
+// wgmma group in flight, so the stage being refilled was retired by every warpgroup before the
+// barrier that precedes the refill. 193 KB of dynamic shared memory: one block per SM. K >= 1 (the
+// host sends K = 0 to tc::): with a path that skips the loop, ptxas serialises the wgmmas.
+#ifdef HAS_WGMMA
+namespace wg {
+constexpr int BM = 128, BN = 256, BK = 64, THREADS = 256, STAGES = 4, IN_FLIGHT = 2;
+static_assert((STAGES & (STAGES - 1)) == 0 && IN_FLIGHT + 2 <= STAGES, "see the pipeline note above");
+constexpr unsigned A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+
+// Byte offset of the 16-byte chunk holding (row r, k) of a `ROWS` x BK tile (r a multiple of 8 when
+// MN-major, k a multiple of 8 when K-major). Swizzle: chunk bits 4-6 ^= row-in-atom bits 7-9, on
+// offsets from a 1024-byte-aligned tile, as the hardware applies it to shared addresses.
+template <bool K_MAJOR, int ROWS>
+__device__ __forceinline__ unsigned chunk_offset(unsigned r, unsigned k) {
+  const unsigned off = K_MAJOR ? r * 128 + k * 2 : (k / 8) * (ROWS / 64) * 1024 + (r / 64) * 1024 + (k % 8) * 128 + (r % 64) * 2;
+  return off ^ (((off >> 7) & 7) << 4);
+}
+
+// Matrix descriptor (PTX ISA): start address, leading and stride byte offsets (all >> 4), 128-byte
+// swizzle. K-major: SBO steps 8 rows (1024 bytes); LBO is unused. MN-major: LBO steps 64 rows (one
+// atom), SBO steps 8 k (a row of ROWS / 64 atoms).
+template <bool K_MAJOR, int ROWS>
+__device__ __forceinline__ unsigned long long descriptor(unsigned addr) {
+  const unsigned lbo = K_MAJOR ? 16 : 1024, sbo = K_MAJOR ? 1024 : (ROWS / 64) * 1024;
+  return (unsigned long long)((addr >> 4) & 0x3FFF) | (unsigned long long)(lbo >> 4) << 16 |
+         (unsigned long long)(sbo >> 4) << 32 | 1ull << 62;
+}
+
+// Shared address of the 64 x 16 (A: warpgroup rows r0.., k16 step ks) or 256 x 16 (B) operand.
+template <bool K_MAJOR, int ROWS>
+__device__ __forceinline__ unsigned operand_addr(unsigned tile, unsigned r0, int ks) {
+  return tile + (K_MAJOR ? r0 * 128 + ks * 32 : (r0 / 64) * 1024 + 2 * ks * (ROWS / 64) * 1024);
+}
+
+// One stage of one operand, ROWS x BK: ROWS * 8 chunks, ROWS / 32 per thread, consecutive threads
+// on consecutive 16 bytes of global memory.
+template <bool K_MAJOR, int ROWS, class T>
+__device__ __forceinline__ void load_operand(unsigned char* tile, const T* g, long long ld, long long r0,
+                                             long long rows, long long k0, long long K) {
+#pragma unroll
+  for (int i = 0; i < ROWS / 32; ++i) {
+    const unsigned c = threadIdx.x + i * THREADS;
+    unsigned r, k;
+    long long valid, offset;
+    if (K_MAJOR) {  // 8 chunks per row
+      r = c / 8, k = (c % 8) * 8;
+      valid = r0 + r < rows ? K - (k0 + k) : 0;
+      offset = (r0 + r) * ld + k0 + k;
+    } else {  // ROWS / 8 chunks per k
+      k = c / (ROWS / 8), r = (c % (ROWS / 8)) * 8;
+      valid = k0 + k < K ? rows - (r0 + r) : 0;
+      offset = (k0 + k) * ld + r0 + r;
+    }
+    load_chunk(reinterpret_cast<T*>(tile + chunk_offset<K_MAJOR, ROWS>(r, k)), g, offset, valid);
+  }
+}
+
+template <bool TA, bool TB>
+__device__ __forceinline__ void wgmma(float (&d)[128], unsigned long long da, unsigned long long db, const bf16*) {
+  emu::wgmma_m64n256k16_bf16<TA, !TB>(d, da, db);
+}
+template <bool TA, bool TB>
+__device__ __forceinline__ void wgmma(float (&d)[128], unsigned long long da, unsigned long long db, const f16*) {
+  emu::wgmma_m64n256k16_f16<TA, !TB>(d, da, db);
+}
+
+template <class T, bool TA, bool TB>
+__device__ void gemm(const T* __restrict__ A, const T* __restrict__ B, const T* C, T* __restrict__ D,
+                     const GemmParams& p) {
+  constexpr bool A_K_MAJOR = !TA, B_K_MAJOR = TB;
+  // The swizzle atoms need 1024-byte-aligned tiles; the launch adds 1 KB for the adjustment.
+  EMU_DYNAMIC_SHARED(uint4, smem);
+  unsigned char* raw = reinterpret_cast<unsigned char*>(smem);
+  unsigned char* tiles = raw + ((1024u - (emu::smem_u32(raw) & 1023u)) & 1023u);
+  const unsigned tiles_addr = emu::smem_u32(tiles);
+
+  const BatchOffsets off = batch_offsets(p);
+  A += off.a;
+  B += off.b;
+  C += off.c;
+  D += off.d;
+  long long tm, tn;
+  tile_coords((p.M + BM - 1) / BM, (p.N + BN - 1) / BN, tm, tn);
+  const long long m0 = tm * BM, n0 = tn * BN;
+  const unsigned group = threadIdx.x / 128;  // this warpgroup's rows: 64 * group ..
+
+  auto load_stage = [&](long long kt) {
+    unsigned char* a = tiles + unsigned(kt & (STAGES - 1)) * STAGE_BYTES;
+    load_operand<A_K_MAJOR, BM>(a, A, p.lda, m0, p.M, kt * BK, p.K);
+    load_operand<B_K_MAJOR, BN>(a + A_BYTES, B, p.ldb, n0, p.N, kt * BK, p.K);
+  };
+
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+
+  const long long ktiles = (p.K + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < IN_FLIGHT; ++s) {
+    if (s < ktiles) load_stage(s);
+    emu::cp_async_commit();
+  }
+  long long kt = 0;
+  do {
+    emu::cp_async_wait<IN_FLIGHT - 1>();
+    // This thread's part of tile kt, loaded through the generic proxy, becomes visible to the
+    // tensor cores (async proxy); the barrier then publishes every thread's part. It also orders
+    // every warpgroup's retirement of tile kt - 2 (wait<1> below) before its stage is refilled.
+    emu::fence_proxy_async();
+    __syncthreads();
+    if (kt + IN_FLIGHT < ktiles) load_stage(kt + IN_FLIGHT);
+    emu::cp_async_commit();
+
+    const unsigned a_tile = tiles_addr + unsigned(kt & (STAGES - 1)) * STAGE_BYTES, b_tile = a_tile + A_BYTES;
+    emu::wgmma_fence_operands(acc);
+    emu::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      wgmma<TA, TB>(acc, descriptor<A_K_MAJOR, BM>(operand_addr<A_K_MAJOR, BM>(a_tile, 64 * group, ks)),
+                       descriptor<B_K_MAJOR, BN>(operand_addr<B_K_MAJOR, BN>(b_tile, 0, ks)), A);
+    }
+    emu::wgmma_commit();
+    emu::wgmma_wait<1>();
+    emu::wgmma_fence_operands(acc);
+  } while (++kt < ktiles);
+  emu::wgmma_wait<0>();
+  emu::wgmma_fence_operands(acc);
+  emu::cp_async_wait<0>();
+
+  // Accumulator fragment of wgmma .m64nNk16: acc[i] is row 16 * warp + lane / 4 + 8 * ((i / 2) % 2)
+  // of the warpgroup's 64, column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
+  const unsigned warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const long long r = m0 + 64 * group + 16 * warp + lane / 4;
+#pragma unroll
+  for (int i = 0; i < 128; i += 2)
+    store_pair(p, C, D, r + 8 * ((i / 2) % 2), n0 + 8 * (i / 4) + 2 * (lane % 4), acc[i], acc[i + 1]);
+}
+}  // namespace wg
+#define GEMM_WGMMA_BODY(T, TA, TB) wg::gemm<T, TA, TB>(A, B, C, D, p);
+#else
+#define GEMM_WGMMA_BODY(T, TA, TB) __trap();  // launched only on sm_90a devices (src/ops/matmul/gpu.rs)
+#endif
+
+#define GEMM_WGMMA(dt, T, ab, TA, TB)                                                                        \
+  extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_##dt##_##ab(const T* A, const T* B, const T* C, \
+                                                                           T* D, GemmParams p) {          \
+    GEMM_WGMMA_BODY(T, TA, TB)                                                                              \
+  }
+#define GEMM_WGMMA_ALL(dt, T)         \
+  GEMM_WGMMA(dt, T, nn, false, false) \
+  GEMM_WGMMA(dt, T, nt, false, true)  \
+  GEMM_WGMMA(dt, T, tn, true, false)  \
+  GEMM_WGMMA(dt, T, tt, true, true)
+GEMM_WGMMA_ALL(bf16, bf16)
+GEMM_WGMMA_ALL(f16, f16)

@@ -346,3 +346,71 @@ extern "C" __global__ void vgpu_bug_warp_barrier_deadlock_f32(float* out) {
   }
   out[threadIdx.x] = v;
 }
+
+// ---------------------------------------------------------------- wgmma (sm_90a)
+// One warpgroup (128 threads, 17 KB of dynamic shared memory) computes D[64x256] = A[64x16] B[16x256]
+// with A K-major ([64][16] in global memory) and B MN-major ([16][256]), both copied by cp.async into
+// 128-byte-swizzled tiles, D stored row-major from the accumulator fragments. `bug` plants one
+// mistake for the vgpu_bug_wgmma_* kernels below (their operands are garbage: only the error counts).
+enum WgmmaBug { kNone, kNoFence, kNoProxyFence, kOverwrite, kAccumulatorWrite, kNoWait, kDivergent };
+
+#ifdef HAS_WGMMA
+__device__ __forceinline__ unsigned swizzle128(unsigned off) { return off ^ (((off >> 7) & 7) << 4); }
+
+__device__ __forceinline__ void wgmma_probe(const bf16* a, const bf16* b, float* d, WgmmaBug bug) {
+  EMU_DYNAMIC_SHARED(uint4, smem);
+  unsigned char* raw = reinterpret_cast<unsigned char*>(smem);
+  unsigned char* tile = raw + ((1024u - (emu::smem_u32(raw) & 1023u)) & 1023u);
+  const unsigned t = threadIdx.x;
+  // A: row r of 16 k is chunks 0-1 of a 128-byte row. B: 8 k x 64 n atoms, 64-n blocks 1 KB apart
+  // (LBO), 8-k groups 4 KB apart (SBO), after A's 8 KB.
+  const unsigned ar = t / 2, ak = (t % 2) * 8;
+  emu::cp_async_16(tile + swizzle128(ar * 128 + ak * 2), a + ar * 16 + ak);
+  for (unsigned c = t; c < 512; c += 128) {
+    const unsigned k = c / 32, n = (c % 32) * 8;
+    emu::cp_async_16(tile + 8192 + swizzle128((k / 8) * 4096 + (n / 64) * 1024 + (k % 8) * 128 + (n % 64) * 2),
+                     b + k * 256 + n);
+  }
+  emu::cp_async_commit();
+  emu::cp_async_wait<0>();
+  if (bug != kNoProxyFence) emu::fence_proxy_async();
+  __syncthreads();
+
+  float acc[128];
+  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+  const unsigned addr = emu::smem_u32(tile);
+  const unsigned long long swizzle = 1ull << 62;
+  unsigned long long desc_a = (addr >> 4) | (16ull >> 4) << 16 | (1024ull >> 4) << 32 | swizzle;
+  const unsigned long long desc_b = ((addr + 8192) >> 4) | (1024ull >> 4) << 16 | (4096ull >> 4) << 32 | swizzle;
+  if (bug == kDivergent && t == 77) desc_a += 2;
+  if (bug != kNoFence) emu::wgmma_fence();
+  emu::wgmma_m64n256k16_bf16<0, 1>(acc, desc_a, desc_b);  // @wgmma
+  emu::wgmma_commit();
+  if (bug == kOverwrite) tile[t] = ~tile[t];
+  if (bug == kAccumulatorWrite) acc[t % 128] += 1.0f;
+  if (bug != kNoWait) emu::wgmma_wait<0>();
+  if (!d) return;
+  const unsigned warp = t / 32, lane = t % 32;
+  for (int i = 0; i < 128; ++i)
+    d[(16 * warp + lane / 4 + 8 * ((i / 2) % 2)) * 256 + 8 * (i / 4) + 2 * (lane % 4) + i % 2] = acc[i];
+}
+#define WGMMA_PROBE(a, b, d, bug) wgmma_probe(a, b, d, bug)
+#else
+#define WGMMA_PROBE(a, b, d, bug) __trap()
+#endif
+
+extern "C" __global__ void vgpu_wgmma_bf16(const bf16* a, const bf16* b, float* d) { WGMMA_PROBE(a, b, d, kNone); }
+
+// The bug kernels read their operands from the first 10 KB of `out` (launch 20 blocks of 128) and
+// write no result.
+#define WGMMA_BUG(name, bug)                                                                           \
+  extern "C" __global__ void vgpu_bug_wgmma_##name##_f32(float* out) {                                 \
+    WGMMA_PROBE(reinterpret_cast<const bf16*>(out), reinterpret_cast<const bf16*>(out) + 64 * 16, nullptr, \
+                bug);                                                                                  \
+  }
+WGMMA_BUG(no_fence, kNoFence)
+WGMMA_BUG(no_proxy_fence, kNoProxyFence)
+WGMMA_BUG(overwrite, kOverwrite)
+WGMMA_BUG(accumulator_write, kAccumulatorWrite)
+WGMMA_BUG(no_wait, kNoWait)
+WGMMA_BUG(divergent, kDivergent)

@@ -1,5 +1,6 @@
-//! Every kernel file compiles with NVRTC to CUBIN for sm_80 and sm_90 (CUBIN runs ptxas, the only
-//! check of inline PTX), without register spills; prints registers and shared memory per kernel.
+//! Every kernel file compiles with NVRTC to CUBIN for sm_80, sm_90 and sm_90a (CUBIN runs ptxas,
+//! the only check of inline PTX), without register spills; prints registers and shared memory per
+//! kernel. sm_90a is what a compute capability 9.0 GPU gets: it enables the wgmma kernels.
 //! NVRTC comes from NVIDIA's PyPI wheel, installed into `.cuda-tools/` on first use.
 
 use std::path::Path;
@@ -9,7 +10,7 @@ use vpr_engine::device::kernels::KERNEL_MODULES;
 use vpr_engine::device::nvrtc::{project_tools_dir, wheel_lib_dir, Nvrtc, Target};
 
 const NVRTC_WHEEL: &str = "nvidia-cuda-nvrtc==13.0.88";
-const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
+const ARCHS: [&str; 3] = ["sm_80", "sm_90", "sm_90a"];
 
 fn install_nvrtc() {
     let tools = project_tools_dir();
@@ -80,7 +81,7 @@ fn parse_ptxas_log(log: &str) -> Vec<Resources> {
 }
 
 #[test]
-fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
+fn every_kernel_compiles_for_sm80_sm90_and_sm90a_without_spills() {
     install_nvrtc();
     let nvrtc = Nvrtc::load().expect("NVRTC from .cuda-tools");
     let (major, minor) = nvrtc.version();
@@ -137,6 +138,12 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
             .find(|m| m.name == module)
             .unwrap()
             .kernels;
+        // ptxas warns of what costs speed without failing: wgmma serialised, local memory.
+        for line in compiled.log.lines() {
+            if line.contains("warning") || line.contains("Performance Loss") {
+                failures.push(format!("{module}.cu for {arch}: {}", line.trim()));
+            }
+        }
         let resources = parse_ptxas_log(&compiled.log);
         for k in module_kernels.iter() {
             if !resources.iter().any(|r| &r.kernel == k) {
@@ -218,4 +225,49 @@ fn compiled_modules_are_cached_on_disk_by_source_arch_and_compiler() {
     cached_cubin(&nvrtc, module, "sm_80", &dir).unwrap();
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The wgmma kernels are real only where HAS_WGMMA holds: their PTX for compute_90a issues wgmma,
+/// for compute_90 they are stubs that trap (the host never launches them there).
+#[test]
+fn wgmma_kernels_are_compiled_for_sm90a_only() {
+    install_nvrtc();
+    let nvrtc = Nvrtc::load().expect("NVRTC from .cuda-tools");
+    let module = KERNEL_MODULES.iter().find(|m| m.name == "matmul").unwrap();
+    let ptx = |arch| {
+        let compiled = nvrtc.compile(module, Target::Ptx(arch), &[]).unwrap();
+        String::from_utf8(compiled.binary).unwrap()
+    };
+    let hopper = ptx("compute_90a");
+    let wgmma_kernels: Vec<_> = module
+        .kernels
+        .iter()
+        .filter(|k| k.starts_with("gemm_wgmma_"))
+        .collect();
+    assert_eq!(wgmma_kernels.len(), 8, "bf16 and f16, four transposes");
+    for k in &wgmma_kernels {
+        let body = ptx_entry(&hopper, k);
+        assert!(
+            body.contains("wgmma.mma_async.sync.aligned.m64n256k16.f32"),
+            "{k} issues no wgmma on compute_90a"
+        );
+        assert!(body.contains("fence.proxy.async"), "{k}: no proxy fence");
+    }
+    let plain = ptx("compute_90");
+    for k in &wgmma_kernels {
+        let body = ptx_entry(&plain, k);
+        assert!(
+            body.contains("trap;") && !body.contains("wgmma."),
+            "{k} on compute_90"
+        );
+    }
+}
+
+/// The PTX text of entry `name`, up to the next entry.
+fn ptx_entry<'a>(ptx: &'a str, name: &str) -> &'a str {
+    let start = ptx
+        .find(&format!(".entry {name}("))
+        .unwrap_or_else(|| panic!("no entry {name} in the PTX"));
+    let rest = &ptx[start + 1..];
+    &ptx[start..start + 1 + rest.find(".entry ").unwrap_or(rest.len())]
 }

@@ -441,6 +441,72 @@ fn mma_m16n8k16_exact_on_integer_data() {
     }
 }
 
+/// Dynamic shared memory of the wgmma self-test kernels: 16 KB of tiles and 1 KB to align them.
+const WGMMA_SMEM: u32 = 17 * 1024;
+
+/// wgmma.m64n256k16 with a K-major A and an MN-major B, through descriptors and the 128-byte
+/// swizzle, lands every product in the fragment the PTX ISA gives it.
+#[test]
+fn wgmma_m64n256k16_exact_on_integer_data() {
+    let seed = common::seed("wgmma_m64n256k16_exact_on_integer_data");
+    let mut rng = Rng::new(seed);
+    let a = small_ints(&mut rng, 64 * 16, 8);
+    let b = small_ints(&mut rng, 16 * 256, 8);
+    let want = matmul_add(&a, &b, &[0.0; 64 * 256], 64, 16, 256);
+    let cvt = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    for &(s, os) in SCHEDULES {
+        let gpu = vgpu(s, os);
+        let (ab, bb) = (upload(&gpu, &cvt(&a)), upload(&gpu, &cvt(&b)));
+        let d = output::<f32>(&gpu, 64 * 256);
+        launch(
+            &gpu,
+            "vgpu_wgmma_bf16",
+            (1, 1, 1),
+            (128, 1, 1),
+            WGMMA_SMEM,
+            KernelArgs::new().ptr(&ab, 0).ptr(&bb, 0).ptr(&d, 0),
+        )
+        .unwrap();
+        assert_eq!(
+            download::<f32>(&gpu, &d),
+            want,
+            "vgpu_wgmma_bf16 ({}; VPR_TEST_SEED={seed})",
+            schedule_name(s, os)
+        );
+    }
+}
+
+#[test]
+fn wgmma_misuse_is_reported() {
+    let at = site("wgmma");
+    let cases: [(&str, &[&str]); 6] = [
+        ("no_fence", &["without a wgmma.fence"]),
+        (
+            "no_proxy_fence",
+            &["fence.proxy.async", "filled by cp.async"],
+        ),
+        ("overwrite", &["overwritten before"]),
+        (
+            "accumulator_write",
+            &["accumulators", "written before wgmma.wait_group"],
+        ),
+        ("no_wait", &["never waited for"]),
+        ("divergent", &["divergent wgmma"]),
+    ];
+    for (bug, needles) in cases {
+        let mut needles = needles.to_vec();
+        needles.push(&at);
+        // 20 blocks of 128 threads: `out` holds the 10 KB of operands the kernel reads
+        assert_caught(
+            &format!("vgpu_bug_wgmma_{bug}_f32"),
+            20,
+            128,
+            WGMMA_SMEM,
+            &needles,
+        );
+    }
+}
+
 #[test]
 fn ldmatrix_fragments_follow_the_ptx_layout() {
     // Distinct values, so that any element in the wrong place shows.

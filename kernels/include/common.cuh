@@ -13,6 +13,12 @@
 
 #include "half.cuh"
 
+// Hopper's wgmma and async-proxy fence exist where NVRTC compiles for sm_90a, and on the virtual
+// GPU, which emulates them. Kernels using them are compiled only where this is defined.
+#if defined(CUDA_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define HAS_WGMMA 1
+#endif
+
 #define FULL_MASK 0xffffffffu
 
 __device__ __forceinline__ float warp_sum(float v) {

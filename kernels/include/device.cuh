@@ -70,4 +70,64 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// ---------------------------------------------------------------- Hopper (sm_90a)
+// Use these only where HAS_WGMMA is defined (common.cuh): ptxas rejects them for other targets.
+
+// Orders this thread's earlier generic-proxy writes to shared memory (ordinary stores, cp.async)
+// before later reads by the async proxy (wgmma). Each writing thread runs it before the barrier
+// that publishes the data.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Before the first wgmma that reads accumulators or shared memory written since the last one.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Pins the accumulators in place around a pipeline stage (fence before wgmma_fence, after
+// wgmma_wait), so the compiler moves no instruction that defines them into the stage; otherwise
+// ptxas serialises the wgmmas (warning C7515).
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Returns when at most N of this warpgroup's committed wgmma groups are still pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// D[64x256] += A[64x16] * B[16x256] for the warpgroup, A and B in shared memory described by
+// matrix descriptors, D in f32 registers (the m64nNk16 accumulator layout). TRANS_A / TRANS_B = 1:
+// the operand is stored MN-major (M or N contiguous) instead of K-major.
+#define WGMMA_D8(i)                                                                                            \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+      "+f"(d[i + 7])
+#define WGMMA_D32(i) WGMMA_D8(i), WGMMA_D8(i + 8), WGMMA_D8(i + 16), WGMMA_D8(i + 24)
+#define WGMMA_M64N256K16(dtype)                                                                                 \
+  asm volatile(                                                                                                 \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                             \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." dtype "." dtype " "                                        \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "        \
+      "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "         \
+      "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "         \
+      "%59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, "         \
+      "%78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, "         \
+      "%97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, "     \
+      "%114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "                   \
+      "%128, %129, p, 1, 1, %131, %132;\n}\n"                                                                   \
+      : WGMMA_D32(0), WGMMA_D32(32), WGMMA_D32(64), WGMMA_D32(96)                                               \
+      : "l"(desc_a), "l"(desc_b), "r"(1), "n"(TRANS_A), "n"(TRANS_B))
+template <int TRANS_A, int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n256k16_bf16(float (&d)[128], unsigned long long desc_a,
+                                                      unsigned long long desc_b) {
+  WGMMA_M64N256K16("bf16");
+}
+template <int TRANS_A, int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n256k16_f16(float (&d)[128], unsigned long long desc_a,
+                                                     unsigned long long desc_b) {
+  WGMMA_M64N256K16("f16");
+}
+#undef WGMMA_M64N256K16
+#undef WGMMA_D32
+#undef WGMMA_D8
+
 }  // namespace emu

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -171,6 +172,16 @@ void cp_async_issue(void* dst, const void* src, unsigned src_bytes, const char* 
 void cp_async_commit();
 void cp_async_wait(int n);
 
+// Hopper (sm_90a). Shared memory operands of wgmma are addressed through the shared window (32-bit
+// addresses, `smem_u32`); the virtual GPU maps dynamic shared memory there.
+unsigned smem_u32(const void* p, const char* file = __builtin_FILE(), int line = __builtin_LINE());
+void fence_proxy_async();
+void wgmma_fence();
+void wgmma_commit();
+void wgmma_wait_group(int n);
+void wgmma_issue(unsigned n, bool bf16, bool trans_a, bool trans_b, float* d, unsigned long long desc_a,
+                 unsigned long long desc_b, const char* file, int line);
+
 struct SharedSlot {
   unsigned long long serial = ~0ull;
   void* ptr = nullptr;
@@ -218,6 +229,23 @@ inline void cp_async_16(void* smem_dst, const void* gmem_src, unsigned src_bytes
 template <int N>
 inline void cp_async_wait() {
   cp_async_wait(N);
+}
+
+template <int N>
+inline void wgmma_fence_operands(float (&)[N]) {}
+template <int N>
+inline void wgmma_wait() {
+  wgmma_wait_group(N);
+}
+template <int TRANS_A, int TRANS_B>
+inline void wgmma_m64n256k16_bf16(float (&d)[128], unsigned long long desc_a, unsigned long long desc_b,
+                                  const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  wgmma_issue(256, true, TRANS_A, TRANS_B, d, desc_a, desc_b, file, line);
+}
+template <int TRANS_A, int TRANS_B>
+inline void wgmma_m64n256k16_f16(float (&d)[128], unsigned long long desc_a, unsigned long long desc_b,
+                                 const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  wgmma_issue(256, false, TRANS_A, TRANS_B, d, desc_a, desc_b, file, line);
 }
 
 template <class... P, size_t... I>

@@ -8,6 +8,10 @@
 //   - warp collectives check that all lanes of the mask arrive at the same operation and line;
 //   - cp.async data lands only at wait_group; ldmatrix and cp.async check alignment and that the
 //     addresses are in shared memory;
+//   - wgmma results land only at wgmma.wait_group; a wgmma needs a wgmma.fence since the thread's
+//     last wait; its accumulators and the shared memory it read must not change before the wait;
+//     it must not read shared memory that a thread filled by cp.async and has not published to
+//     the async proxy with fence.proxy.async;
 //   - with a seed, the order in which ready fibers run is shuffled, so a missing barrier shows up
 //     as a wrong answer.
 #include "common.cuh"
@@ -85,9 +89,13 @@ constexpr size_t kRedZone = 64;
 constexpr size_t kStaticSharedLimit = 48 * 1024;
 constexpr size_t kDynamicSharedLimit = 227 * 1024;
 constexpr size_t kArenaBytes = kStaticSharedLimit + 64 * kRedZone + 1024;
+// Shared-window address of the first byte of dynamic shared memory (`smem_u32`). Deliberately not
+// 1024-aligned: kernels that need aligned swizzle atoms must align it themselves, as on the GPU,
+// where nothing promises more than 16 bytes.
+constexpr unsigned kDynWindow = 0x480;
 
 enum class FiberState : unsigned char { Ready, AtBarrier, AtWarp, Done };
-enum class WarpOp : unsigned char { None, Sync, Shfl, Ballot, Mma, Ldmatrix };
+enum class WarpOp : unsigned char { None, Sync, Shfl, Ballot, Mma, Ldmatrix, Wgmma };
 
 const char* op_name(WarpOp op) {
   switch (op) {
@@ -96,6 +104,7 @@ const char* op_name(WarpOp op) {
     case WarpOp::Ballot: return "a vote";
     case WarpOp::Mma: return "mma.sync";
     case WarpOp::Ldmatrix: return "ldmatrix";
+    case WarpOp::Wgmma: return "wgmma.mma_async";
     default: return "nothing";
   }
 }
@@ -105,6 +114,36 @@ struct PendingCopy {
   const void* src;
   unsigned src_bytes;
   unsigned group;
+};
+
+// One wgmma of a warpgroup: the whole 64 x n product, computed when the last thread issues it and
+// added to each thread's accumulator fragment at that thread's wgmma.wait_group.
+struct WgmmaOp {
+  unsigned n = 0;
+  std::vector<double> product;  // 64 x n, row-major
+  // every shared-memory element the operands were read from, with its value then
+  std::vector<std::pair<const uint16_t*, uint16_t>> inputs;
+  const char* file = "";
+  int line = 0;
+  unsigned unretired = 128;  // threads that have not waited for it yet
+};
+
+struct PendingWgmma {
+  std::shared_ptr<WgmmaOp> op;
+  unsigned group;
+  float* d;                 // the issuing thread's accumulator fragment
+  std::vector<float> d_in;  // its value at issue, to catch writes before the wait
+};
+
+// A warpgroup (128 consecutive threads) gathering at one wgmma.
+struct WarpgroupState {
+  unsigned arrived = 0;
+  std::shared_ptr<WgmmaOp> op;
+  unsigned n = 0;
+  bool bf16 = false, trans_a = false, trans_b = false;
+  unsigned long long desc_a = 0, desc_b = 0;
+  const char* file = "";
+  int line = 0;
 };
 
 struct Fiber {
@@ -121,6 +160,12 @@ struct Fiber {
   int wait_line = 0;
   std::vector<PendingCopy> copies;
   unsigned committed = 0;
+  std::vector<PendingWgmma> wgmmas;
+  unsigned wgmma_committed = 0;
+  bool wgmma_fenced = false;
+  // dynamic shared memory chunks (16 bytes) this thread filled by cp.async since its last
+  // fence.proxy.async
+  std::vector<size_t> unfenced_chunks;
 #ifdef EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -151,6 +196,10 @@ struct Block {
   unsigned n = 0, nwarps = 0, live = 0;
   std::vector<Fiber> f;
   std::vector<WarpState> w;
+  std::vector<WarpgroupState> wg;
+  // per 16-byte chunk of dynamic shared memory: 1 + the thread that filled it by cp.async and has
+  // not run fence.proxy.async since, or 0
+  std::vector<unsigned> unfenced_writer;
   std::vector<unsigned> ready;
   size_t ready_head = 0;
   unsigned bar_arrived = 0;
@@ -289,6 +338,10 @@ void fiber_main() {
   if (!me->copies.empty()) {
     fail("thread %u exited with %zu cp.async copies it never waited for", me->linear, me->copies.size());
   }
+  if (!me->wgmmas.empty()) {
+    fail("thread %u exited with %zu wgmma operation(s) it never waited for (first issued at %s:%d)", me->linear,
+         me->wgmmas.size(), me->wgmmas[0].op->file, me->wgmmas[0].op->line);
+  }
   WarpState& ws = b->w[me->warp];
   for (const Rendezvous& r : ws.pending) {
     if (r.mask >> me->lane & 1u)
@@ -359,6 +412,10 @@ bool run_block(Block* b) {
     fb.st = FiberState::Ready;
     fb.copies.clear();
     fb.committed = 0;
+    fb.wgmmas.clear();
+    fb.wgmma_committed = 0;
+    fb.wgmma_fenced = false;
+    fb.unfenced_chunks.clear();
 #ifdef EMU_FAST_SWITCH
     uintptr_t top = (reinterpret_cast<uintptr_t>(fb.stack) + fb.stack_size) & ~uintptr_t(15);
     void** frame = reinterpret_cast<void**>(top);
@@ -477,6 +534,8 @@ void run_blocks(LaunchState& L) {
     }
     b->arena_top = 0;
     b->static_bytes = 0;
+    b->wg.assign(b->n / 128, WarpgroupState{});
+    b->unfenced_writer.assign((b->dyn_bytes + 15) / 16, 0u);
 #ifdef EMU_ASAN
     ASAN_UNPOISON_MEMORY_REGION(b->arena.data(), b->arena.size());
     ASAN_UNPOISON_MEMORY_REGION(b->dyn, b->dyn_bytes + kRedZone);
@@ -781,11 +840,186 @@ void cp_async_wait(int n) {
     if (c.group < limit) {
       std::memcpy(c.dst, c.src, c.src_bytes);
       std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
+      Block* b = tl_block;
+      const auto* dst = static_cast<const unsigned char*>(c.dst);
+      if (dst >= b->dyn && dst < b->dyn + b->dyn_bytes) {
+        const size_t chunk = size_t(dst - b->dyn) / 16;
+        b->unfenced_writer[chunk] = me->linear + 1;
+        me->unfenced_chunks.push_back(chunk);
+      }
     } else {
       me->copies[kept++] = c;
     }
   }
   me->copies.resize(kept);
+}
+
+// ---------------------------------------------------------------- Hopper: wgmma
+unsigned smem_u32(const void* p, const char* file, int line) {
+  Block* b = tl_block;
+  const auto* a = static_cast<const unsigned char*>(p);
+  if (a < b->dyn || a > b->dyn + b->dyn_bytes)
+    fail("smem_u32 at %s:%d: %p is not in dynamic shared memory (the only shared memory the virtual GPU maps "
+         "into the shared window)",
+         file, line, p);
+  return kDynWindow + unsigned(a - b->dyn);
+}
+
+void fence_proxy_async() {
+  Block* b = tl_block;
+  Fiber* me = b->cur;
+  for (size_t chunk : me->unfenced_chunks)
+    if (b->unfenced_writer[chunk] == me->linear + 1) b->unfenced_writer[chunk] = 0;
+  me->unfenced_chunks.clear();
+}
+
+void wgmma_fence() { tl_block->cur->wgmma_fenced = true; }
+
+void wgmma_commit() { tl_block->cur->wgmma_committed++; }
+
+namespace {
+
+// The shared-memory element (row r along M or N, k) of a wgmma operand with 16-bit elements,
+// through a matrix descriptor (PTX ISA "Matrix Descriptor"; layouts as CUTLASS's GMMA canonical
+// forms). Only the 128-byte swizzle is emulated, the mode our kernels use. K-major: rows of 128
+// bytes hold 64 k, 8 rows form a 1024-byte atom, SBO steps 8 rows. MN-major: rows of 128 bytes
+// hold 64 consecutive m (or n) at one k, 8 k form an atom, LBO steps 64 m, SBO steps 8 k. The
+// swizzle XORs address bits 4-6 (16-byte chunk) with bits 7-9 (row within the atom) of the
+// shared-window address.
+const uint16_t* wgmma_element(Block* b, unsigned long long desc, bool mn_major, unsigned r, unsigned k,
+                              const char* file, int line) {
+  const unsigned start = unsigned(desc & 0x3FFF) << 4;
+  const unsigned lbo = unsigned((desc >> 16) & 0x3FFF) << 4;
+  const unsigned sbo = unsigned((desc >> 32) & 0x3FFF) << 4;
+  const unsigned base_offset = unsigned((desc >> 49) & 7);
+  const unsigned swizzle = unsigned(desc >> 62);
+  if (swizzle != 1)
+    fail("wgmma at %s:%d: descriptor 0x%016llx has swizzle mode %u; the virtual GPU emulates only mode 1 (128B)",
+         file, line, desc, swizzle);
+  if (base_offset != 0)
+    fail("wgmma at %s:%d: descriptor 0x%016llx has base offset %u; the virtual GPU emulates only 0", file, line, desc,
+         base_offset);
+  unsigned addr = mn_major ? start + (r / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 + (r % 64) * 2
+                           : start + (r / 8) * sbo + (r % 8) * 128 + k * 2;
+  addr ^= ((addr >> 7) & 7) << 4;
+  if (addr < kDynWindow || addr + 2 > kDynWindow + b->dyn_bytes)
+    fail("wgmma at %s:%d: descriptor 0x%016llx reaches shared address 0x%x for element (%u, %u), outside the %zu "
+         "bytes of dynamic shared memory at 0x%x",
+         file, line, desc, addr, r, k, b->dyn_bytes, kDynWindow);
+  const size_t offset = addr - kDynWindow;
+  if (const unsigned writer = b->unfenced_writer[offset / 16])
+    fail("wgmma at %s:%d reads shared memory (offset %zu) that thread %u filled by cp.async without a "
+         "fence.proxy.async before publishing it: the tensor cores may read stale data",
+         file, line, offset, writer - 1);
+  return reinterpret_cast<const uint16_t*>(b->dyn + offset);
+}
+
+// The product of the warpgroup's operands, by the thread that completes the warpgroup's arrival.
+void wgmma_compute(Block* b, const WarpgroupState& g, WgmmaOp& op) {
+  op.n = g.n;
+  op.file = g.file;
+  op.line = g.line;
+  auto value = [&](const uint16_t* p) {
+    op.inputs.push_back({p, *p});
+    return double(g.bf16 ? bf16_to_f32(bf16{*p}) : f16_to_f32(f16{*p}));
+  };
+  double a[64][16];
+  std::vector<double> bm(16 * size_t(g.n));
+  for (unsigned m = 0; m < 64; ++m)
+    for (unsigned k = 0; k < 16; ++k) a[m][k] = value(wgmma_element(b, g.desc_a, g.trans_a, m, k, g.file, g.line));
+  for (unsigned n = 0; n < g.n; ++n)
+    for (unsigned k = 0; k < 16; ++k) bm[k * g.n + n] = value(wgmma_element(b, g.desc_b, g.trans_b, n, k, g.file, g.line));
+  op.product.assign(64 * size_t(g.n), 0.0);
+  for (unsigned m = 0; m < 64; ++m)
+    for (unsigned k = 0; k < 16; ++k)
+      for (unsigned n = 0; n < g.n; ++n) op.product[m * g.n + n] += a[m][k] * bm[k * g.n + n];
+}
+
+}  // namespace
+
+// A warpgroup collective: every thread of the 128 deposits its accumulator pointer and parks; the
+// last to arrive reads the operands and computes the product; each thread's fragment receives it
+// at that thread's wgmma.wait_group.
+void wgmma_issue(unsigned n, bool bf16_type, bool trans_a, bool trans_b, float* d, unsigned long long desc_a,
+                 unsigned long long desc_b, const char* file, int line) {
+  Block* b = tl_block;
+  Fiber* me = b->cur;
+  if (b->n % 128)
+    fail("wgmma at %s:%d: the block's %u threads are not whole warpgroups of 128", file, line, b->n);
+  if (!me->wgmma_fenced)
+    fail("wgmma at %s:%d without a wgmma.fence since this thread's last wgmma.wait_group", file, line);
+  WarpgroupState& g = b->wg[me->linear / 128];
+  if (g.arrived == 0) {
+    g.op = std::make_shared<WgmmaOp>();
+    g.n = n;
+    g.bf16 = bf16_type;
+    g.trans_a = trans_a;
+    g.trans_b = trans_b;
+    g.desc_a = desc_a;
+    g.desc_b = desc_b;
+    g.file = file;
+    g.line = line;
+  } else if (g.n != n || g.bf16 != bf16_type || g.trans_a != trans_a || g.trans_b != trans_b || g.desc_a != desc_a ||
+             g.desc_b != desc_b || g.line != line || std::strcmp(g.file, file)) {
+    fail("divergent wgmma in warpgroup %u: thread %u at %s:%d with descriptors 0x%llx, 0x%llx while others wait at "
+         "%s:%d with 0x%llx, 0x%llx",
+         me->linear / 128, me->linear, file, line, desc_a, desc_b, g.file, g.line, g.desc_a, g.desc_b);
+  }
+  me->wgmmas.push_back(PendingWgmma{g.op, me->wgmma_committed, d, std::vector<float>(d, d + n / 2)});
+  if (++g.arrived < 128) {
+    me->st = FiberState::AtWarp;
+    me->wait_op = WarpOp::Wgmma;
+    me->wait_file = file;
+    me->wait_line = line;
+    yield_to_sched(b, false);
+    return;
+  }
+  g.arrived = 0;
+  const std::shared_ptr<WgmmaOp> op = std::move(g.op);
+  wgmma_compute(b, g, *op);
+  const size_t from = std::max(b->ready.size(), b->ready_head);
+  const unsigned first = me->linear / 128 * 128;
+  for (unsigned t = first; t < first + 128; ++t)
+    if (t != me->linear) make_ready(b, t);
+  shuffle_tail(b, from);
+}
+
+void wgmma_wait_group(int n) {
+  Fiber* me = tl_block->cur;
+  const unsigned limit = me->wgmma_committed >= unsigned(n) ? me->wgmma_committed - unsigned(n) : 0;
+  const unsigned t = me->linear % 128, warp = t / 32, g = (t % 32) / 4, q = t % 4;
+  size_t kept = 0;
+  for (size_t e = 0; e < me->wgmmas.size(); ++e) {
+    PendingWgmma& w = me->wgmmas[e];
+    if (w.group >= limit) {
+      if (kept != e) me->wgmmas[kept] = std::move(w);
+      kept++;
+      continue;
+    }
+    WgmmaOp& op = *w.op;
+    const unsigned count = op.n / 2;
+    if (std::memcmp(w.d, w.d_in.data(), count * sizeof(float)))
+      fail("the accumulators of the wgmma issued at %s:%d were written before wgmma.wait_group retired it", op.file,
+           op.line);
+    // the first and the last thread to retire it check that its operands stayed in place
+    if (op.unretired == 128 || op.unretired == 1)
+      for (const auto& in : op.inputs)
+        if (*in.first != in.second)
+          fail("shared memory read by the wgmma issued at %s:%d was overwritten before every thread's "
+               "wgmma.wait_group retired it",
+               op.file, op.line);
+    op.unretired--;
+    // accumulator fragment (PTX ISA, wgmma .m64nNk16 D): d[i] is row 16*warp + g + 8*((i>>1)&1),
+    // column 8*(i>>2) + 2q + (i&1)
+    for (unsigned i = 0; i < count; ++i) {
+      const unsigned row = 16 * warp + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * q + (i & 1);
+      w.d[i] = float(double(w.d[i]) + op.product[row * op.n + col]);
+    }
+    for (size_t later = e + 1; later < me->wgmmas.size(); ++later)
+      if (me->wgmmas[later].d == w.d) me->wgmmas[later].d_in.assign(w.d, w.d + count);
+  }
+  me->wgmmas.resize(kept);
+  me->wgmma_fenced = false;
 }
 
 void* block_shared(SharedSlot& slot, size_t bytes, size_t align) {

@@ -138,6 +138,7 @@ struct LoadedModule {
 pub struct CudaDriver {
     ctx: Arc<CudaContext>,
     ordinal: usize,
+    capability: (u32, u32),
     arch: String,
     nvrtc: Nvrtc,
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
@@ -173,7 +174,13 @@ impl CudaDriver {
         Ok(CudaDriver {
             ctx,
             ordinal,
-            arch: format!("sm_{major}{minor}"),
+            capability: (major as u32, minor as u32),
+            // 9.0 compiles for sm_90a, whose wgmma kernels run only there
+            arch: if (major, minor) == (9, 0) {
+                "sm_90a".to_string()
+            } else {
+                format!("sm_{major}{minor}")
+            },
             nvrtc,
             modules: Mutex::new(HashMap::new()),
         })
@@ -239,6 +246,10 @@ impl Driver for CudaDriver {
             self.arch,
             self.ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64
         )
+    }
+
+    fn compute_capability(&self) -> (u32, u32) {
+        self.capability
     }
 
     fn alloc_granularity(&self) -> usize {

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 pub trait Driver: Send + Sync {
     /// One line for `vpr-engine info`: the device, its architecture, memory and compiler.
     fn describe(&self) -> String;
+    /// (major, minor): which kernels may run. The virtual GPU emulates 9.0 (Hopper).
+    fn compute_capability(&self) -> (u32, u32);
     /// Allocation sizes are rounded up to a multiple of this before caching. The virtual GPU uses
     /// 1, so AddressSanitizer sees every overflow; the real GPU rounds to reuse blocks.
     fn alloc_granularity(&self) -> usize;
@@ -155,6 +157,10 @@ impl Gpu {
 
     pub fn describe(&self) -> String {
         self.driver.describe()
+    }
+
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.driver.compute_capability()
     }
 
     /// Bytes held in the allocation cache.

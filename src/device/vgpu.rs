@@ -115,7 +115,7 @@ impl VgpuDriver {
 impl Driver for VgpuDriver {
     fn describe(&self) -> String {
         format!(
-            "virtual GPU: kernels built for the host, {} OS thread(s), schedule {}",
+            "virtual GPU: kernels built for the host, emulating sm_90a, {} OS thread(s), schedule {}",
             self.options.os_threads,
             if self.options.seed == 0 {
                 "in order".to_string()
@@ -123,6 +123,10 @@ impl Driver for VgpuDriver {
                 format!("shuffled (seed {})", self.options.seed)
             }
         )
+    }
+
+    fn compute_capability(&self) -> (u32, u32) {
+        (9, 0)
     }
 
     fn alloc_granularity(&self) -> usize {

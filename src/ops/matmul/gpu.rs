@@ -1,10 +1,15 @@
 //! Launches of the kernels in kernels/matmul.cu.
+//!
+//! Three kernel families: SIMT for f32; for bf16/f16, mma.sync everywhere and wgmma on compute
+//! capability 9.0 (Hopper's sm_90a; the virtual GPU emulates it), where it is the default.
 
 use super::{GemmPlan, MatOperand};
-use crate::device::{KernelArgs, LaunchConfig};
+use crate::device::{Gpu, KernelArgs, LaunchConfig};
 use crate::error::{shape_err, Result};
 use crate::layout::Layout;
 use crate::tensor::{Storage, Tensor};
+use crate::DType;
+use std::cell::Cell;
 
 const MAX_BATCH: usize = 6;
 
@@ -29,8 +34,40 @@ struct GemmParams {
     beta: f32,
 }
 
-/// Block tile of every kernel (both the SIMT and the tensor-core one).
+/// Which kernels run bf16/f16 products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorCorePath {
+    /// `gemm_{dtype}_*`: mma.sync m16n8k16, any architecture from sm_80.
+    MmaSync,
+    /// `gemm_wgmma_{dtype}_*`: wgmma m64n256k16, compute capability 9.0 only.
+    Wgmma,
+}
+
+thread_local! {
+    static FORCED_PATH: Cell<Option<TensorCorePath>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with bf16/f16 products on this thread forced onto `path` instead of the device's
+/// default, so that `check` and the benches can run both families on a Hopper GPU. Asking for
+/// wgmma on a device without it makes the products fail with an error.
+pub fn with_tensor_core_path<R>(path: TensorCorePath, f: impl FnOnce() -> R) -> R {
+    let previous = FORCED_PATH.with(|p| p.replace(Some(path)));
+    let result = f();
+    FORCED_PATH.with(|p| p.set(previous));
+    result
+}
+
+/// Whether `gpu` can run the wgmma kernels.
+pub fn has_wgmma(gpu: &Gpu) -> bool {
+    gpu.compute_capability() == (9, 0)
+}
+
+/// Block tile of the SIMT and mma.sync kernels.
 const TILE: usize = 128;
+/// Block tile of the wgmma kernels, and their dynamic shared memory: 4 stages of a 128 x 64 and a
+/// 256 x 64 tile, plus 1 KB to align them (see `wg::` in kernels/matmul.cu).
+const WGMMA_TILE: (usize, usize) = (128, 256);
+const WGMMA_SHARED_BYTES: u32 = 4 * (128 + 256) * 64 * 2 + 1024;
 /// Tensor-core kernel: pipeline stages and the shared tile of one operand per stage (elements),
 /// as `tc::tile_elems` computes them.
 const STAGES: usize = 4;
@@ -73,20 +110,46 @@ pub fn gemm(
             })
             .transpose()?;
         let (ta, tb) = (ao.transposed(), bo.transposed());
-        let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
+        // the wgmma kernels need K >= 1 (see kernels/matmul.cu)
+        let path = (dtype != DType::F32).then(|| match FORCED_PATH.with(Cell::get) {
+            _ if plan.k == 0 => TensorCorePath::MmaSync,
+            Some(forced) => forced,
+            None if has_wgmma(&gpu) => TensorCorePath::Wgmma,
+            None => TensorCorePath::MmaSync,
+        });
+        let (tile_m, tile_n) = match path {
+            Some(TensorCorePath::Wgmma) => WGMMA_TILE,
+            _ => (TILE, TILE),
+        };
+        let tiles = m.div_ceil(tile_m) * n.div_ceil(tile_n);
         if tiles > i32::MAX as usize {
             return shape_err!("matmul: a {m} x {n} product needs more blocks than a grid holds");
         }
         let mut p = GemmParams::zeroed_with(plan, &ao, &bo, co.as_ref());
+        let family = match path {
+            Some(TensorCorePath::Wgmma) => {
+                if !has_wgmma(&gpu) {
+                    return Err(crate::Error::Device(format!(
+                        "the wgmma matmul kernels need compute capability 9.0; {} has {:?}",
+                        gpu.kind(),
+                        gpu.compute_capability()
+                    )));
+                }
+                "gemm_wgmma"
+            }
+            _ => "gemm",
+        };
         let kernel = format!(
-            "gemm_{dtype}_{}{}",
+            "{family}_{dtype}_{}{}",
             if ta { 't' } else { 'n' },
             if tb { 't' } else { 'n' }
         );
-        let shared_bytes = if dtype == crate::DType::F32 {
-            0
-        } else {
-            (STAGES * (tc_tile_elems(!ta) + tc_tile_elems(tb)) * size) as u32
+        let shared_bytes = match path {
+            None => 0,
+            Some(TensorCorePath::MmaSync) => {
+                (STAGES * (tc_tile_elems(!ta) + tc_tile_elems(tb)) * size) as u32
+            }
+            Some(TensorCorePath::Wgmma) => WGMMA_SHARED_BYTES,
         };
         for z0 in (0..batches).step_by(MAX_GRID_Z) {
             p.z0 = z0 as i64;

@@ -10,6 +10,8 @@
 mod cpu;
 mod gpu;
 
+pub use gpu::{has_wgmma, with_tensor_core_path, TensorCorePath};
+
 use crate::autograd;
 use crate::device::Device;
 use crate::dtype::DType;
@@ -326,81 +328,111 @@ fn stored_transposed(t: &Tensor) -> bool {
 
 /// Conformance cases: odd sizes, every transpose combination, a broadcast batch, alpha/beta with a
 /// broadcast C, and a row stride that is not a multiple of 8 (the scalar-load path). Views are
-/// taken on the device, so transposed and strided operands reach the kernels as such.
+/// taken on the device, so transposed and strided operands reach the kernels as such. bf16/f16
+/// run on every tensor-core path the device has (wgmma on compute capability 9.0, and mma.sync).
 pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
+    let wgmma = device.gpu().is_some_and(|g| has_wgmma(g));
+    let mut rows = Vec::new();
+    for (di, &dtype) in DType::FLOATS.iter().enumerate() {
+        let paths: &[Option<TensorCorePath>] = match dtype {
+            DType::F32 => &[None],
+            _ if wgmma => &[Some(TensorCorePath::Wgmma), Some(TensorCorePath::MmaSync)],
+            _ => &[Some(TensorCorePath::MmaSync)],
+        };
+        for &path in paths {
+            let family = match path {
+                Some(TensorCorePath::Wgmma) => "gemm_wgmma",
+                _ => "gemm",
+            };
+            let run_cases =
+                || conformance_cases(device, seed.wrapping_add(1000 * di as u64), dtype, family);
+            rows.extend(match path {
+                Some(path) => with_tensor_core_path(path, run_cases)?,
+                None => run_cases()?,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn conformance_cases(
+    device: &Device,
+    mut seed: u64,
+    dtype: DType,
+    family: &str,
+) -> Result<Vec<crate::check::CheckRow>> {
     use crate::check::compare;
     type Case = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
     let mut rows = Vec::new();
-    for (di, &dtype) in DType::FLOATS.iter().enumerate() {
-        let mut s = seed.wrapping_add(1000 * di as u64);
-        let mut rand = |shape: &[usize]| {
-            s = s.wrapping_add(1);
-            Tensor::rand_uniform(shape, -1.0, 1.0, s, dtype, &Device::Cpu)
-        };
-        let mut run = |name: String, shape: &[usize], inputs: Vec<Tensor>, f: Case| {
-            let got = inputs
-                .iter()
-                .map(|t| t.to_device(device))
-                .collect::<Result<Vec<_>>>()
-                .and_then(|d| f(&d));
-            rows.push(compare(
-                &name,
-                dtype,
-                shape,
-                got,
-                f(&inputs),
-                dtype.tolerance(),
-            ));
-        };
-        // (m, n, k, a transposed, b transposed)
-        let cases = [
-            (1, 1, 1, false, false),
-            (7, 257, 33, false, false),
-            (129, 65, 31, false, false),
-            (65, 47, 40, false, true),
-            (65, 47, 40, true, false),
-            (65, 47, 40, true, true),
-        ];
-        for (m, n, k, ta, tb) in cases {
-            let a = if ta { rand(&[k, m])? } else { rand(&[m, k])? };
-            let b = if tb { rand(&[n, k])? } else { rand(&[k, n])? };
-            let view = move |t: &Tensor, tr: bool| if tr { t.t() } else { Ok(t.clone()) };
-            let name = format!(
-                "gemm_{dtype}_{}{}",
-                if ta { 't' } else { 'n' },
-                if tb { 't' } else { 'n' }
-            );
-            run(
-                name,
-                &[m, n, k],
-                vec![a, b],
-                Box::new(move |x| view(&x[0], ta)?.matmul(&view(&x[1], tb)?)),
-            );
-        }
-        let inputs = vec![rand(&[2, 1, 33, 40])?, rand(&[3, 40, 17])?];
-        run(
-            format!("gemm_{dtype}_nn (batch)"),
-            &[2, 3, 33, 17],
-            inputs,
-            Box::new(|x| x[0].matmul(&x[1])),
+    let mut rand = |shape: &[usize]| {
+        seed = seed.wrapping_add(1);
+        Tensor::rand_uniform(shape, -1.0, 1.0, seed, dtype, &Device::Cpu)
+    };
+    let mut run = |name: String, shape: &[usize], inputs: Vec<Tensor>, f: Case| {
+        let got = inputs
+            .iter()
+            .map(|t| t.to_device(device))
+            .collect::<Result<Vec<_>>>()
+            .and_then(|d| f(&d));
+        rows.push(compare(
+            &name,
+            dtype,
+            shape,
+            got,
+            f(&inputs),
+            dtype.tolerance(),
+        ));
+    };
+    // (m, n, k, a transposed, b transposed)
+    let cases = [
+        (1, 1, 1, false, false),
+        (7, 257, 33, false, false),
+        (129, 65, 31, false, false),
+        (65, 47, 40, false, true),
+        (65, 47, 40, true, false),
+        (65, 47, 40, true, true),
+        (130, 300, 330, false, false),
+        (130, 300, 330, true, true),
+    ];
+    for (m, n, k, ta, tb) in cases {
+        let a = if ta { rand(&[k, m])? } else { rand(&[m, k])? };
+        let b = if tb { rand(&[n, k])? } else { rand(&[k, n])? };
+        let view = move |t: &Tensor, tr: bool| if tr { t.t() } else { Ok(t.clone()) };
+        let name = format!(
+            "{family}_{dtype}_{}{}",
+            if ta { 't' } else { 'n' },
+            if tb { 't' } else { 'n' }
         );
-        let inputs = vec![rand(&[45, 24])?, rand(&[24, 70])?, rand(&[70])?];
-        let f: Case = Box::new(|x| Tensor::gemm(&x[0], &x[1], Some(&x[2]), 0.5, -2.0));
         run(
-            format!("gemm_{dtype}_nn (alpha, beta, bias C)"),
-            &[45, 70, 24],
-            inputs,
-            f,
-        );
-        // row stride 37: rows are not 16-byte aligned
-        let inputs = vec![rand(&[40, 37])?, rand(&[35, 37])?];
-        let f: Case = Box::new(|x| x[0].narrow(1, 1, 35)?.matmul(&x[1].narrow(1, 2, 33)?));
-        run(
-            format!("gemm_{dtype}_nn (row stride 37)"),
-            &[40, 33, 35],
-            inputs,
-            f,
+            name,
+            &[m, n, k],
+            vec![a, b],
+            Box::new(move |x| view(&x[0], ta)?.matmul(&view(&x[1], tb)?)),
         );
     }
+    let inputs = vec![rand(&[2, 1, 33, 40])?, rand(&[3, 40, 17])?];
+    run(
+        format!("{family}_{dtype}_nn (batch)"),
+        &[2, 3, 33, 17],
+        inputs,
+        Box::new(|x| x[0].matmul(&x[1])),
+    );
+    let inputs = vec![rand(&[45, 24])?, rand(&[24, 70])?, rand(&[70])?];
+    let f: Case = Box::new(|x| Tensor::gemm(&x[0], &x[1], Some(&x[2]), 0.5, -2.0));
+    run(
+        format!("{family}_{dtype}_nn (alpha, beta, bias C)"),
+        &[45, 70, 24],
+        inputs,
+        f,
+    );
+    // row stride 37: rows are not 16-byte aligned
+    let inputs = vec![rand(&[40, 37])?, rand(&[35, 37])?];
+    let f: Case = Box::new(|x| x[0].narrow(1, 1, 35)?.matmul(&x[1].narrow(1, 2, 33)?));
+    run(
+        format!("{family}_{dtype}_nn (row stride 37)"),
+        &[40, 33, 35],
+        inputs,
+        f,
+    );
     Ok(rows)
 }
