@@ -462,25 +462,28 @@ __device__ __forceinline__ unsigned operand_addr(unsigned tile, unsigned r0, int
 }
 
 // One stage of one operand, ROWS x BK: ROWS * 8 chunks, ROWS / 32 per thread, consecutive threads
-// on consecutive 16 bytes of global memory.
+// on consecutive 16 bytes of global memory. Chunk i of a thread lies 4096 * i bytes further into the
+// tile (the swizzle is the same: 4096 is a multiple of the 1024-byte atom) and STEP * i rows further
+// in global memory (rows of the operand when K-major, k when MN-major). `interior`: the stage lies
+// inside the matrix and every chunk is 16-byte aligned, so no chunk needs a bounds check.
 template <bool K_MAJOR, int ROWS, class T>
 __device__ __forceinline__ void load_operand(unsigned char* tile, const T* g, long long ld, long long r0,
-                                             long long rows, long long k0, long long K) {
+                                             long long rows, long long k0, long long K, bool interior) {
+  constexpr unsigned STEP = K_MAJOR ? THREADS / 8 : THREADS / (ROWS / 8);
+  const unsigned c = threadIdx.x;
+  const unsigned r = K_MAJOR ? c / 8 : (c % (ROWS / 8)) * 8, k = K_MAJOR ? (c % 8) * 8 : c / (ROWS / 8);
+  unsigned char* dst = tile + chunk_offset<K_MAJOR, ROWS>(r, k);
+  const long long outer = K_MAJOR ? r0 + r : k0 + k, inner = K_MAJOR ? k0 + k : r0 + r;
+  const long long outer_end = K_MAJOR ? rows : K, inner_end = K_MAJOR ? K : rows;
 #pragma unroll
   for (int i = 0; i < ROWS / 32; ++i) {
-    const unsigned c = threadIdx.x + i * THREADS;
-    unsigned r, k;
-    long long valid, offset;
-    if (K_MAJOR) {  // 8 chunks per row
-      r = c / 8, k = (c % 8) * 8;
-      valid = r0 + r < rows ? K - (k0 + k) : 0;
-      offset = (r0 + r) * ld + k0 + k;
-    } else {  // ROWS / 8 chunks per k
-      k = c / (ROWS / 8), r = (c % (ROWS / 8)) * 8;
-      valid = k0 + k < K ? rows - (r0 + r) : 0;
-      offset = (k0 + k) * ld + r0 + r;
+    T* d = reinterpret_cast<T*>(dst + 4096 * i);
+    const long long o = outer + i * STEP;
+    if (interior) {
+      emu::cp_async_16(d, g + o * ld + inner);
+    } else {
+      load_chunk(d, g, o * ld + inner, o < outer_end ? inner_end - inner : 0);
     }
-    load_chunk(reinterpret_cast<T*>(tile + chunk_offset<K_MAJOR, ROWS>(r, k)), g, offset, valid);
   }
 }
 
@@ -513,10 +516,16 @@ __device__ void gemm(const T* __restrict__ A, const T* __restrict__ B, const T* 
   const long long m0 = tm * BM, n0 = tn * BN;
   const unsigned group = threadIdx.x / 128;  // this warpgroup's rows: 64 * group ..
 
+  const auto aligned = [](const T* g, long long ld) {
+    return (reinterpret_cast<unsigned long long>(g) & 15) == 0 && ld % 8 == 0;
+  };
+  const bool a_inside = aligned(A, p.lda) && m0 + BM <= p.M, b_inside = aligned(B, p.ldb) && n0 + BN <= p.N;
   auto load_stage = [&](long long kt) {
     unsigned char* a = tiles + unsigned(kt & (STAGES - 1)) * STAGE_BYTES;
-    load_operand<A_K_MAJOR, BM>(a, A, p.lda, m0, p.M, kt * BK, p.K);
-    load_operand<B_K_MAJOR, BN>(a + A_BYTES, B, p.ldb, n0, p.N, kt * BK, p.K);
+    const long long k0 = kt * BK;
+    const bool k_inside = k0 + BK <= p.K;
+    load_operand<A_K_MAJOR, BM>(a, A, p.lda, m0, p.M, k0, p.K, a_inside && k_inside);
+    load_operand<B_K_MAJOR, BN>(a + A_BYTES, B, p.ldb, n0, p.N, k0, p.K, b_inside && k_inside);
   };
 
   float acc[128];

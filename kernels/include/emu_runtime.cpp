@@ -915,6 +915,7 @@ const uint16_t* wgmma_element(Block* b, unsigned long long desc, bool mn_major, 
 }
 
 // The product of the warpgroup's operands, by the thread that completes the warpgroup's arrival.
+// Nothing here owns heap memory on the fiber's stack: a failure abandons the stack.
 void wgmma_compute(Block* b, const WarpgroupState& g, WgmmaOp& op) {
   op.n = g.n;
   op.file = g.file;
@@ -924,15 +925,14 @@ void wgmma_compute(Block* b, const WarpgroupState& g, WgmmaOp& op) {
     return double(g.bf16 ? bf16_to_f32(bf16{*p}) : f16_to_f32(f16{*p}));
   };
   double a[64][16];
-  std::vector<double> bm(16 * size_t(g.n));
   for (unsigned m = 0; m < 64; ++m)
     for (unsigned k = 0; k < 16; ++k) a[m][k] = value(wgmma_element(b, g.desc_a, g.trans_a, m, k, g.file, g.line));
-  for (unsigned n = 0; n < g.n; ++n)
-    for (unsigned k = 0; k < 16; ++k) bm[k * g.n + n] = value(wgmma_element(b, g.desc_b, g.trans_b, n, k, g.file, g.line));
   op.product.assign(64 * size_t(g.n), 0.0);
-  for (unsigned m = 0; m < 64; ++m)
-    for (unsigned k = 0; k < 16; ++k)
-      for (unsigned n = 0; n < g.n; ++n) op.product[m * g.n + n] += a[m][k] * bm[k * g.n + n];
+  for (unsigned n = 0; n < g.n; ++n)
+    for (unsigned k = 0; k < 16; ++k) {
+      const double bv = value(wgmma_element(b, g.desc_b, g.trans_b, n, k, g.file, g.line));
+      for (unsigned m = 0; m < 64; ++m) op.product[m * g.n + n] += a[m][k] * bv;
+    }
 }
 
 }  // namespace
@@ -975,8 +975,8 @@ void wgmma_issue(unsigned n, bool bf16_type, bool trans_a, bool trans_b, float* 
     return;
   }
   g.arrived = 0;
-  const std::shared_ptr<WgmmaOp> op = std::move(g.op);
-  wgmma_compute(b, g, *op);
+  wgmma_compute(b, g, *g.op);  // g.op, not a local, owns the operation while it may fail
+  g.op.reset();
   const size_t from = std::max(b->ready.size(), b->ready_head);
   const unsigned first = me->linear / 128 * 128;
   for (unsigned t = first; t < first + 128; ++t)

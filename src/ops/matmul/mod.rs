@@ -391,8 +391,8 @@ fn conformance_cases(
         (65, 47, 40, false, true),
         (65, 47, 40, true, false),
         (65, 47, 40, true, true),
-        (130, 300, 330, false, false),
-        (130, 300, 330, true, true),
+        (136, 264, 328, false, false),
+        (136, 264, 328, true, true),
     ];
     for (m, n, k, ta, tb) in cases {
         let a = if ta { rand(&[k, m])? } else { rand(&[m, k])? };
