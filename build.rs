@@ -101,6 +101,8 @@ fn main() {
         .flag("-Wno-unknown-pragmas")
         .flag("-Wno-unused-parameter")
         .flag("-Wno-unused-function")
+        // the note that GCC 4.6 changed how 64-byte-aligned arguments (TensorMap) are passed
+        .flag("-Wno-psabi")
         .warnings(true)
         .opt_level(2)
         .file(include_dir.join("emu_runtime.cpp"));

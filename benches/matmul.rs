@@ -4,8 +4,8 @@
 //! loop, in GFLOP/s. GPU (only when `Device::new("cuda")` succeeds): our bf16, f16 and f32 kernels
 //! against cuBLASLt in the same run, in TFLOP/s, on square sizes and ViT-shaped linear layers
 //! (M = batch * 197 or batch * 1370 tokens). Times are medians of several runs after warm-up; a
-//! GPU run is timed from launch to `synchronize`. On compute capability 9.0 bf16/f16 run twice:
-//! the wgmma kernels (the default there) and the mma.sync ones.
+//! GPU run is timed from launch to `synchronize`. On compute capability 9.0 bf16/f16 run on each
+//! tensor-core family: wgmma fed by TMA (the default there), wgmma fed by cp.async, mma.sync.
 
 use std::time::Instant;
 use vpr_engine::ops::matmul::{has_wgmma, with_tensor_core_path, TensorCorePath};
@@ -265,7 +265,11 @@ fn gpu_bench(dev: &Device) {
             };
             let paths: &[Option<TensorCorePath>] = match dtype {
                 DType::F32 => &[None],
-                _ if wgmma => &[Some(TensorCorePath::Wgmma), Some(TensorCorePath::MmaSync)],
+                _ if wgmma => &[
+                    Some(TensorCorePath::WgmmaTma),
+                    Some(TensorCorePath::Wgmma),
+                    Some(TensorCorePath::MmaSync),
+                ],
                 _ => &[Some(TensorCorePath::MmaSync)],
             };
             let theirs = lt.as_ref().map(|lt| match dtype {
@@ -299,7 +303,8 @@ fn gpu_bench(dev: &Device) {
                     if p.nt { "x @ w.t()" } else { "a @ b" },
                     match path {
                         None => "SIMT",
-                        Some(TensorCorePath::Wgmma) => "wgmma",
+                        Some(TensorCorePath::WgmmaTma) => "wgmma + TMA",
+                        Some(TensorCorePath::Wgmma) => "wgmma + cp.async",
                         Some(TensorCorePath::MmaSync) => "mma.sync",
                     },
                     t(ours)

@@ -421,70 +421,52 @@ GEMM_TC_ALL(bf16, bf16)
 GEMM_TC_ALL(f16, f16)
 
 // ================================================================ bf16 / f16 on Hopper: wgmma
-// sm_90a only (the host launches these on compute capability 9.0). 128x256x64 block tile, two
-// warpgroups of 64x256, each k16 step one wgmma.m64n256k16 per warpgroup reading both operands
-// from shared memory. Tiles are stored in the 128-byte-swizzled layouts wgmma reads directly, so
-// all four transpose combinations need no transposing copy: a K-major operand ([rows][K] storage)
-// as 128-byte rows of 64 k; an MN-major one ([K][rows] storage) as 128-byte rows of 64 rows at one
-// k, in atoms of 8 k. 4 stages, 2 tiles in flight by cp.async (edges zero-filled as in tc::) and one
-// wgmma group in flight, so the stage being refilled was retired by every warpgroup before the
-// barrier that precedes the refill. 193 KB of dynamic shared memory: one block per SM. K >= 1 (the
-// host sends K = 0 to tc::): with a path that skips the loop, ptxas serialises the wgmmas.
+// sm_90a only (the host launches these on compute capability 9.0). 128x256x64 block tile; two
+// consumer warpgroups of 64x256, each k16 step one wgmma.m64n256k16 per warpgroup reading both
+// operands from shared memory; one wgmma group in flight. Tiles are stored in the 128-byte-swizzled
+// layouts wgmma reads directly, so all four transpose combinations need no transposing copy: a
+// K-major operand ([rows][K] storage) as 128-byte rows of 64 k, 8 rows to a 1024-byte atom; an
+// MN-major one ([K][rows] storage) as blocks of 64 rows, each 64 k of 128 bytes (8 KB). 4 stages of
+// 48 KB, 193 KB of dynamic shared memory: one block per SM. K >= 1 (the host sends K = 0 to tc::):
+// with a path that skips the main loop, ptxas serialises the wgmmas.
+//
+// Two ways to fill the stages:
+//   gemm_tma_*    a producer warpgroup whose first thread loads each stage with the tensor memory
+//                 accelerator (TMA boxes that land swizzled, edges zero-filled) and full/empty
+//                 mbarriers per stage; needs 16-byte-aligned operands and at most one batch
+//                 dimension (the host's tensor maps);
+//   gemm_wgmma_*  the consumers themselves, by cp.async (edges and misalignment as in tc::), two
+//                 stages in flight, a barrier per k-tile; any operand.
 #ifdef HAS_WGMMA
 namespace wg {
-constexpr int BM = 128, BN = 256, BK = 64, THREADS = 256, STAGES = 4, IN_FLIGHT = 2;
-static_assert((STAGES & (STAGES - 1)) == 0 && IN_FLIGHT + 2 <= STAGES, "see the pipeline note above");
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
+static_assert((STAGES & (STAGES - 1)) == 0, "stage indices are taken with a mask");
 constexpr unsigned A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+constexpr unsigned MN_BLOCK_BYTES = 64 * BK * 2;  // 64 rows x BK of an MN-major tile
 
-// Byte offset of the 16-byte chunk holding (row r, k) of a `ROWS` x BK tile (r a multiple of 8 when
-// MN-major, k a multiple of 8 when K-major). Swizzle: chunk bits 4-6 ^= row-in-atom bits 7-9, on
-// offsets from a 1024-byte-aligned tile, as the hardware applies it to shared addresses.
-template <bool K_MAJOR, int ROWS>
+// Byte offset of the 16-byte chunk holding (row r, k) of a tile (r a multiple of 8 when MN-major, k
+// a multiple of 8 when K-major). Swizzle: chunk bits 4-6 ^= row-in-atom bits 7-9, on offsets from
+// a 1024-byte-aligned tile, as the hardware applies it to shared addresses.
+template <bool K_MAJOR>
 __device__ __forceinline__ unsigned chunk_offset(unsigned r, unsigned k) {
-  const unsigned off = K_MAJOR ? r * 128 + k * 2 : (k / 8) * (ROWS / 64) * 1024 + (r / 64) * 1024 + (k % 8) * 128 + (r % 64) * 2;
+  const unsigned off = K_MAJOR ? r * 128 + k * 2 : (r / 64) * MN_BLOCK_BYTES + k * 128 + (r % 64) * 2;
   return off ^ (((off >> 7) & 7) << 4);
 }
 
 // Matrix descriptor (PTX ISA): start address, leading and stride byte offsets (all >> 4), 128-byte
 // swizzle. K-major: SBO steps 8 rows (1024 bytes); LBO is unused. MN-major: LBO steps 64 rows (one
-// atom), SBO steps 8 k (a row of ROWS / 64 atoms).
-template <bool K_MAJOR, int ROWS>
+// block), SBO steps 8 k (1024 bytes).
+template <bool K_MAJOR>
 __device__ __forceinline__ unsigned long long descriptor(unsigned addr) {
-  const unsigned lbo = K_MAJOR ? 16 : 1024, sbo = K_MAJOR ? 1024 : (ROWS / 64) * 1024;
+  const unsigned lbo = K_MAJOR ? 16 : MN_BLOCK_BYTES, sbo = 1024;
   return (unsigned long long)((addr >> 4) & 0x3FFF) | (unsigned long long)(lbo >> 4) << 16 |
          (unsigned long long)(sbo >> 4) << 32 | 1ull << 62;
 }
 
-// Shared address of the 64 x 16 (A: warpgroup rows r0.., k16 step ks) or 256 x 16 (B) operand.
-template <bool K_MAJOR, int ROWS>
+// Shared address of the wgmma operand at rows r0.. (A: the warpgroup's 64; B: all 256), k16 step ks.
+template <bool K_MAJOR>
 __device__ __forceinline__ unsigned operand_addr(unsigned tile, unsigned r0, int ks) {
-  return tile + (K_MAJOR ? r0 * 128 + ks * 32 : (r0 / 64) * 1024 + 2 * ks * (ROWS / 64) * 1024);
-}
-
-// One stage of one operand, ROWS x BK: ROWS * 8 chunks, ROWS / 32 per thread, consecutive threads
-// on consecutive 16 bytes of global memory. Chunk i of a thread lies 4096 * i bytes further into the
-// tile (the swizzle is the same: 4096 is a multiple of the 1024-byte atom) and STEP * i rows further
-// in global memory (rows of the operand when K-major, k when MN-major). `interior`: the stage lies
-// inside the matrix and every chunk is 16-byte aligned, so no chunk needs a bounds check.
-template <bool K_MAJOR, int ROWS, class T>
-__device__ __forceinline__ void load_operand(unsigned char* tile, const T* g, long long ld, long long r0,
-                                             long long rows, long long k0, long long K, bool interior) {
-  constexpr unsigned STEP = K_MAJOR ? THREADS / 8 : THREADS / (ROWS / 8);
-  const unsigned c = threadIdx.x;
-  const unsigned r = K_MAJOR ? c / 8 : (c % (ROWS / 8)) * 8, k = K_MAJOR ? (c % 8) * 8 : c / (ROWS / 8);
-  unsigned char* dst = tile + chunk_offset<K_MAJOR, ROWS>(r, k);
-  const long long outer = K_MAJOR ? r0 + r : k0 + k, inner = K_MAJOR ? k0 + k : r0 + r;
-  const long long outer_end = K_MAJOR ? rows : K, inner_end = K_MAJOR ? K : rows;
-#pragma unroll
-  for (int i = 0; i < ROWS / 32; ++i) {
-    T* d = reinterpret_cast<T*>(dst + 4096 * i);
-    const long long o = outer + i * STEP;
-    if (interior) {
-      emu::cp_async_16(d, g + o * ld + inner);
-    } else {
-      load_chunk(d, g, o * ld + inner, o < outer_end ? inner_end - inner : 0);
-    }
-  }
+  return tile + (K_MAJOR ? r0 * 128 + ks * 32 : (r0 / 64) * MN_BLOCK_BYTES + ks * 16 * 128);
 }
 
 template <bool TA, bool TB>
@@ -496,14 +478,79 @@ __device__ __forceinline__ void wgmma(float (&d)[128], unsigned long long da, un
   emu::wgmma_m64n256k16_f16<TA, !TB>(d, da, db);
 }
 
-template <class T, bool TA, bool TB>
-__device__ void gemm(const T* __restrict__ A, const T* __restrict__ B, const T* C, T* __restrict__ D,
-                     const GemmParams& p) {
-  constexpr bool A_K_MAJOR = !TA, B_K_MAJOR = TB;
-  // The swizzle atoms need 1024-byte-aligned tiles; the launch adds 1 KB for the adjustment.
+// The 1024-byte-aligned start of the stages; the launch adds 1 KB of dynamic shared memory for it.
+__device__ __forceinline__ unsigned char* aligned_tiles() {
   EMU_DYNAMIC_SHARED(uint4, smem);
   unsigned char* raw = reinterpret_cast<unsigned char*>(smem);
-  unsigned char* tiles = raw + ((1024u - (emu::smem_u32(raw) & 1023u)) & 1023u);
+  return raw + ((1024u - (emu::smem_u32(raw) & 1023u)) & 1023u);
+}
+
+// One k-tile of a consumer warpgroup: 4 wgmmas on the stage at shared address a_tile, committed;
+// returns with the previous k-tile's group retired.
+template <class T, bool TA, bool TB>
+__device__ __forceinline__ void mma_stage(float (&acc)[128], unsigned a_tile, unsigned group) {
+  constexpr bool A_K_MAJOR = !TA, B_K_MAJOR = TB;
+  emu::wgmma_fence_operands(acc);
+  emu::wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < BK / 16; ++ks) {
+    wgmma<TA, TB>(acc, descriptor<A_K_MAJOR>(operand_addr<A_K_MAJOR>(a_tile, 64 * group, ks)),
+                  descriptor<B_K_MAJOR>(operand_addr<B_K_MAJOR>(a_tile + A_BYTES, 0, ks)), (const T*)nullptr);
+  }
+  emu::wgmma_commit();
+  emu::wgmma_wait<1>();
+  emu::wgmma_fence_operands(acc);
+}
+
+// The consumer warpgroup's 64 x 256 piece of the block tile, rows from r0. Accumulator fragment of
+// wgmma .m64nNk16: acc[i] is row 16 * warp + lane / 4 + 8 * ((i / 2) % 2) of the warpgroup's 64,
+// column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
+template <class T>
+__device__ __forceinline__ void store_tile(const float (&acc)[128], const GemmParams& p, const T* C, T* D,
+                                           long long r0, long long n0) {
+  const unsigned warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const long long r = r0 + 16 * warp + lane / 4;
+#pragma unroll
+  for (int i = 0; i < 128; i += 2)
+    store_pair(p, C, D, r + 8 * ((i / 2) % 2), n0 + 8 * (i / 4) + 2 * (lane % 4), acc[i], acc[i + 1]);
+}
+
+// ---- cp.async
+constexpr int CP_THREADS = 256, IN_FLIGHT = 2;
+static_assert(IN_FLIGHT + 2 <= STAGES, "the refilled stage must have been retired a k-tile ago");
+
+// One stage of one operand, ROWS x BK: ROWS * 8 chunks, ROWS / 32 per thread, consecutive threads
+// on consecutive 16 bytes of global memory. Chunk i of a thread lies i * CHUNK_STEP bytes further
+// into the tile (with the same swizzle: CHUNK_STEP keeps bits 7-9) and STEP * i rows further in
+// global memory (rows of the operand when K-major, k when MN-major). `interior`: the stage lies
+// inside the matrix and every chunk is 16-byte aligned, so no chunk needs a bounds check.
+template <bool K_MAJOR, int ROWS, class T>
+__device__ __forceinline__ void load_operand(unsigned char* tile, const T* g, long long ld, long long r0,
+                                             long long rows, long long k0, long long K, bool interior) {
+  constexpr unsigned STEP = K_MAJOR ? CP_THREADS / 8 : CP_THREADS / (ROWS / 8);
+  constexpr unsigned CHUNK_STEP = STEP * 128;
+  const unsigned c = threadIdx.x;
+  const unsigned r = K_MAJOR ? c / 8 : (c % (ROWS / 8)) * 8, k = K_MAJOR ? (c % 8) * 8 : c / (ROWS / 8);
+  unsigned char* dst = tile + chunk_offset<K_MAJOR>(r, k);
+  const long long outer = K_MAJOR ? r0 + r : k0 + k, inner = K_MAJOR ? k0 + k : r0 + r;
+  const long long outer_end = K_MAJOR ? rows : K, inner_end = K_MAJOR ? K : rows;
+#pragma unroll
+  for (int i = 0; i < ROWS / 32; ++i) {
+    T* d = reinterpret_cast<T*>(dst + CHUNK_STEP * i);
+    const long long o = outer + i * STEP;
+    if (interior) {
+      emu::cp_async_16(d, g + o * ld + inner);
+    } else {
+      load_chunk(d, g, o * ld + inner, o < outer_end ? inner_end - inner : 0);
+    }
+  }
+}
+
+template <class T, bool TA, bool TB>
+__device__ void gemm_cp_async(const T* __restrict__ A, const T* __restrict__ B, const T* C, T* __restrict__ D,
+                              const GemmParams& p) {
+  constexpr bool A_K_MAJOR = !TA, B_K_MAJOR = TB;
+  unsigned char* tiles = aligned_tiles();
   const unsigned tiles_addr = emu::smem_u32(tiles);
 
   const BatchOffsets off = batch_offsets(p);
@@ -543,46 +590,114 @@ __device__ void gemm(const T* __restrict__ A, const T* __restrict__ B, const T* 
     emu::cp_async_wait<IN_FLIGHT - 1>();
     // This thread's part of tile kt, loaded through the generic proxy, becomes visible to the
     // tensor cores (async proxy); the barrier then publishes every thread's part. It also orders
-    // every warpgroup's retirement of tile kt - 2 (wait<1> below) before its stage is refilled.
+    // every warpgroup's retirement of tile kt - 2 (in mma_stage) before its stage is refilled.
     emu::fence_proxy_async();
     __syncthreads();
     if (kt + IN_FLIGHT < ktiles) load_stage(kt + IN_FLIGHT);
     emu::cp_async_commit();
-
-    const unsigned a_tile = tiles_addr + unsigned(kt & (STAGES - 1)) * STAGE_BYTES, b_tile = a_tile + A_BYTES;
-    emu::wgmma_fence_operands(acc);
-    emu::wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
-      wgmma<TA, TB>(acc, descriptor<A_K_MAJOR, BM>(operand_addr<A_K_MAJOR, BM>(a_tile, 64 * group, ks)),
-                       descriptor<B_K_MAJOR, BN>(operand_addr<B_K_MAJOR, BN>(b_tile, 0, ks)), A);
-    }
-    emu::wgmma_commit();
-    emu::wgmma_wait<1>();
-    emu::wgmma_fence_operands(acc);
+    mma_stage<T, TA, TB>(acc, tiles_addr + unsigned(kt & (STAGES - 1)) * STAGE_BYTES, group);
   } while (++kt < ktiles);
   emu::wgmma_wait<0>();
   emu::wgmma_fence_operands(acc);
   emu::cp_async_wait<0>();
+  store_tile(acc, p, C, D, m0 + 64 * group, n0);
+}
 
-  // Accumulator fragment of wgmma .m64nNk16: acc[i] is row 16 * warp + lane / 4 + 8 * ((i / 2) % 2)
-  // of the warpgroup's 64, column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
-  const unsigned warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const long long r = m0 + 64 * group + 16 * warp + lane / 4;
+// ---- TMA
+// 384 threads: warpgroup 0 produces (its first thread issues every load), warpgroups 1 and 2
+// consume. Per stage, `full` completes when the producer has armed it and the stage's bytes have
+// landed, and `empty` when the 8 consumer warps have retired their wgmmas on it. The mbarriers
+// follow the stages in shared memory (64 more bytes).
+
+// The TMA boxes of one operand's stage: K-major, one box of 64 k x ROWS rows; MN-major, ROWS / 64
+// boxes of 64 rows x 64 k. Coordinates are innermost first; z selects the batch entry.
+template <bool K_MAJOR, int ROWS>
+__device__ __forceinline__ void load_tma(unsigned char* tile, const TensorMap& map, long long r0, long long k0, int z,
+                                         unsigned long long* bar) {
+  if (K_MAJOR) {
+    emu::tma_load_3d(tile, &map, int(k0), int(r0), z, bar);
+  } else {
 #pragma unroll
-  for (int i = 0; i < 128; i += 2)
-    store_pair(p, C, D, r + 8 * ((i / 2) % 2), n0 + 8 * (i / 4) + 2 * (lane % 4), acc[i], acc[i + 1]);
+    for (int j = 0; j < ROWS / 64; ++j)
+      emu::tma_load_3d(tile + j * MN_BLOCK_BYTES, &map, int(r0 + 64 * j), int(k0), z, bar);
+  }
+}
+
+template <class T, bool TA, bool TB>
+__device__ void gemm_tma(const TensorMap& a_map, const TensorMap& b_map, const T* C, T* __restrict__ D,
+                         const GemmParams& p) {
+  unsigned char* tiles = aligned_tiles();
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(tiles + STAGES * STAGE_BYTES);
+  unsigned long long* empty = full + STAGES;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      emu::mbarrier_init(&full[s], 1);
+      emu::mbarrier_init(&empty[s], 8);
+    }
+    emu::fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  const BatchOffsets off = batch_offsets(p);
+  C += off.c;
+  D += off.d;
+  long long tm, tn;
+  tile_coords((p.M + BM - 1) / BM, (p.N + BN - 1) / BN, tm, tn);
+  const long long m0 = tm * BM, n0 = tn * BN;
+  const long long ktiles = (p.K + BK - 1) / BK;
+
+  if (threadIdx.x < 128) {
+    if (threadIdx.x == 0) {
+      // the batch coordinate of an operand that is not broadcast (the host allows one batch dim)
+      const long long z = (long long)blockIdx.z + p.z0;
+      const int za = int(p.batch_rank && p.batch_a[0] ? z : 0), zb = int(p.batch_rank && p.batch_b[0] ? z : 0);
+      for (long long kt = 0; kt < ktiles; ++kt) {
+        const unsigned s = unsigned(kt & (STAGES - 1));
+        if (kt >= STAGES) emu::mbarrier_wait(&empty[s], unsigned((kt / STAGES - 1) & 1));
+        emu::mbarrier_arrive_expect_tx(&full[s], STAGE_BYTES);
+        unsigned char* a = tiles + s * STAGE_BYTES;
+        load_tma<!TA, BM>(a, a_map, m0, kt * BK, za, &full[s]);
+        load_tma<TB, BN>(a + A_BYTES, b_map, n0, kt * BK, zb, &full[s]);
+      }
+    }
+    return;
+  }
+
+  const unsigned group = threadIdx.x / 128 - 1;
+  const unsigned tiles_addr = emu::smem_u32(tiles);
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+  long long kt = 0;
+  do {
+    const unsigned s = unsigned(kt & (STAGES - 1));
+    emu::mbarrier_wait(&full[s], unsigned((kt / STAGES) & 1));
+    mma_stage<T, TA, TB>(acc, tiles_addr + s * STAGE_BYTES, group);
+    // k-tile kt - 1 is retired: its stage may be refilled
+    if (kt > 0 && threadIdx.x % 32 == 0) emu::mbarrier_arrive(&empty[unsigned((kt - 1) & (STAGES - 1))]);
+  } while (++kt < ktiles);
+  emu::wgmma_wait<0>();
+  emu::wgmma_fence_operands(acc);
+  store_tile(acc, p, C, D, m0 + 64 * group, n0);
 }
 }  // namespace wg
-#define GEMM_WGMMA_BODY(T, TA, TB) wg::gemm<T, TA, TB>(A, B, C, D, p);
+#define GEMM_WGMMA_BODY(T, TA, TB) wg::gemm_cp_async<T, TA, TB>(A, B, C, D, p);
+#define GEMM_TMA_BODY(T, TA, TB) wg::gemm_tma<T, TA, TB>(a_map, b_map, C, D, p);
 #else
-#define GEMM_WGMMA_BODY(T, TA, TB) __trap();  // launched only on sm_90a devices (src/ops/matmul/gpu.rs)
+// launched only on sm_90a devices (src/ops/matmul/gpu.rs)
+#define GEMM_WGMMA_BODY(T, TA, TB) __trap();
+#define GEMM_TMA_BODY(T, TA, TB) __trap();
 #endif
 
 #define GEMM_WGMMA(dt, T, ab, TA, TB)                                                                        \
   extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_##dt##_##ab(const T* A, const T* B, const T* C, \
                                                                            T* D, GemmParams p) {          \
     GEMM_WGMMA_BODY(T, TA, TB)                                                                              \
+  }                                                                                                         \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                                      \
+      gemm_tma_##dt##_##ab(const __grid_constant__ TensorMap a_map, const __grid_constant__ TensorMap b_map, \
+                           const T* C, T* D, GemmParams p) {                                                \
+    GEMM_TMA_BODY(T, TA, TB)                                                                                \
   }
 #define GEMM_WGMMA_ALL(dt, T)         \
   GEMM_WGMMA(dt, T, nn, false, false) \

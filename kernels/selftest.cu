@@ -414,3 +414,40 @@ WGMMA_BUG(overwrite, kOverwrite)
 WGMMA_BUG(accumulator_write, kAccumulatorWrite)
 WGMMA_BUG(no_wait, kNoWait)
 WGMMA_BUG(divergent, kDivergent)
+
+// ---------------------------------------------------------------- mbarrier and TMA (sm_90)
+// Thread 0 arms an mbarrier and loads the 64 x 16 (x 1) box at (x, y, z) of `map` (16-bit elements)
+// into 1024-byte-aligned shared memory (2 KB + 1 KB to align); every thread waits for the phase, then
+// thread t copies box row t / 8 (un-swizzled) to out[64 * (t / 8) ..] as floats: 128 threads cover
+// the box. `bug` plants one mistake: 1 nobody waits, 2 the barrier expects more bytes than arrive,
+// 3 the barrier is never initialised, 4 one arrival too many.
+extern "C" __global__ void vgpu_tma_bf16(const __grid_constant__ TensorMap map, int x, int y, int z, float* out,
+                                         int bug) {
+#ifdef HAS_WGMMA
+  // not `smem`: this extern "C" function would give the name C linkage, wgmma_probe's is C++
+  EMU_DYNAMIC_SHARED(uint4, tma_smem);
+  unsigned char* raw = reinterpret_cast<unsigned char*>(tma_smem);
+  unsigned char* box = raw + ((1024u - (emu::smem_u32(raw) & 1023u)) & 1023u);
+  unsigned long long* bar = reinterpret_cast<unsigned long long*>(box + 2048);
+  const unsigned t = threadIdx.x;
+  if (t == 0) {
+    if (bug != 3) emu::mbarrier_init(bar, 1);
+    emu::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (t == 0) {
+    emu::mbarrier_arrive_expect_tx(bar, bug == 2 ? 4096 : 2048);
+    emu::tma_load_3d(box, &map, x, y, z, bar);                      // @tma-load
+    if (bug == 4) emu::mbarrier_arrive(bar);                        // @tma-extra-arrive
+  }
+  if (bug == 1) return;
+  emu::mbarrier_wait(bar, 0);  // @tma-wait
+  const unsigned row = t / 8;
+  for (unsigned c = (t % 8) * 8; c < (t % 8) * 8 + 8; ++c) {
+    const unsigned off = row * 128 + c * 2;
+    out[row * 64 + c] = to_f32(*reinterpret_cast<const bf16*>(box + (off ^ (((off >> 7) & 7) << 4))));
+  }
+#else
+  __trap();
+#endif
+}

@@ -227,8 +227,9 @@ fn compiled_modules_are_cached_on_disk_by_source_arch_and_compiler() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The wgmma kernels are real only where HAS_WGMMA holds: their PTX for compute_90a issues wgmma,
-/// for compute_90 they are stubs that trap (the host never launches them there).
+/// The wgmma kernels (cp.async- and TMA-fed) are real only where HAS_WGMMA holds: their PTX for
+/// compute_90a issues wgmma, for compute_90 they are stubs that trap (the host never launches them
+/// there).
 #[test]
 fn wgmma_kernels_are_compiled_for_sm90a_only() {
     install_nvrtc();
@@ -242,16 +243,27 @@ fn wgmma_kernels_are_compiled_for_sm90a_only() {
     let wgmma_kernels: Vec<_> = module
         .kernels
         .iter()
-        .filter(|k| k.starts_with("gemm_wgmma_"))
+        .filter(|k| k.starts_with("gemm_wgmma_") || k.starts_with("gemm_tma_"))
         .collect();
-    assert_eq!(wgmma_kernels.len(), 8, "bf16 and f16, four transposes");
+    assert_eq!(
+        wgmma_kernels.len(),
+        16,
+        "two families, bf16 and f16, four transposes"
+    );
     for k in &wgmma_kernels {
         let body = ptx_entry(&hopper, k);
         assert!(
             body.contains("wgmma.mma_async.sync.aligned.m64n256k16.f32"),
             "{k} issues no wgmma on compute_90a"
         );
-        assert!(body.contains("fence.proxy.async"), "{k}: no proxy fence");
+        if k.starts_with("gemm_tma_") {
+            assert!(
+                body.contains("cp.async.bulk.tensor.3d") && body.contains("mbarrier.try_wait"),
+                "{k}: no TMA loads or mbarrier waits"
+            );
+        } else {
+            assert!(body.contains("fence.proxy.async"), "{k}: no proxy fence");
+        }
     }
     let plain = ptx("compute_90");
     for k in &wgmma_kernels {

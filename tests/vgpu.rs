@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use vpr_engine::device::kernels::module_of;
 use vpr_engine::device::vgpu::built_with_asan;
-use vpr_engine::device::{Gpu, GpuBuffer, KernelArgs, LaunchConfig, VgpuOptions};
+use vpr_engine::device::{Gpu, GpuBuffer, KernelArgs, LaunchConfig, TensorMapDesc, VgpuOptions};
 use vpr_engine::tensor::Rng;
 use vpr_engine::{Device, Error};
 
@@ -504,6 +504,109 @@ fn wgmma_misuse_is_reported() {
             WGMMA_SMEM,
             &needles,
         );
+    }
+}
+
+/// A bf16 tensor of 100 x 20 x 2 (innermost first) holding its own linear index, its tensor map,
+/// and what the 64 x 16 box at (x, y, z) must hold: the elements inside, zeros outside.
+fn tma_tensor(gpu: &Arc<Gpu>) -> (GpuBuffer, [u64; 16]) {
+    let data: Vec<bf16> = (0..100 * 20 * 2)
+        .map(|i| bf16::from_f32((i % 251) as f32))
+        .collect();
+    let buf = upload(gpu, &data);
+    let map = gpu
+        .encode_tensor_map(&TensorMapDesc {
+            bf16: true,
+            address: buf.device_ptr(),
+            dims: [100, 20, 2],
+            strides: [200, 4000],
+            box_dims: [64, 16, 1],
+        })
+        .unwrap();
+    (buf, map)
+}
+
+fn tma_box(x: i32, y: i32, z: i32) -> Vec<f32> {
+    let mut want = vec![0.0; 64 * 16];
+    for r in 0..16 {
+        for c in 0..64 {
+            let (gx, gy) = (x + c, y + r);
+            if (0..100).contains(&gx) && (0..20).contains(&gy) && (0..2).contains(&z) {
+                want[(r * 64 + c) as usize] = ((gx + 100 * gy + 2000 * z) % 251) as f32;
+            }
+        }
+    }
+    want
+}
+
+fn launch_tma(
+    gpu: &Arc<Gpu>,
+    map: [u64; 16],
+    (x, y, z): (i32, i32, i32),
+    out: &GpuBuffer,
+    bug: i32,
+) -> vpr_engine::Result<()> {
+    launch(
+        gpu,
+        "vgpu_tma_bf16",
+        (1, 1, 1),
+        (128, 1, 1),
+        3 * 1024 + 64,
+        KernelArgs::new()
+            .push(map)
+            .push(x)
+            .push(y)
+            .push(z)
+            .ptr(out, 0)
+            .push(bug),
+    )
+}
+
+/// TMA boxes land in shared memory densely, 128-byte swizzled, with zeros outside the tensor
+/// (negative coordinates included), when the mbarrier phase completes.
+#[test]
+fn tma_boxes_follow_the_tensor_map() {
+    for &(s, os) in SCHEDULES {
+        let gpu = vgpu(s, os);
+        let (_data, map) = tma_tensor(&gpu);
+        for at in [(0, 0, 0), (8, 3, 1), (60, 10, 0), (-5, -2, 1), (90, 18, 1)] {
+            let out = output::<f32>(&gpu, 64 * 16);
+            launch_tma(&gpu, map, at, &out, 0).unwrap();
+            assert_eq!(
+                download::<f32>(&gpu, &out),
+                tma_box(at.0, at.1, at.2),
+                "box at {at:?} ({})",
+                schedule_name(s, os)
+            );
+        }
+    }
+}
+
+#[test]
+fn mbarrier_and_tma_misuse_is_reported() {
+    let cases: [(i32, &[&str]); 4] = [
+        (
+            1,
+            &["never completed", "no thread waited", &site("tma-load")],
+        ),
+        (2, &["deadlock", "wait on the mbarrier", &site("tma-wait")]),
+        // whichever thread touches the barrier first reports it
+        (3, &["no initialised mbarrier", "selftest.cu"]),
+        (4, &["more arrivals", &site("tma-extra-arrive")]),
+    ];
+    for (bug, needles) in cases {
+        for &(s, os) in &SCHEDULES[..4] {
+            let gpu = vgpu(s, os);
+            let (_data, map) = tma_tensor(&gpu);
+            let out = output::<f32>(&gpu, 64 * 16);
+            let msg = launch_tma(&gpu, map, (0, 0, 0), &out, bug)
+                .expect_err(&format!("bug {bug} must fail ({})", schedule_name(s, os)))
+                .to_string();
+            for n in needles {
+                assert!(msg.contains(n), "bug {bug}: {msg:?} does not mention {n:?}");
+            }
+            assert_healthy(&gpu, "vgpu_tma_bf16");
+        }
     }
 }
 

@@ -41,6 +41,13 @@ __device__ __forceinline__ float warp_min(float v) {
 __device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 __device__ __forceinline__ float nan_min(float a, float b) { return (a != a || a < b) ? a : b; }
 
+// CUtensorMap: 128 opaque bytes that describe a global tensor for the tensor memory accelerator,
+// encoded by the host (the driver's cuTensorMapEncodeTiled, or the virtual GPU's own encoding) and
+// passed by value as a __grid_constant__ kernel parameter.
+struct __align__(64) TensorMap {
+  unsigned long long words[16];
+};
+
 // A strided view of up to 8 dimensions, passed to kernels by value (mirrors `StridedDesc` in
 // src/ops/mod.rs). Strides are in elements.
 #define MAX_DIMS 8

@@ -28,6 +28,7 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
 
 struct uint3 {
   unsigned x, y, z;
@@ -182,6 +183,20 @@ void wgmma_wait_group(int n);
 void wgmma_issue(unsigned n, bool bf16, bool trans_a, bool trans_b, float* d, unsigned long long desc_a,
                  unsigned long long desc_b, const char* file, int line);
 
+// Asynchronous transaction barriers in shared memory (mbarrier) and the tensor memory accelerator
+// (cp.async.bulk.tensor). `TensorMap` is the opaque 128-byte CUtensorMap on the GPU; the virtual
+// GPU's driver fills it with its own encoding (see `TensorMapEmu` in emu_runtime.cpp).
+void mbarrier_init(unsigned long long* bar, unsigned count, const char* file = __builtin_FILE(),
+                   int line = __builtin_LINE());
+void mbarrier_arrive(unsigned long long* bar, const char* file = __builtin_FILE(), int line = __builtin_LINE());
+void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes, const char* file = __builtin_FILE(),
+                               int line = __builtin_LINE());
+void mbarrier_wait(unsigned long long* bar, unsigned parity, const char* file = __builtin_FILE(),
+                   int line = __builtin_LINE());
+inline void fence_mbarrier_init() {}
+void tma_load(void* dst, const void* map, int rank, const int* coords, unsigned long long* bar, const char* file,
+              int line);
+
 struct SharedSlot {
   unsigned long long serial = ~0ull;
   void* ptr = nullptr;
@@ -233,6 +248,12 @@ inline void cp_async_wait() {
 
 template <int N>
 inline void wgmma_fence_operands(float (&)[N]) {}
+template <class Map>
+inline void tma_load_3d(void* dst, const Map* map, int x, int y, int z, unsigned long long* bar,
+                        const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  const int coords[3] = {x, y, z};
+  tma_load(dst, map, 3, coords, bar, file, line);
+}
 template <int N>
 inline void wgmma_wait() {
   wgmma_wait_group(N);
@@ -248,9 +269,17 @@ inline void wgmma_m64n256k16_f16(float (&d)[128], unsigned long long desc_a, uns
   wgmma_issue(256, false, TRANS_A, TRANS_B, d, desc_a, desc_b, file, line);
 }
 
+// The argument array holds 8-byte-aligned copies; parameters such as a 64-byte-aligned TensorMap
+// are copied out byte-wise.
+template <class T>
+inline T load_arg(const void* p) {
+  T v;
+  std::memcpy(static_cast<void*>(&v), p, sizeof(T));
+  return v;
+}
 template <class... P, size_t... I>
 inline std::tuple<std::decay_t<P>...> load_args(void** args, std::index_sequence<I...>) {
-  return std::tuple<std::decay_t<P>...>(*static_cast<std::decay_t<P>*>(args[I])...);
+  return std::tuple<std::decay_t<P>...>(load_arg<std::decay_t<P>>(args[I])...);
 }
 
 // cuLaunchKernel semantics: args[i] points at the i-th parameter; parameters are copied once at

@@ -94,7 +94,7 @@ constexpr size_t kArenaBytes = kStaticSharedLimit + 64 * kRedZone + 1024;
 // where nothing promises more than 16 bytes.
 constexpr unsigned kDynWindow = 0x480;
 
-enum class FiberState : unsigned char { Ready, AtBarrier, AtWarp, Done };
+enum class FiberState : unsigned char { Ready, AtBarrier, AtWarp, AtMbarrier, Done };
 enum class WarpOp : unsigned char { None, Sync, Shfl, Ballot, Mma, Ldmatrix, Wgmma };
 
 const char* op_name(WarpOp op) {
@@ -146,6 +146,37 @@ struct WarpgroupState {
   int line = 0;
 };
 
+// The virtual GPU's tensor map (the 128 bytes of `TensorMap`, filled by the Rust driver's
+// `encode_tensor_map`, mirrored there): a tiled view of a global tensor of 16-bit elements with up to
+// 3 dimensions, innermost first, its boxes written to shared memory with the 128-byte swizzle.
+struct TensorMapEmu {
+  unsigned long long magic;  // kTensorMapMagic
+  unsigned long long address;
+  unsigned long long rank;
+  unsigned long long dims[3];
+  unsigned long long strides[3];  // bytes; strides[0] is the element size
+  unsigned long long box[3];
+  unsigned long long pad[4];
+};
+static_assert(sizeof(TensorMapEmu) == 128, "TensorMap is 128 bytes");
+constexpr unsigned long long kTensorMapMagic = 0x7670752d746d6170ull;  // "vpu-tmap"
+
+struct PendingTma {
+  unsigned dst;  // shared-window address
+  TensorMapEmu map;
+  int coords[3];
+  const char* file;
+  int line;
+};
+
+// An mbarrier: arrivals and transaction bytes still expected in the current phase, and the
+// TMA loads that complete on it (they land when a thread first waits for the phase).
+struct Mbarrier {
+  unsigned count = 0, pending = 0, phase = 0;
+  long long tx = 0;
+  std::vector<PendingTma> loads;
+};
+
 struct Fiber {
   void* sp = nullptr;
   ucontext_t ctx;
@@ -158,6 +189,7 @@ struct Fiber {
   WarpOp wait_op = WarpOp::None;
   const char* wait_file = "";
   int wait_line = 0;
+  unsigned wait_mbarrier = 0, wait_parity = 0;  // while st == AtMbarrier
   std::vector<PendingCopy> copies;
   unsigned committed = 0;
   std::vector<PendingWgmma> wgmmas;
@@ -197,6 +229,7 @@ struct Block {
   std::vector<Fiber> f;
   std::vector<WarpState> w;
   std::vector<WarpgroupState> wg;
+  std::vector<std::pair<unsigned, Mbarrier>> mbarriers;  // by shared-window address
   // per 16-byte chunk of dynamic shared memory: 1 + the thread that filled it by cp.async and has
   // not run fence.proxy.async since, or 0
   std::vector<unsigned> unfenced_writer;
@@ -384,6 +417,9 @@ std::string describe_waiters(Block* b) {
     switch (fb.st) {
       case FiberState::AtBarrier: return format("wait in __syncthreads at %s:%d", b->bar_file, b->bar_line);
       case FiberState::AtWarp: return format("wait in %s at %s:%d", op_name(fb.wait_op), fb.wait_file, fb.wait_line);
+      case FiberState::AtMbarrier:
+        return format("wait on the mbarrier at shared 0x%x for phase parity %u at %s:%d", fb.wait_mbarrier,
+                      fb.wait_parity, fb.wait_file, fb.wait_line);
       case FiberState::Done: return "exited";
       default: return "ready";
     }
@@ -447,7 +483,16 @@ bool run_block(Block* b) {
     }
     b->ready.clear();
     b->ready_head = 0;
-    if (b->live == 0) return true;
+    if (b->live == 0) {
+      for (const auto& [addr, bar] : b->mbarriers)
+        if (!bar.loads.empty()) {
+          b->error = format("block (%u,%u,%u): the TMA load issued at %s:%d never completed: no thread waited on its "
+                            "mbarrier (shared 0x%x)",
+                            b->bidx.x, b->bidx.y, b->bidx.z, bar.loads[0].file, bar.loads[0].line, addr);
+          return false;
+        }
+      return true;
+    }
     unsigned at_barrier = 0;
     for (unsigned i = 0; i < b->n; ++i) at_barrier += b->f[i].st == FiberState::AtBarrier;
     const bool exited = b->live != b->n;
@@ -535,6 +580,7 @@ void run_blocks(LaunchState& L) {
     b->arena_top = 0;
     b->static_bytes = 0;
     b->wg.assign(b->n / 128, WarpgroupState{});
+    b->mbarriers.clear();
     b->unfenced_writer.assign((b->dyn_bytes + 15) / 16, 0u);
 #ifdef EMU_ASAN
     ASAN_UNPOISON_MEMORY_REGION(b->arena.data(), b->arena.size());
@@ -1020,6 +1066,144 @@ void wgmma_wait_group(int n) {
   }
   me->wgmmas.resize(kept);
   me->wgmma_fenced = false;
+}
+
+// ---------------------------------------------------------------- Hopper: mbarrier and TMA
+namespace {
+
+Mbarrier& mbarrier_at(unsigned long long* bar, const char* what, const char* file, int line) {
+  Block* b = tl_block;
+  const unsigned addr = smem_u32(bar, file, line);
+  for (auto& [a, m] : b->mbarriers)
+    if (a == addr) return m;
+  fail("%s at %s:%d on shared 0x%x, which holds no initialised mbarrier", what, file, line, addr);
+}
+
+// Lands the box of one TMA load in shared memory: elements outside the tensor read as zero, the
+// box is laid out densely (x fastest) and 16-byte chunks are swizzled by address bits 7-9.
+void tma_complete(Block* b, const PendingTma& t) {
+  const TensorMapEmu& m = t.map;
+  const unsigned long long bx = m.box[0], by = m.box[1], bz = m.box[2], elem = m.strides[0];
+  for (unsigned long long z = 0; z < bz; ++z)
+    for (unsigned long long y = 0; y < by; ++y)
+      for (unsigned long long x = 0; x < bx; ++x) {
+        const long long c[3] = {t.coords[0] + (long long)x, t.coords[1] + (long long)y, t.coords[2] + (long long)z};
+        bool inside = true;
+        unsigned long long src = m.address;
+        for (unsigned d = 0; d < m.rank; ++d) {
+          inside = inside && c[d] >= 0 && (unsigned long long)c[d] < m.dims[d];
+          src += (unsigned long long)c[d] * m.strides[d];
+        }
+        unsigned addr = t.dst + unsigned(((z * by + y) * bx + x) * elem);
+        addr ^= ((addr >> 7) & 7) << 4;
+        unsigned char* dst = b->dyn + (addr - kDynWindow);
+        if (inside)
+          std::memcpy(dst, reinterpret_cast<const void*>(src), elem);
+        else
+          std::memset(dst, 0, elem);
+      }
+}
+
+// Wakes the threads waiting on the mbarrier at `addr`: they check their phase again (and land
+// pending TMA loads).
+void wake_mbarrier_waiters(Block* b, unsigned addr) {
+  const size_t from = std::max(b->ready.size(), b->ready_head);
+  for (unsigned i = 0; i < b->n; ++i) {
+    const Fiber& f = b->f[i];
+    if (f.st == FiberState::AtMbarrier && f.wait_mbarrier == addr) make_ready(b, i);
+  }
+  shuffle_tail(b, from);
+}
+
+void mbarrier_complete_phase_if_done(Block* b, unsigned addr, Mbarrier& m) {
+  if (m.pending || m.tx || !m.loads.empty()) return;
+  m.phase++;
+  m.pending = m.count;
+  wake_mbarrier_waiters(b, addr);
+}
+
+void mbarrier_arrive_on(Mbarrier& m, unsigned addr, const char* file, int line) {
+  if (m.pending == 0)
+    fail("mbarrier arrive at %s:%d on shared 0x%x: more arrivals than the %u it was initialised with", file, line,
+         addr, m.count);
+  m.pending--;
+  mbarrier_complete_phase_if_done(tl_block, addr, m);
+}
+
+}  // namespace
+
+void mbarrier_init(unsigned long long* bar, unsigned count, const char* file, int line) {
+  Block* b = tl_block;
+  const unsigned addr = smem_u32(bar, file, line);
+  if (addr & 7) fail("mbarrier.init at %s:%d: shared 0x%x is not 8-byte aligned", file, line, addr);
+  if (count == 0) fail("mbarrier.init at %s:%d with an arrival count of 0", file, line);
+  for (auto& [a, m] : b->mbarriers)
+    if (a == addr) {
+      m = Mbarrier{count, count, 0, 0, {}};
+      return;
+    }
+  b->mbarriers.push_back({addr, Mbarrier{count, count, 0, 0, {}}});
+}
+
+void mbarrier_arrive(unsigned long long* bar, const char* file, int line) {
+  mbarrier_arrive_on(mbarrier_at(bar, "mbarrier.arrive", file, line), smem_u32(bar, file, line), file, line);
+}
+
+void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes, const char* file, int line) {
+  Mbarrier& m = mbarrier_at(bar, "mbarrier.arrive.expect_tx", file, line);
+  m.tx += bytes;
+  mbarrier_arrive_on(m, smem_u32(bar, file, line), file, line);
+}
+
+// try_wait.parity in a loop: returns once the phase with this parity has completed. The TMA loads
+// pending on the barrier land now, the first time anyone needs them.
+void mbarrier_wait(unsigned long long* bar, unsigned parity, const char* file, int line) {
+  Block* b = tl_block;
+  const unsigned addr = smem_u32(bar, file, line);
+  for (;;) {
+    Mbarrier& m = mbarrier_at(bar, "mbarrier.try_wait", file, line);
+    if ((m.phase & 1) != (parity & 1)) return;
+    if (!m.loads.empty()) {
+      for (const PendingTma& t : m.loads) {
+        tma_complete(b, t);
+        m.tx -= (long long)(t.map.box[0] * t.map.box[1] * t.map.box[2] * t.map.strides[0]);
+      }
+      m.loads.clear();
+      mbarrier_complete_phase_if_done(b, addr, m);
+      continue;
+    }
+    Fiber* me = b->cur;
+    me->st = FiberState::AtMbarrier;
+    me->wait_mbarrier = addr;
+    me->wait_parity = parity & 1;
+    me->wait_file = file;
+    me->wait_line = line;
+    yield_to_sched(b, false);
+  }
+}
+
+void tma_load(void* dst, const void* map, int rank, const int* coords, unsigned long long* bar, const char* file,
+              int line) {
+  Block* b = tl_block;
+  PendingTma t;
+  std::memcpy(&t.map, map, sizeof t.map);
+  if (t.map.magic != kTensorMapMagic)
+    fail("TMA load at %s:%d: the tensor map was not encoded for the virtual GPU", file, line);
+  if (int(t.map.rank) != rank)
+    fail("TMA load at %s:%d: a %d-D load with a %llu-D tensor map", file, line, rank, t.map.rank);
+  t.dst = smem_u32(dst, file, line);
+  if (t.dst & 1023)
+    fail("TMA load at %s:%d: destination shared 0x%x is not 1024-byte aligned (128-byte swizzle)", file, line,
+         t.dst);
+  const unsigned long long bytes = t.map.box[0] * t.map.box[1] * t.map.box[2] * t.map.strides[0];
+  if (t.dst + bytes > kDynWindow + b->dyn_bytes)
+    fail("TMA load at %s:%d: a %llu-byte box at shared 0x%x overruns dynamic shared memory", file, line, bytes, t.dst);
+  for (int d = 0; d < 3; ++d) t.coords[d] = d < rank ? coords[d] : 0;
+  t.file = file;
+  t.line = line;
+  std::memset(b->dyn + (t.dst - kDynWindow), kPoison, bytes);  // undefined until the load completes
+  mbarrier_at(bar, "TMA load", file, line).loads.push_back(t);
+  wake_mbarrier_waiters(b, smem_u32(bar, file, line));
 }
 
 void* block_shared(SharedSlot& slot, size_t bytes, size_t align) {

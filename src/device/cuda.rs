@@ -5,7 +5,7 @@
 //! kernel of theirs is launched (no PTX JIT, so no PTX/driver version mismatch), cached on disk by
 //! source hash, architecture and NVRTC version, and loaded once per process.
 
-use super::gpu::{Driver, LaunchConfig};
+use super::gpu::{Driver, LaunchConfig, TensorMapDesc};
 use super::kernels::{KernelModule, KERNEL_HEADERS};
 use super::nvrtc::{Nvrtc, Target};
 use crate::error::{Error, Result};
@@ -250,6 +250,45 @@ impl Driver for CudaDriver {
 
     fn compute_capability(&self) -> (u32, u32) {
         self.capability
+    }
+
+    fn encode_tensor_map(&self, desc: &TensorMapDesc) -> Result<[u64; 16]> {
+        use sys::{
+            CUtensorMapDataType as Data, CUtensorMapFloatOOBfill as Fill,
+            CUtensorMapInterleave as Interleave, CUtensorMapL2promotion as L2,
+            CUtensorMapSwizzle as Swizzle,
+        };
+        let mut map = sys::CUtensorMap { opaque: [0; 16] };
+        let data = if desc.bf16 {
+            Data::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+        } else {
+            Data::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+        };
+        let element_strides = [1u32; 3];
+        // SAFETY: every pointer refers to a live array of the length the rank (3) implies; the
+        // driver only encodes the address, it does not access the memory.
+        let status = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                data,
+                3,
+                desc.address as *mut c_void,
+                desc.dims.as_ptr(),
+                desc.strides.as_ptr(),
+                desc.box_dims.as_ptr(),
+                element_strides.as_ptr(),
+                Interleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                Swizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                L2::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                Fill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if status != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::Cuda(format!(
+                "cuTensorMapEncodeTiled({desc:?}): {status:?}"
+            )));
+        }
+        Ok(map.opaque)
     }
 
     fn alloc_granularity(&self) -> usize {

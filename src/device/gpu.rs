@@ -46,6 +46,21 @@ pub trait Driver: Send + Sync {
         args: &mut [*mut c_void],
     ) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
+    /// The 128 bytes of a tensor map for the tensor memory accelerator (compute capability 9.0).
+    fn encode_tensor_map(&self, desc: &TensorMapDesc) -> Result<[u64; 16]>;
+}
+
+/// A tiled 3-D view of a global tensor of 16-bit floats for the tensor memory accelerator (TMA), in
+/// the terms of `cuTensorMapEncodeTiled`: dimensions innermost first, byte strides of dimensions 1
+/// and 2, a box of `box_dims` elements written densely to shared memory with the 128-byte swizzle,
+/// elements outside the tensor read as zero.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorMapDesc {
+    pub bf16: bool,
+    pub address: u64,
+    pub dims: [u64; 3],
+    pub strides: [u64; 2],
+    pub box_dims: [u32; 3],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +176,12 @@ impl Gpu {
 
     pub fn compute_capability(&self) -> (u32, u32) {
         self.driver.compute_capability()
+    }
+
+    /// A tensor map over `[address, ...)` as `desc` describes; the caller keeps the memory alive
+    /// while kernels use the map.
+    pub fn encode_tensor_map(&self, desc: &TensorMapDesc) -> Result<[u64; 16]> {
+        self.driver.encode_tensor_map(desc)
     }
 
     /// Bytes held in the allocation cache.
@@ -302,6 +323,10 @@ impl GpuBuffer {
     }
     pub fn len_bytes(&self) -> usize {
         self.bytes
+    }
+    /// The device address of the first byte (for tensor maps, which hold addresses).
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
     }
 }
 

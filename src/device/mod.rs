@@ -9,7 +9,7 @@ pub mod kernels;
 pub mod nvrtc;
 pub mod vgpu;
 
-pub use gpu::{Driver, Gpu, GpuBuffer, GpuKind, KernelArgs, LaunchConfig};
+pub use gpu::{Driver, Gpu, GpuBuffer, GpuKind, KernelArgs, LaunchConfig, TensorMapDesc};
 pub use vgpu::VgpuOptions;
 
 use crate::error::{Error, Result};

@@ -2,7 +2,7 @@
 //! kernel file (see build.rs and kernels/include/emu_runtime.cpp) with the same argument array a
 //! real launch gets.
 
-use super::gpu::{Driver, LaunchConfig};
+use super::gpu::{Driver, LaunchConfig, TensorMapDesc};
 use super::kernels::KernelModule;
 use crate::error::{Error, Result};
 use std::alloc::Layout;
@@ -175,6 +175,22 @@ impl Driver for VgpuDriver {
         // SAFETY: the caller guarantees both ranges are inside our allocations; they may overlap.
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
+    }
+
+    fn encode_tensor_map(&self, desc: &TensorMapDesc) -> Result<[u64; 16]> {
+        // Mirrors `TensorMapEmu` in kernels/include/emu_runtime.cpp.
+        const MAGIC: u64 = 0x7670752d746d6170;
+        let mut w = [0u64; 16];
+        w[0] = MAGIC;
+        w[1] = desc.address;
+        w[2] = 3;
+        w[3..6].copy_from_slice(&desc.dims);
+        w[6] = 2;
+        w[7..9].copy_from_slice(&desc.strides);
+        for (d, &b) in desc.box_dims.iter().enumerate() {
+            w[9 + d] = b as u64;
+        }
+        Ok(w)
     }
 
     unsafe fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {

@@ -1,10 +1,11 @@
 //! Launches of the kernels in kernels/matmul.cu.
 //!
-//! Three kernel families: SIMT for f32; for bf16/f16, mma.sync everywhere and wgmma on compute
-//! capability 9.0 (Hopper's sm_90a; the virtual GPU emulates it), where it is the default.
+//! Kernel families: SIMT for f32; for bf16/f16, mma.sync everywhere, and on compute capability 9.0
+//! (Hopper's sm_90a; the virtual GPU emulates it) wgmma, fed by TMA where the operands allow
+//! tensor maps and by cp.async otherwise.
 
 use super::{GemmPlan, MatOperand};
-use crate::device::{Gpu, KernelArgs, LaunchConfig};
+use crate::device::{Gpu, KernelArgs, LaunchConfig, TensorMapDesc};
 use crate::error::{shape_err, Result};
 use crate::layout::Layout;
 use crate::tensor::{Storage, Tensor};
@@ -39,8 +40,12 @@ struct GemmParams {
 pub enum TensorCorePath {
     /// `gemm_{dtype}_*`: mma.sync m16n8k16, any architecture from sm_80.
     MmaSync,
-    /// `gemm_wgmma_{dtype}_*`: wgmma m64n256k16, compute capability 9.0 only.
+    /// `gemm_wgmma_{dtype}_*`: wgmma m64n256k16 with cp.async loads; compute capability 9.0.
     Wgmma,
+    /// `gemm_tma_{dtype}_*`: wgmma with TMA loads by a producer warpgroup; compute capability 9.0,
+    /// operands whose start, leading dimension and batch stride are multiples of 16 bytes, at most
+    /// one batch dimension. The default on 9.0 where these hold, `Wgmma` where not.
+    WgmmaTma,
 }
 
 thread_local! {
@@ -48,8 +53,9 @@ thread_local! {
 }
 
 /// Runs `f` with bf16/f16 products on this thread forced onto `path` instead of the device's
-/// default, so that `check` and the benches can run both families on a Hopper GPU. Asking for
-/// wgmma on a device without it makes the products fail with an error.
+/// default, so that `check` and the benches can run every family on a Hopper GPU. Asking for wgmma
+/// on a device without it, or for TMA where the operands do not allow it, makes the products fail
+/// with an error.
 pub fn with_tensor_core_path<R>(path: TensorCorePath, f: impl FnOnce() -> R) -> R {
     let previous = FORCED_PATH.with(|p| p.replace(Some(path)));
     let result = f();
@@ -65,9 +71,65 @@ pub fn has_wgmma(gpu: &Gpu) -> bool {
 /// Block tile of the SIMT and mma.sync kernels.
 const TILE: usize = 128;
 /// Block tile of the wgmma kernels, and their dynamic shared memory: 4 stages of a 128 x 64 and a
-/// 256 x 64 tile, plus 1 KB to align them (see `wg::` in kernels/matmul.cu).
+/// 256 x 64 tile, plus 1 KB to align them, plus (TMA) 8 mbarriers (see `wg::` in
+/// kernels/matmul.cu).
 const WGMMA_TILE: (usize, usize) = (128, 256);
+const WGMMA_K_TILE: u32 = 64;
 const WGMMA_SHARED_BYTES: u32 = 4 * (128 + 256) * 64 * 2 + 1024;
+const TMA_SHARED_BYTES: u32 = WGMMA_SHARED_BYTES + 2 * 4 * 8;
+
+/// Tensor maps of A and B (each with its block-tile rows and whether it is stored K-major) for the
+/// TMA kernels (`wg::load_tma`), or None where an operand does not
+/// allow one: its start, leading dimension and batch stride must be multiples of 16 bytes, and the
+/// product may have one batch dimension at most. A K-major operand is read in boxes of 64 k x the
+/// block tile's rows, an MN-major one in boxes of 64 rows x 64 k; a broadcast operand gets a batch
+/// extent of 1.
+fn tma_maps(
+    gpu: &Gpu,
+    dtype: DType,
+    operands: [(&Tensor, &MatOperand, usize, bool); 2],
+    plan: &GemmPlan,
+) -> Result<Option<[[u64; 16]; 2]>> {
+    if plan.batch.len() > 1 || plan.k == 0 {
+        return Ok(None);
+    }
+    let batches = plan.batch_count() as u64;
+    let mut maps = [[0u64; 16]; 2];
+    for (i, (t, o, tile_rows, k_major)) in operands.into_iter().enumerate() {
+        let address = buffer(t).device_ptr() + 2 * o.offset as u64;
+        let (ld, batch_stride) = (o.ld() as u64, o.batch.first().map_or(0, |&s| s as u64));
+        if address % 16 != 0 || ld % 8 != 0 || batch_stride % 8 != 0 {
+            return Ok(None);
+        }
+        let rows = (if i == 0 { plan.m } else { plan.n }) as u64;
+        let (inner, outer) = if k_major {
+            (plan.k as u64, rows)
+        } else {
+            (rows, plan.k as u64)
+        };
+        let batched = batches > 1 && batch_stride != 0;
+        let desc = TensorMapDesc {
+            bf16: dtype == DType::BF16,
+            address,
+            dims: [inner, outer, if batched { batches } else { 1 }],
+            strides: [
+                2 * ld,
+                if batched {
+                    2 * batch_stride
+                } else {
+                    (2 * ld * outer).next_multiple_of(16)
+                },
+            ],
+            box_dims: [WGMMA_K_TILE, if k_major { tile_rows as u32 } else { 64 }, 1],
+        };
+        match gpu.encode_tensor_map(&desc) {
+            Ok(map) => maps[i] = map,
+            // the driver has limits of its own; the cp.async kernels take any operand
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(Some(maps))
+}
 /// Tensor-core kernel: pipeline stages and the shared tile of one operand per stage (elements),
 /// as `tc::tile_elems` computes them.
 const STAGES: usize = 4;
@@ -114,11 +176,42 @@ pub fn gemm(
         let path = (dtype != DType::F32).then(|| match FORCED_PATH.with(Cell::get) {
             _ if plan.k == 0 => TensorCorePath::MmaSync,
             Some(forced) => forced,
-            None if has_wgmma(&gpu) => TensorCorePath::Wgmma,
+            None if has_wgmma(&gpu) => TensorCorePath::WgmmaTma,
             None => TensorCorePath::MmaSync,
         });
+        if matches!(path, Some(TensorCorePath::Wgmma | TensorCorePath::WgmmaTma))
+            && !has_wgmma(&gpu)
+        {
+            return Err(crate::Error::Device(format!(
+                "the wgmma matmul kernels need compute capability 9.0; {} has {:?}",
+                gpu.kind(),
+                gpu.compute_capability()
+            )));
+        }
+        let tma = match path {
+            Some(TensorCorePath::WgmmaTma) => {
+                // A is K-major when stored [M, K], B when stored [N, K] (transposed)
+                let operands = [(a, &ao, WGMMA_TILE.0, !ta), (b, &bo, WGMMA_TILE.1, tb)];
+                tma_maps(&gpu, dtype, operands, plan)?
+            }
+            _ => None,
+        };
+        let path = match path {
+            Some(TensorCorePath::WgmmaTma) if tma.is_none() => {
+                if FORCED_PATH.with(Cell::get).is_some() {
+                    return Err(crate::Error::Argument(format!(
+                        "the TMA matmul kernels need 16-byte-aligned operands and at most one batch \
+                         dimension: {:?} @ {:?}",
+                        a.shape(),
+                        b.shape()
+                    )));
+                }
+                Some(TensorCorePath::Wgmma)
+            }
+            path => path,
+        };
         let (tile_m, tile_n) = match path {
-            Some(TensorCorePath::Wgmma) => WGMMA_TILE,
+            Some(TensorCorePath::Wgmma | TensorCorePath::WgmmaTma) => WGMMA_TILE,
             _ => (TILE, TILE),
         };
         let tiles = m.div_ceil(tile_m) * n.div_ceil(tile_n);
@@ -127,16 +220,8 @@ pub fn gemm(
         }
         let mut p = GemmParams::zeroed_with(plan, &ao, &bo, co.as_ref());
         let family = match path {
-            Some(TensorCorePath::Wgmma) => {
-                if !has_wgmma(&gpu) {
-                    return Err(crate::Error::Device(format!(
-                        "the wgmma matmul kernels need compute capability 9.0; {} has {:?}",
-                        gpu.kind(),
-                        gpu.compute_capability()
-                    )));
-                }
-                "gemm_wgmma"
-            }
+            Some(TensorCorePath::Wgmma) => "gemm_wgmma",
+            Some(TensorCorePath::WgmmaTma) => "gemm_tma",
             _ => "gemm",
         };
         let kernel = format!(
@@ -150,17 +235,23 @@ pub fn gemm(
                 (STAGES * (tc_tile_elems(!ta) + tc_tile_elems(tb)) * size) as u32
             }
             Some(TensorCorePath::Wgmma) => WGMMA_SHARED_BYTES,
+            Some(TensorCorePath::WgmmaTma) => TMA_SHARED_BYTES,
         };
+        let threads = if tma.is_some() { 384 } else { 256 };
         for z0 in (0..batches).step_by(MAX_GRID_Z) {
             p.z0 = z0 as i64;
             let cfg = LaunchConfig {
                 grid: (tiles as u32, 1, (batches - z0).min(MAX_GRID_Z) as u32),
-                block: (256, 1, 1),
+                block: (threads, 1, 1),
                 shared_bytes,
             };
             let mut args = KernelArgs::new();
-            args.ptr(buffer(a), ao.offset * size)
-                .ptr(buffer(b), bo.offset * size);
+            match &tma {
+                Some([a_map, b_map]) => args.push(*a_map).push(*b_map),
+                None => args
+                    .ptr(buffer(a), ao.offset * size)
+                    .ptr(buffer(b), bo.offset * size),
+            };
             match (c, &co) {
                 (Some(c), Some(co)) => args.ptr(buffer(c), co.offset * size),
                 _ => args.ptr(&out, 0), // never read: beta is 0

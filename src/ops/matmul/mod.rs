@@ -329,23 +329,24 @@ fn stored_transposed(t: &Tensor) -> bool {
 /// Conformance cases: odd sizes, every transpose combination, a broadcast batch, alpha/beta with a
 /// broadcast C, and a row stride that is not a multiple of 8 (the scalar-load path). Views are
 /// taken on the device, so transposed and strided operands reach the kernels as such. bf16/f16
-/// run on every tensor-core path the device has (wgmma on compute capability 9.0, and mma.sync).
+/// run on every tensor-core family the device has: on compute capability 9.0 wgmma with TMA (the
+/// cases whose operands allow tensor maps) and with cp.async, and everywhere mma.sync.
 pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
     let wgmma = device.gpu().is_some_and(|g| has_wgmma(g));
     let mut rows = Vec::new();
     for (di, &dtype) in DType::FLOATS.iter().enumerate() {
         let paths: &[Option<TensorCorePath>] = match dtype {
             DType::F32 => &[None],
-            _ if wgmma => &[Some(TensorCorePath::Wgmma), Some(TensorCorePath::MmaSync)],
+            _ if wgmma => &[
+                Some(TensorCorePath::WgmmaTma),
+                Some(TensorCorePath::Wgmma),
+                Some(TensorCorePath::MmaSync),
+            ],
             _ => &[Some(TensorCorePath::MmaSync)],
         };
         for &path in paths {
-            let family = match path {
-                Some(TensorCorePath::Wgmma) => "gemm_wgmma",
-                _ => "gemm",
-            };
             let run_cases =
-                || conformance_cases(device, seed.wrapping_add(1000 * di as u64), dtype, family);
+                || conformance_cases(device, seed.wrapping_add(1000 * di as u64), dtype, path);
             rows.extend(match path {
                 Some(path) => with_tensor_core_path(path, run_cases)?,
                 None => run_cases()?,
@@ -359,10 +360,15 @@ fn conformance_cases(
     device: &Device,
     mut seed: u64,
     dtype: DType,
-    family: &str,
+    path: Option<TensorCorePath>,
 ) -> Result<Vec<crate::check::CheckRow>> {
     use crate::check::compare;
     type Case = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+    let (family, tma) = match path {
+        Some(TensorCorePath::WgmmaTma) => ("gemm_tma", true),
+        Some(TensorCorePath::Wgmma) => ("gemm_wgmma", false),
+        _ => ("gemm", false),
+    };
     let mut rows = Vec::new();
     let mut rand = |shape: &[usize]| {
         seed = seed.wrapping_add(1);
@@ -383,18 +389,23 @@ fn conformance_cases(
             dtype.tolerance(),
         ));
     };
-    // (m, n, k, a transposed, b transposed)
+    // (m, n, k, a transposed, b transposed, leading dimensions 16-byte aligned for TMA)
     let cases = [
-        (1, 1, 1, false, false),
-        (7, 257, 33, false, false),
-        (129, 65, 31, false, false),
-        (65, 47, 40, false, true),
-        (65, 47, 40, true, false),
-        (65, 47, 40, true, true),
-        (136, 264, 328, false, false),
-        (136, 264, 328, true, true),
+        (1, 1, 1, false, false, false),
+        (7, 257, 33, false, false, false),
+        (129, 65, 31, false, false, false),
+        (65, 47, 40, false, true, true),
+        (65, 47, 40, true, false, false),
+        (65, 47, 40, true, true, false),
+        (136, 264, 328, false, false, true),
+        (136, 264, 328, false, true, true),
+        (136, 264, 328, true, false, true),
+        (136, 264, 328, true, true, true),
     ];
-    for (m, n, k, ta, tb) in cases {
+    for (m, n, k, ta, tb, aligned) in cases {
+        if tma && !aligned {
+            continue;
+        }
         let a = if ta { rand(&[k, m])? } else { rand(&[m, k])? };
         let b = if tb { rand(&[n, k])? } else { rand(&[k, n])? };
         let view = move |t: &Tensor, tr: bool| if tr { t.t() } else { Ok(t.clone()) };
@@ -409,6 +420,32 @@ fn conformance_cases(
             vec![a, b],
             Box::new(move |x| view(&x[0], ta)?.matmul(&view(&x[1], tb)?)),
         );
+    }
+    if tma {
+        // one batch dimension: batched A against a broadcast B, and both batched
+        let inputs = vec![rand(&[3, 40, 48])?, rand(&[48, 24])?];
+        run(
+            format!("{family}_{dtype}_nn (batch, broadcast B)"),
+            &[3, 40, 24, 48],
+            inputs,
+            Box::new(|x| x[0].matmul(&x[1])),
+        );
+        let inputs = vec![rand(&[3, 40, 48])?, rand(&[3, 24, 48])?];
+        run(
+            format!("{family}_{dtype}_nt (batch)"),
+            &[3, 40, 24, 48],
+            inputs,
+            Box::new(|x| x[0].matmul(&x[1].transpose(1, 2)?)),
+        );
+        let inputs = vec![rand(&[45, 24])?, rand(&[24, 72])?, rand(&[72])?];
+        let f: Case = Box::new(|x| Tensor::gemm(&x[0], &x[1], Some(&x[2]), 0.5, -2.0));
+        run(
+            format!("{family}_{dtype}_nn (alpha, beta, bias C)"),
+            &[45, 72, 24],
+            inputs,
+            f,
+        );
+        return Ok(rows);
     }
     let inputs = vec![rand(&[2, 1, 33, 40])?, rand(&[3, 40, 17])?];
     run(
