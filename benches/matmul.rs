@@ -8,7 +8,7 @@
 //! tensor-core family: wgmma fed by TMA (the default there), wgmma fed by cp.async, mma.sync.
 
 use std::time::Instant;
-use vpr_engine::ops::matmul::{has_wgmma, with_tensor_core_path, TensorCorePath};
+use vpr_engine::ops::matmul::{tensor_core_paths, with_tensor_core_path, TensorCorePath};
 use vpr_engine::{DType, Device, Tensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -230,7 +230,6 @@ fn gpu_bench(dev: &Device) {
     println!(
         "TFLOP/s, median. cuBLASLt's f32 runs in TF32 (cudarc's compute type), ours in full f32.\n"
     );
-    let wgmma = has_wgmma(gpu);
     println!(
         "| problem | M x N x K | layout | dtype | our kernel | ours | cuBLASLt | ours / cuBLASLt |"
     );
@@ -263,15 +262,7 @@ fn gpu_bench(dev: &Device) {
                     None => run(),
                 }
             };
-            let paths: &[Option<TensorCorePath>] = match dtype {
-                DType::F32 => &[None],
-                _ if wgmma => &[
-                    Some(TensorCorePath::WgmmaTma),
-                    Some(TensorCorePath::Wgmma),
-                    Some(TensorCorePath::MmaSync),
-                ],
-                _ => &[Some(TensorCorePath::MmaSync)],
-            };
+            let paths = tensor_core_paths(gpu, dtype);
             let theirs = lt.as_ref().map(|lt| match dtype {
                 DType::BF16 => lt.time(
                     &p,

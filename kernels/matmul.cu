@@ -54,17 +54,37 @@ __device__ __forceinline__ BatchOffsets batch_offsets(const GemmParams& p) {
   return o;
 }
 
-// Block tile coordinates from the linear block index, in groups of GROUP_M tile rows: consecutive
-// blocks share the same B columns and a few A rows, so large problems stay L2-resident.
-__device__ __forceinline__ void tile_coords(long long tiles_m, long long tiles_n, long long& tm, long long& tn) {
+// C and D (and A and B, where a kernel reads them through pointers) moved to this block's batch
+// entry (blockIdx.z).
+template <class PC, class PD>
+__device__ __forceinline__ void seek_batch(const GemmParams& p, PC& C, PD& D) {
+  const BatchOffsets off = batch_offsets(p);
+  C += off.c;
+  D += off.d;
+}
+template <class PA, class PC, class PD>
+__device__ __forceinline__ void seek_batch(const GemmParams& p, PA& A, PA& B, PC& C, PD& D) {
+  const BatchOffsets off = batch_offsets(p);
+  A += off.a;
+  B += off.b;
+  C += off.c;
+  D += off.d;
+}
+
+// First row and column of this block's BM x BN output tile. Tiles are taken from the linear block
+// index in groups of GROUP_M tile rows: consecutive blocks share the same B columns and a few A
+// rows, so large problems stay L2-resident.
+template <int BM, int BN>
+__device__ __forceinline__ void block_origin(const GemmParams& p, long long& m0, long long& n0) {
   const long long GROUP_M = 8;
+  const long long tiles_m = (p.M + BM - 1) / BM, tiles_n = (p.N + BN - 1) / BN;
   const long long id = blockIdx.x;
   const long long per_group = GROUP_M * tiles_n;
   const long long first_m = (id / per_group) * GROUP_M;
   const long long rows = min(tiles_m - first_m, GROUP_M);
   const long long in_group = id % per_group;
-  tm = first_m + in_group % rows;
-  tn = in_group / rows;
+  m0 = (first_m + in_group % rows) * BM;
+  n0 = (in_group / rows) * BN;
 }
 
 // alpha * acc + beta * C[r, c]; C is not read when beta == 0.
@@ -179,14 +199,9 @@ __device__ void gemm(const float* __restrict__ A, const float* __restrict__ B, c
   Tile* As = reinterpret_cast<Tile*>(&a_raw[0]);
   Tile* Bs = reinterpret_cast<Tile*>(&b_raw[0]);
 
-  const BatchOffsets off = batch_offsets(p);
-  A += off.a;
-  B += off.b;
-  C += off.c;
-  D += off.d;
-  long long tm, tn;
-  tile_coords((p.M + BM - 1) / BM, (p.N + BN - 1) / BN, tm, tn);
-  const long long m0 = tm * BM, n0 = tn * BN;
+  seek_batch(p, A, B, C, D);
+  long long m0, n0;
+  block_origin<BM, BN>(p, m0, n0);
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 
   float acc[8][8];
@@ -332,14 +347,9 @@ __device__ void gemm(const T* __restrict__ A, const T* __restrict__ B, const T* 
   T* sA = reinterpret_cast<T*>(smem);
   T* sB = sA + STAGES * A_ELEMS;
 
-  const BatchOffsets off = batch_offsets(p);
-  A += off.a;
-  B += off.b;
-  C += off.c;
-  D += off.d;
-  long long tm, tn;
-  tile_coords((p.M + BM - 1) / BM, (p.N + BN - 1) / BN, tm, tn);
-  const long long m0 = tm * BM, n0 = tn * BN;
+  seek_batch(p, A, B, C, D);
+  long long m0, n0;
+  block_origin<BM, BN>(p, m0, n0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;  // this warp's 64x32 piece of the tile
 
@@ -553,14 +563,9 @@ __device__ void gemm_cp_async(const T* __restrict__ A, const T* __restrict__ B, 
   unsigned char* tiles = aligned_tiles();
   const unsigned tiles_addr = emu::smem_u32(tiles);
 
-  const BatchOffsets off = batch_offsets(p);
-  A += off.a;
-  B += off.b;
-  C += off.c;
-  D += off.d;
-  long long tm, tn;
-  tile_coords((p.M + BM - 1) / BM, (p.N + BN - 1) / BN, tm, tn);
-  const long long m0 = tm * BM, n0 = tn * BN;
+  seek_batch(p, A, B, C, D);
+  long long m0, n0;
+  block_origin<BM, BN>(p, m0, n0);
   const unsigned group = threadIdx.x / 128;  // this warpgroup's rows: 64 * group ..
 
   const auto aligned = [](const T* g, long long ld) {
@@ -638,12 +643,9 @@ __device__ void gemm_tma(const TensorMap& a_map, const TensorMap& b_map, const T
   }
   __syncthreads();
 
-  const BatchOffsets off = batch_offsets(p);
-  C += off.c;
-  D += off.d;
-  long long tm, tn;
-  tile_coords((p.M + BM - 1) / BM, (p.N + BN - 1) / BN, tm, tn);
-  const long long m0 = tm * BM, n0 = tn * BN;
+  seek_batch(p, C, D);
+  long long m0, n0;
+  block_origin<BM, BN>(p, m0, n0);
   const long long ktiles = (p.K + BK - 1) / BK;
 
   if (threadIdx.x < 128) {

@@ -63,8 +63,21 @@ pub fn with_tensor_core_path<R>(path: TensorCorePath, f: impl FnOnce() -> R) -> 
     result
 }
 
+/// The kernel families `gpu` runs `dtype` products on, default first: `None` for f32 (SIMT).
+pub fn tensor_core_paths(gpu: &Gpu, dtype: DType) -> &'static [Option<TensorCorePath>] {
+    match dtype {
+        DType::F32 => &[None],
+        _ if has_wgmma(gpu) => &[
+            Some(TensorCorePath::WgmmaTma),
+            Some(TensorCorePath::Wgmma),
+            Some(TensorCorePath::MmaSync),
+        ],
+        _ => &[Some(TensorCorePath::MmaSync)],
+    }
+}
+
 /// Whether `gpu` can run the wgmma kernels.
-pub fn has_wgmma(gpu: &Gpu) -> bool {
+fn has_wgmma(gpu: &Gpu) -> bool {
     gpu.compute_capability() == (9, 0)
 }
 

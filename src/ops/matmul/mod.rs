@@ -10,7 +10,7 @@
 mod cpu;
 mod gpu;
 
-pub use gpu::{has_wgmma, with_tensor_core_path, TensorCorePath};
+pub use gpu::{tensor_core_paths, with_tensor_core_path, TensorCorePath};
 
 use crate::autograd;
 use crate::device::Device;
@@ -332,17 +332,11 @@ fn stored_transposed(t: &Tensor) -> bool {
 /// run on every tensor-core family the device has: on compute capability 9.0 wgmma with TMA (the
 /// cases whose operands allow tensor maps) and with cp.async, and everywhere mma.sync.
 pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
-    let wgmma = device.gpu().is_some_and(|g| has_wgmma(g));
     let mut rows = Vec::new();
     for (di, &dtype) in DType::FLOATS.iter().enumerate() {
-        let paths: &[Option<TensorCorePath>] = match dtype {
-            DType::F32 => &[None],
-            _ if wgmma => &[
-                Some(TensorCorePath::WgmmaTma),
-                Some(TensorCorePath::Wgmma),
-                Some(TensorCorePath::MmaSync),
-            ],
-            _ => &[Some(TensorCorePath::MmaSync)],
+        let paths = match device.gpu() {
+            Some(gpu) => tensor_core_paths(gpu, dtype),
+            None => &[None],
         };
         for &path in paths {
             let run_cases =
