@@ -7,6 +7,7 @@ mod common;
 use common::{assert_close, assert_tensor_close, gpu_devices, seed, ODD_SIZES};
 use vpr_engine::device::VgpuOptions;
 use vpr_engine::layout::broadcast_shapes;
+use vpr_engine::ops::matmul::{tensor_core_paths, with_tensor_core_path, TensorCorePath};
 use vpr_engine::{DType, Device, Error, Tensor};
 
 const CPU: Device = Device::Cpu;
@@ -509,4 +510,38 @@ fn errors() {
         f32(&[3, 4]).matmul(&on_vgpu),
         Err(Error::Device(_))
     ));
+}
+
+/// Forcing a tensor-core family: every family computes the same product where it applies; TMA on
+/// operands that do not allow tensor maps is a clear error, not a silent fallback.
+#[test]
+fn forced_tensor_core_paths() {
+    let s = seed("forced_tensor_core_paths");
+    let dev = Device::vgpu_with(VgpuOptions::default());
+    let gpu = dev.gpu().unwrap().clone();
+    for dtype in [DType::BF16, DType::F16] {
+        let x = operands(136, 264, 328, false, true, s, dtype);
+        let want = x[0].matmul(&x[1].t().unwrap()).unwrap();
+        let (a, b) = (x[0].to_device(&dev).unwrap(), x[1].to_device(&dev).unwrap());
+        for &path in tensor_core_paths(&gpu, dtype) {
+            let got = with_tensor_core_path(path.unwrap(), || a.matmul(&b.t().unwrap())).unwrap();
+            assert_tensor_close(
+                &got,
+                &want,
+                dtype.tolerance(),
+                &format!("{dtype} {path:?}"),
+                s,
+            );
+        }
+        let odd = operands(7, 9, 33, false, false, s, dtype);
+        let (a, b) = (
+            odd[0].to_device(&dev).unwrap(),
+            odd[1].to_device(&dev).unwrap(),
+        );
+        let err = with_tensor_core_path(TensorCorePath::WgmmaTma, || a.matmul(&b)).unwrap_err();
+        assert!(
+            matches!(err, Error::Argument(_)) && err.to_string().contains("16-byte-aligned"),
+            "{err}"
+        );
+    }
 }

@@ -12,7 +12,14 @@ use vpr_engine::device::nvrtc::{project_tools_dir, wheel_lib_dir, Nvrtc, Target}
 const NVRTC_WHEEL: &str = "nvidia-cuda-nvrtc==13.0.88";
 const ARCHS: [&str; 3] = ["sm_80", "sm_90", "sm_90a"];
 
+/// Installs the NVRTC wheel once per test process: the tests run in parallel threads, and two
+/// pip installs into one folder race.
 fn install_nvrtc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(install_nvrtc_wheel);
+}
+
+fn install_nvrtc_wheel() {
     let tools = project_tools_dir();
     // An explicit NVRTC (e.g. the toolkit's on a GPU machine with no network) needs no wheel.
     let explicit = std::env::var_os("VPR_NVRTC").is_some_and(|p| Path::new(&p).exists());
