@@ -507,10 +507,11 @@ fn wgmma_misuse_is_reported() {
     }
 }
 
-/// A bf16 tensor of 100 x 20 x 2 (innermost first) holding its own linear index, its tensor map,
-/// and what the 64 x 16 box at (x, y, z) must hold: the elements inside, zeros outside.
+/// A bf16 tensor of 100 x 20 x 2 (innermost first; rows padded to 104 elements, since TMA strides
+/// are multiples of 16 bytes) holding its own storage index mod 251, with its tensor map; and what
+/// the 64 x 16 box at (x, y, z) must hold: the elements inside, zeros outside.
 fn tma_tensor(gpu: &Arc<Gpu>) -> (GpuBuffer, [u64; 16]) {
-    let data: Vec<bf16> = (0..100 * 20 * 2)
+    let data: Vec<bf16> = (0..104 * 20 * 2)
         .map(|i| bf16::from_f32((i % 251) as f32))
         .collect();
     let buf = upload(gpu, &data);
@@ -519,7 +520,7 @@ fn tma_tensor(gpu: &Arc<Gpu>) -> (GpuBuffer, [u64; 16]) {
             bf16: true,
             address: buf.device_ptr(),
             dims: [100, 20, 2],
-            strides: [200, 4000],
+            strides: [208, 4160],
             box_dims: [64, 16, 1],
         })
         .unwrap();
@@ -532,7 +533,7 @@ fn tma_box(x: i32, y: i32, z: i32) -> Vec<f32> {
         for c in 0..64 {
             let (gx, gy) = (x + c, y + r);
             if (0..100).contains(&gx) && (0..20).contains(&gy) && (0..2).contains(&z) {
-                want[(r * 64 + c) as usize] = ((gx + 100 * gy + 2000 * z) % 251) as f32;
+                want[(r * 64 + c) as usize] = ((gx + 104 * gy + 2080 * z) % 251) as f32;
             }
         }
     }
@@ -579,6 +580,48 @@ fn tma_boxes_follow_the_tensor_map() {
                 schedule_name(s, os)
             );
         }
+    }
+}
+
+/// The virtual GPU refuses the tensor maps the driver would refuse.
+#[test]
+fn tensor_maps_outside_the_tma_limits_are_refused() {
+    let gpu = vgpu(0, 1);
+    let ok = TensorMapDesc {
+        bf16: true,
+        address: 1 << 20,
+        dims: [100, 20, 2],
+        strides: [208, 4160],
+        box_dims: [64, 16, 1],
+    };
+    assert!(gpu.encode_tensor_map(&ok).is_ok());
+    let bad = [
+        TensorMapDesc {
+            address: (1 << 20) + 8,
+            ..ok
+        },
+        TensorMapDesc {
+            strides: [200, 4160],
+            ..ok
+        },
+        TensorMapDesc {
+            box_dims: [128, 16, 1],
+            ..ok
+        },
+        TensorMapDesc {
+            box_dims: [64, 512, 1],
+            ..ok
+        },
+        TensorMapDesc {
+            dims: [100, 0, 2],
+            ..ok
+        },
+    ];
+    for desc in bad {
+        assert!(
+            gpu.encode_tensor_map(&desc).is_err(),
+            "{desc:?} was accepted"
+        );
     }
 }
 

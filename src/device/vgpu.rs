@@ -178,6 +178,18 @@ impl Driver for VgpuDriver {
     }
 
     fn encode_tensor_map(&self, desc: &TensorMapDesc) -> Result<[u64; 16]> {
+        // The limits cuTensorMapEncodeTiled enforces for this use (128-byte swizzle, 16-bit
+        // elements), so that what encodes here encodes on the GPU.
+        let fits = desc.address % 16 == 0
+            && desc.dims.iter().all(|&d| (1..=1 << 32).contains(&d))
+            && desc.strides.iter().all(|&s| s % 16 == 0 && s < 1 << 40)
+            && desc.box_dims.iter().all(|&b| (1..=256).contains(&b))
+            && desc.box_dims[0] * 2 <= 128;
+        if !fits {
+            return Err(Error::Argument(format!(
+                "tensor map {desc:?} is outside what the TMA accepts"
+            )));
+        }
         // Mirrors `TensorMapEmu` in kernels/include/emu_runtime.cpp.
         const MAGIC: u64 = 0x7670752d746d6170;
         let mut w = [0u64; 16];
