@@ -41,8 +41,8 @@ struct BatchOffsets {
   long long a, b, c, d;
 };
 
-__device__ __forceinline__ BatchOffsets batch_offsets(const GemmParams& p) {
-  long long z = (long long)blockIdx.z + p.z0;
+// Offsets of batch entry z (row-major over the broadcast batch shape) in each operand.
+__device__ __forceinline__ BatchOffsets batch_offsets(const GemmParams& p, long long z) {
   BatchOffsets o{0, 0, 0, z * p.M * p.N};
   for (int k = int(p.batch_rank) - 1; k >= 0; --k) {
     const long long i = z % p.batch_shape[k];
@@ -54,31 +54,23 @@ __device__ __forceinline__ BatchOffsets batch_offsets(const GemmParams& p) {
   return o;
 }
 
-// C and D (and A and B, where a kernel reads them through pointers) moved to this block's batch
-// entry (blockIdx.z).
-template <class PC, class PD>
-__device__ __forceinline__ void seek_batch(const GemmParams& p, PC& C, PD& D) {
-  const BatchOffsets off = batch_offsets(p);
-  C += off.c;
-  D += off.d;
-}
+// The operands moved to this block's batch entry (blockIdx.z).
 template <class PA, class PC, class PD>
 __device__ __forceinline__ void seek_batch(const GemmParams& p, PA& A, PA& B, PC& C, PD& D) {
-  const BatchOffsets off = batch_offsets(p);
+  const BatchOffsets off = batch_offsets(p, (long long)blockIdx.z + p.z0);
   A += off.a;
   B += off.b;
   C += off.c;
   D += off.d;
 }
 
-// First row and column of this block's BM x BN output tile. Tiles are taken from the linear block
-// index in groups of GROUP_M tile rows: consecutive blocks share the same B columns and a few A
-// rows, so large problems stay L2-resident.
+// First row and column of BM x BN output tile `id` of a batch entry. Tiles are numbered in groups
+// of GROUP_M tile rows: consecutive blocks share the same B columns and a few A rows, so large
+// problems stay L2-resident.
 template <int BM, int BN>
-__device__ __forceinline__ void block_origin(const GemmParams& p, long long& m0, long long& n0) {
+__device__ __forceinline__ void tile_origin(const GemmParams& p, long long id, long long& m0, long long& n0) {
   const long long GROUP_M = 8;
   const long long tiles_m = (p.M + BM - 1) / BM, tiles_n = (p.N + BN - 1) / BN;
-  const long long id = blockIdx.x;
   const long long per_group = GROUP_M * tiles_n;
   const long long first_m = (id / per_group) * GROUP_M;
   const long long rows = min(tiles_m - first_m, GROUP_M);
@@ -201,7 +193,7 @@ __device__ void gemm(const float* __restrict__ A, const float* __restrict__ B, c
 
   seek_batch(p, A, B, C, D);
   long long m0, n0;
-  block_origin<BM, BN>(p, m0, n0);
+  tile_origin<BM, BN>(p, blockIdx.x, m0, n0);
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 
   float acc[8][8];
@@ -349,7 +341,7 @@ __device__ void gemm(const T* __restrict__ A, const T* __restrict__ B, const T* 
 
   seek_batch(p, A, B, C, D);
   long long m0, n0;
-  block_origin<BM, BN>(p, m0, n0);
+  tile_origin<BM, BN>(p, blockIdx.x, m0, n0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;  // this warp's 64x32 piece of the tile
 
@@ -441,10 +433,10 @@ GEMM_TC_ALL(f16, f16)
 // with a path that skips the main loop, ptxas serialises the wgmmas.
 //
 // Two ways to fill the stages:
-//   gemm_tma_*    a producer warpgroup whose first thread loads each stage with the tensor memory
-//                 accelerator (TMA boxes that land swizzled, edges zero-filled) and full/empty
-//                 mbarriers per stage; needs 16-byte-aligned operands and at most one batch
-//                 dimension (the host's tensor maps);
+//   gemm_tma_*    persistent; a producer warpgroup whose first thread loads each stage with the
+//                 tensor memory accelerator (TMA boxes that land swizzled, edges zero-filled) and
+//                 full/empty mbarriers per stage; needs 16-byte-aligned operands and at most one
+//                 batch dimension (the host's tensor maps);
 //   gemm_wgmma_*  the consumers themselves, by cp.async (edges and misalignment as in tc::), two
 //                 stages in flight, a barrier per k-tile; any operand.
 #ifdef HAS_WGMMA
@@ -565,7 +557,7 @@ __device__ void gemm_cp_async(const T* __restrict__ A, const T* __restrict__ B, 
 
   seek_batch(p, A, B, C, D);
   long long m0, n0;
-  block_origin<BM, BN>(p, m0, n0);
+  tile_origin<BM, BN>(p, blockIdx.x, m0, n0);
   const unsigned group = threadIdx.x / 128;  // this warpgroup's rows: 64 * group ..
 
   const auto aligned = [](const T* g, long long ld) {
@@ -612,7 +604,9 @@ __device__ void gemm_cp_async(const T* __restrict__ A, const T* __restrict__ B, 
 // 384 threads: warpgroup 0 produces (its first thread issues every load), warpgroups 1 and 2
 // consume. Per stage, `full` completes when the producer has armed it and the stage's bytes have
 // landed, and `empty` when the 8 consumer warps have retired their wgmmas on it. The mbarriers
-// follow the stages in shared memory (64 more bytes).
+// follow the stages in shared memory (64 more bytes). Persistent: a grid of at most one block per
+// SM walks the output tiles of every batch entry, and the stage ring runs on across tiles, so the
+// producer loads the next tile while the consumers store this one.
 
 // The TMA boxes of one operand's stage: K-major, one box of 64 k x ROWS rows; MN-major, ROWS / 64
 // boxes of 64 rows x 64 k. Coordinates are innermost first; z selects the batch entry.
@@ -643,44 +637,58 @@ __device__ void gemm_tma(const TensorMap& a_map, const TensorMap& b_map, const T
   }
   __syncthreads();
 
-  seek_batch(p, C, D);
-  long long m0, n0;
-  block_origin<BM, BN>(p, m0, n0);
+  // the host allows one batch dimension at most
+  const long long per_entry = ((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
+  const long long output_tiles = per_entry * (p.batch_rank ? p.batch_shape[0] : 1);
   const long long ktiles = (p.K + BK - 1) / BK;
+  // `it` counts k-tiles across this block's output tiles: stage it % STAGES, its use it / STAGES
+  long long it = 0;
 
   if (threadIdx.x < 128) {
     if (threadIdx.x == 0) {
-      // the batch coordinate of an operand that is not broadcast (the host allows one batch dim)
-      const long long z = (long long)blockIdx.z + p.z0;
-      const int za = int(p.batch_rank && p.batch_a[0] ? z : 0), zb = int(p.batch_rank && p.batch_b[0] ? z : 0);
-      for (long long kt = 0; kt < ktiles; ++kt) {
-        const unsigned s = unsigned(kt & (STAGES - 1));
-        if (kt >= STAGES) emu::mbarrier_wait(&empty[s], unsigned((kt / STAGES - 1) & 1));
-        emu::mbarrier_arrive_expect_tx(&full[s], STAGE_BYTES);
-        unsigned char* a = tiles + s * STAGE_BYTES;
-        load_tma<!TA, BM>(a, a_map, m0, kt * BK, za, &full[s]);
-        load_tma<TB, BN>(a + A_BYTES, b_map, n0, kt * BK, zb, &full[s]);
+      for (long long tile = blockIdx.x; tile < output_tiles; tile += gridDim.x) {
+        const long long z = tile / per_entry;
+        long long m0, n0;
+        tile_origin<BM, BN>(p, tile % per_entry, m0, n0);
+        // batch coordinates of the operands that are not broadcast
+        const int za = int(p.batch_rank && p.batch_a[0] ? z : 0), zb = int(p.batch_rank && p.batch_b[0] ? z : 0);
+        for (long long kt = 0; kt < ktiles; ++kt, ++it) {
+          const unsigned s = unsigned(it & (STAGES - 1));
+          if (it >= STAGES) emu::mbarrier_wait(&empty[s], unsigned((it / STAGES - 1) & 1));
+          emu::mbarrier_arrive_expect_tx(&full[s], STAGE_BYTES);
+          unsigned char* a = tiles + s * STAGE_BYTES;
+          load_tma<!TA, BM>(a, a_map, m0, kt * BK, za, &full[s]);
+          load_tma<TB, BN>(a + A_BYTES, b_map, n0, kt * BK, zb, &full[s]);
+        }
       }
     }
     return;
   }
 
   const unsigned group = threadIdx.x / 128 - 1;
+  const bool releases = threadIdx.x % 32 == 0;  // one arrival per consumer warp
   const unsigned tiles_addr = emu::smem_u32(tiles);
   float acc[128];
+  for (long long tile = blockIdx.x; tile < output_tiles; tile += gridDim.x) {
 #pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-  long long kt = 0;
-  do {
-    const unsigned s = unsigned(kt & (STAGES - 1));
-    emu::mbarrier_wait(&full[s], unsigned((kt / STAGES) & 1));
-    mma_stage<T, TA, TB>(acc, tiles_addr + s * STAGE_BYTES, group);
-    // k-tile kt - 1 is retired: its stage may be refilled
-    if (kt > 0 && threadIdx.x % 32 == 0) emu::mbarrier_arrive(&empty[unsigned((kt - 1) & (STAGES - 1))]);
-  } while (++kt < ktiles);
-  emu::wgmma_wait<0>();
-  emu::wgmma_fence_operands(acc);
-  store_tile(acc, p, C, D, m0 + 64 * group, n0);
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    long long kt = 0;
+    do {
+      const unsigned s = unsigned(it & (STAGES - 1));
+      emu::mbarrier_wait(&full[s], unsigned((it / STAGES) & 1));
+      mma_stage<T, TA, TB>(acc, tiles_addr + s * STAGE_BYTES, group);
+      // k-tile it - 1 is retired: its stage may be refilled
+      if (kt > 0 && releases) emu::mbarrier_arrive(&empty[unsigned((it - 1) & (STAGES - 1))]);
+      ++it;
+    } while (++kt < ktiles);
+    emu::wgmma_wait<0>();
+    emu::wgmma_fence_operands(acc);
+    if (releases) emu::mbarrier_arrive(&empty[unsigned((it - 1) & (STAGES - 1))]);
+    long long m0, n0;
+    tile_origin<BM, BN>(p, tile % per_entry, m0, n0);
+    const BatchOffsets off = batch_offsets(p, tile / per_entry);
+    store_tile(acc, p, C + off.c, D + off.d, m0 + 64 * group, n0);
+  }
 }
 }  // namespace wg
 #define GEMM_WGMMA_BODY(T, TA, TB) wg::gemm_cp_async<T, TA, TB>(A, B, C, D, p);

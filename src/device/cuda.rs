@@ -139,6 +139,7 @@ pub struct CudaDriver {
     ctx: Arc<CudaContext>,
     ordinal: usize,
     capability: (u32, u32),
+    multiprocessors: u32,
     arch: String,
     nvrtc: Nvrtc,
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
@@ -171,10 +172,14 @@ impl CudaDriver {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| cuda_err("compute capability", e))?;
+        let multiprocessors = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_err("multiprocessor count", e))?;
         Ok(CudaDriver {
             ctx,
             ordinal,
             capability: (major as u32, minor as u32),
+            multiprocessors: multiprocessors.max(1) as u32,
             // 9.0 compiles for sm_90a, whose wgmma kernels run only there
             arch: if (major, minor) == (9, 0) {
                 "sm_90a".to_string()
@@ -250,6 +255,10 @@ impl Driver for CudaDriver {
 
     fn compute_capability(&self) -> (u32, u32) {
         self.capability
+    }
+
+    fn multiprocessors(&self) -> u32 {
+        self.multiprocessors
     }
 
     fn encode_tensor_map(&self, desc: &TensorMapDesc) -> Result<[u64; 16]> {

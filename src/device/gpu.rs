@@ -16,6 +16,8 @@ pub trait Driver: Send + Sync {
     fn describe(&self) -> String;
     /// (major, minor): which kernels may run. The virtual GPU emulates 9.0 (Hopper).
     fn compute_capability(&self) -> (u32, u32);
+    /// Streaming multiprocessors, the size of a persistent grid.
+    fn multiprocessors(&self) -> u32;
     /// Allocation sizes are rounded up to a multiple of this before caching. The virtual GPU uses
     /// 1, so AddressSanitizer sees every overflow; the real GPU rounds to reuse blocks.
     fn alloc_granularity(&self) -> usize;
@@ -176,6 +178,10 @@ impl Gpu {
 
     pub fn compute_capability(&self) -> (u32, u32) {
         self.driver.compute_capability()
+    }
+
+    pub fn multiprocessors(&self) -> u32 {
+        self.driver.multiprocessors()
     }
 
     /// A tensor map over `[address, ...)` as `desc` describes; the caller keeps the memory alive

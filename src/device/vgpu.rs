@@ -129,6 +129,11 @@ impl Driver for VgpuDriver {
         (9, 0)
     }
 
+    /// Few, so that persistent kernels walk several tiles per block even in small tests.
+    fn multiprocessors(&self) -> u32 {
+        2
+    }
+
     fn alloc_granularity(&self) -> usize {
         1
     }

@@ -250,14 +250,33 @@ pub fn gemm(
             Some(TensorCorePath::Wgmma) => WGMMA_SHARED_BYTES,
             Some(TensorCorePath::WgmmaTma) => TMA_SHARED_BYTES,
         };
-        let threads = if tma.is_some() { 384 } else { 256 };
-        for z0 in (0..batches).step_by(MAX_GRID_Z) {
+        // The TMA kernels are persistent: one launch, at most a block per SM, walks every tile of
+        // every batch entry. The others take a block per tile and a grid.z entry per batch entry.
+        let launches: Vec<(usize, LaunchConfig)> = if tma.is_some() {
+            let blocks = (tiles * batches).min(gpu.multiprocessors() as usize);
+            vec![(
+                0,
+                LaunchConfig {
+                    grid: (blocks as u32, 1, 1),
+                    block: (384, 1, 1),
+                    shared_bytes,
+                },
+            )]
+        } else {
+            (0..batches)
+                .step_by(MAX_GRID_Z)
+                .map(|z0| {
+                    let cfg = LaunchConfig {
+                        grid: (tiles as u32, 1, (batches - z0).min(MAX_GRID_Z) as u32),
+                        block: (256, 1, 1),
+                        shared_bytes,
+                    };
+                    (z0, cfg)
+                })
+                .collect()
+        };
+        for (z0, cfg) in launches {
             p.z0 = z0 as i64;
-            let cfg = LaunchConfig {
-                grid: (tiles as u32, 1, (batches - z0).min(MAX_GRID_Z) as u32),
-                block: (threads, 1, 1),
-                shared_bytes,
-            };
             let mut args = KernelArgs::new();
             match &tma {
                 Some([a_map, b_map]) => args.push(*a_map).push(*b_map),
