@@ -608,17 +608,25 @@ __device__ void gemm_cp_async(const T* __restrict__ A, const T* __restrict__ B, 
 // SM walks the output tiles of every batch entry, and the stage ring runs on across tiles, so the
 // producer loads the next tile while the consumers store this one.
 
-// The TMA boxes of one operand's stage: K-major, one box of 64 k x ROWS rows; MN-major, ROWS / 64
-// boxes of 64 rows x 64 k. Coordinates are innermost first; z selects the batch entry.
+// The TMA boxes of one operand's stage: K-major, one box of 64 k x ROWS rows; MN-major, a box of
+// 64 rows x 64 k for each 64-row block that starts inside the matrix (`rows`): blocks wholly outside
+// are skipped, as their products only reach outputs that are never stored. Coordinates are
+// innermost first; z selects the batch entry. Returns the bytes the boxes bring.
 template <bool K_MAJOR, int ROWS>
-__device__ __forceinline__ void load_tma(unsigned char* tile, const TensorMap& map, long long r0, long long k0, int z,
-                                         unsigned long long* bar) {
+__device__ __forceinline__ unsigned stage_bytes(long long r0, long long rows) {
+  if (K_MAJOR) return ROWS * BK * 2;
+  const long long blocks = (rows - r0 + 63) / 64;
+  return unsigned(blocks < ROWS / 64 ? blocks : ROWS / 64) * MN_BLOCK_BYTES;
+}
+template <bool K_MAJOR, int ROWS>
+__device__ __forceinline__ void load_tma(unsigned char* tile, const TensorMap& map, long long r0, long long rows,
+                                         long long k0, int z, unsigned long long* bar) {
   if (K_MAJOR) {
     emu::tma_load_3d(tile, &map, int(k0), int(r0), z, bar);
   } else {
 #pragma unroll
     for (int j = 0; j < ROWS / 64; ++j)
-      emu::tma_load_3d(tile + j * MN_BLOCK_BYTES, &map, int(r0 + 64 * j), int(k0), z, bar);
+      if (r0 + 64 * j < rows) emu::tma_load_3d(tile + j * MN_BLOCK_BYTES, &map, int(r0 + 64 * j), int(k0), z, bar);
   }
 }
 
@@ -652,13 +660,14 @@ __device__ void gemm_tma(const TensorMap& a_map, const TensorMap& b_map, const T
         tile_origin<BM, BN>(p, tile % per_entry, m0, n0);
         // batch coordinates of the operands that are not broadcast
         const int za = int(p.batch_rank && p.batch_a[0] ? z : 0), zb = int(p.batch_rank && p.batch_b[0] ? z : 0);
+        const unsigned bytes = stage_bytes<!TA, BM>(m0, p.M) + stage_bytes<TB, BN>(n0, p.N);
         for (long long kt = 0; kt < ktiles; ++kt, ++it) {
           const unsigned s = unsigned(it & (STAGES - 1));
           if (it >= STAGES) emu::mbarrier_wait(&empty[s], unsigned((it / STAGES - 1) & 1));
-          emu::mbarrier_arrive_expect_tx(&full[s], STAGE_BYTES);
+          emu::mbarrier_arrive_expect_tx(&full[s], bytes);
           unsigned char* a = tiles + s * STAGE_BYTES;
-          load_tma<!TA, BM>(a, a_map, m0, kt * BK, za, &full[s]);
-          load_tma<TB, BN>(a + A_BYTES, b_map, n0, kt * BK, zb, &full[s]);
+          load_tma<!TA, BM>(a, a_map, m0, p.M, kt * BK, za, &full[s]);
+          load_tma<TB, BN>(a + A_BYTES, b_map, n0, p.N, kt * BK, zb, &full[s]);
         }
       }
     }
