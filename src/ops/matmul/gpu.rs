@@ -91,10 +91,55 @@ const WGMMA_K_TILE: u32 = 64;
 const WGMMA_SHARED_BYTES: u32 = 4 * (128 + 256) * 64 * 2 + 1024;
 const TMA_SHARED_BYTES: u32 = WGMMA_SHARED_BYTES + 2 * 4 * 8;
 
+/// The tensor maps of A and B, kernel arguments of the TMA kernels.
+type TensorMaps = [[u64; 16]; 2];
+
+/// The kernel family for a product (None: f32, SIMT) and, for TMA, the operands' tensor maps:
+/// the thread's forced path if any, else the device's best; TMA falls back to cp.async where the
+/// operands do not allow tensor maps, unless it was forced.
+fn select_path(
+    gpu: &Gpu,
+    dtype: DType,
+    operands: [(&Tensor, &MatOperand, usize, bool); 2],
+    plan: &GemmPlan,
+) -> Result<(Option<TensorCorePath>, Option<TensorMaps>)> {
+    if dtype == DType::F32 {
+        return Ok((None, None));
+    }
+    let forced = FORCED_PATH.with(Cell::get);
+    let path = match forced {
+        // the wgmma kernels need K >= 1 (see kernels/matmul.cu)
+        _ if plan.k == 0 => TensorCorePath::MmaSync,
+        Some(path) => path,
+        None if has_wgmma(gpu) => TensorCorePath::WgmmaTma,
+        None => TensorCorePath::MmaSync,
+    };
+    if path != TensorCorePath::MmaSync && !has_wgmma(gpu) {
+        return Err(crate::Error::Device(format!(
+            "the wgmma matmul kernels need compute capability 9.0; {} has {:?}",
+            gpu.kind(),
+            gpu.compute_capability()
+        )));
+    }
+    if path != TensorCorePath::WgmmaTma {
+        return Ok((Some(path), None));
+    }
+    match tma_maps(gpu, dtype, operands, plan)? {
+        Some(maps) => Ok((Some(path), Some(maps))),
+        None if forced.is_some() => Err(crate::Error::Argument(format!(
+            "the TMA matmul kernels need 16-byte-aligned operands and at most one batch dimension: \
+             {:?} @ {:?}",
+            operands[0].0.shape(),
+            operands[1].0.shape()
+        ))),
+        None => Ok((Some(TensorCorePath::Wgmma), None)),
+    }
+}
+
 /// Tensor maps of A and B (each with its block-tile rows and whether it is stored K-major) for the
-/// TMA kernels (`wg::load_tma`), or None where an operand does not
-/// allow one: its start, leading dimension and batch stride must be multiples of 16 bytes, and the
-/// product may have one batch dimension at most. A K-major operand is read in boxes of 64 k x the
+/// TMA kernels (`wg::load_tma`), or None where an operand does not allow one: its start, leading
+/// dimension and batch stride must be multiples of 16 bytes, and the product may have one batch
+/// dimension at most. A K-major operand is read in boxes of 64 k x the
 /// block tile's rows, an MN-major one in boxes of 64 rows x 64 k; a broadcast operand gets a batch
 /// extent of 1.
 fn tma_maps(
@@ -102,7 +147,7 @@ fn tma_maps(
     dtype: DType,
     operands: [(&Tensor, &MatOperand, usize, bool); 2],
     plan: &GemmPlan,
-) -> Result<Option<[[u64; 16]; 2]>> {
+) -> Result<Option<TensorMaps>> {
     if plan.batch.len() > 1 || plan.k == 0 {
         return Ok(None);
     }
@@ -185,44 +230,9 @@ pub fn gemm(
             })
             .transpose()?;
         let (ta, tb) = (ao.transposed(), bo.transposed());
-        // the wgmma kernels need K >= 1 (see kernels/matmul.cu)
-        let path = (dtype != DType::F32).then(|| match FORCED_PATH.with(Cell::get) {
-            _ if plan.k == 0 => TensorCorePath::MmaSync,
-            Some(forced) => forced,
-            None if has_wgmma(&gpu) => TensorCorePath::WgmmaTma,
-            None => TensorCorePath::MmaSync,
-        });
-        if matches!(path, Some(TensorCorePath::Wgmma | TensorCorePath::WgmmaTma))
-            && !has_wgmma(&gpu)
-        {
-            return Err(crate::Error::Device(format!(
-                "the wgmma matmul kernels need compute capability 9.0; {} has {:?}",
-                gpu.kind(),
-                gpu.compute_capability()
-            )));
-        }
-        let tma = match path {
-            Some(TensorCorePath::WgmmaTma) => {
-                // A is K-major when stored [M, K], B when stored [N, K] (transposed)
-                let operands = [(a, &ao, WGMMA_TILE.0, !ta), (b, &bo, WGMMA_TILE.1, tb)];
-                tma_maps(&gpu, dtype, operands, plan)?
-            }
-            _ => None,
-        };
-        let path = match path {
-            Some(TensorCorePath::WgmmaTma) if tma.is_none() => {
-                if FORCED_PATH.with(Cell::get).is_some() {
-                    return Err(crate::Error::Argument(format!(
-                        "the TMA matmul kernels need 16-byte-aligned operands and at most one batch \
-                         dimension: {:?} @ {:?}",
-                        a.shape(),
-                        b.shape()
-                    )));
-                }
-                Some(TensorCorePath::Wgmma)
-            }
-            path => path,
-        };
+        // A is K-major when stored [M, K], B when stored [N, K] (transposed)
+        let operands = [(a, &ao, WGMMA_TILE.0, !ta), (b, &bo, WGMMA_TILE.1, tb)];
+        let (path, tma) = select_path(&gpu, dtype, operands, plan)?;
         let (tile_m, tile_n) = match path {
             Some(TensorCorePath::Wgmma | TensorCorePath::WgmmaTma) => WGMMA_TILE,
             _ => (TILE, TILE),
