@@ -1,5 +1,5 @@
 // The virtual GPU runtime: fibers, the block scheduler, barriers, warp collectives, and the
-// emulation of mma.sync, ldmatrix and cp.async. Built once by build.rs beside the kernels.
+// emulation of mma.sync, ldmatrix, cp.async, wgmma, mbarrier and TMA loads. Built once by build.rs beside the kernels.
 //
 // Checks that turn GPU bugs into errors the Rust side can report (never a hang):
 //   - shared memory (static arena and dynamic) is filled with 0xFF at every block start;
@@ -12,6 +12,9 @@
 //     last wait; its accumulators and the shared memory it read must not change before the wait;
 //     it must not read shared memory that a thread filled by cp.async and has not published to
 //     the async proxy with fence.proxy.async;
+//   - TMA loads land when a thread first waits for their mbarrier's phase; waits that can never
+//     complete end as a deadlock report, and loads never waited for, uninitialised mbarriers and
+//     surplus arrivals are errors;
 //   - with a seed, the order in which ready fibers run is shuffled, so a missing barrier shows up
 //     as a wrong answer.
 #include "common.cuh"
