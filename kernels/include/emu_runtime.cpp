@@ -1,5 +1,6 @@
 // The virtual GPU runtime: fibers, the block scheduler, barriers, warp collectives, and the
-// emulation of mma.sync, ldmatrix, cp.async, wgmma, mbarrier and TMA loads. Built once by build.rs beside the kernels.
+// emulation of mma.sync, ldmatrix, cp.async, wgmma, mbarrier and TMA loads. Built once by build.rs
+// beside the kernels.
 //
 // Checks that turn GPU bugs into errors the Rust side can report (never a hang):
 //   - shared memory (static arena and dynamic) is filled with 0xFF at every block start;
