@@ -91,6 +91,46 @@ const WGMMA_K_TILE: u32 = 64;
 const WGMMA_SHARED_BYTES: u32 = 4 * (128 + 256) * 64 * 2 + 1024;
 const TMA_SHARED_BYTES: u32 = WGMMA_SHARED_BYTES + 2 * 4 * 8;
 
+/// The batch shape with the dimensions that every operand steps through as one merged (the outer
+/// stride is the inner stride times the inner extent, broadcast ones included) and extent-1
+/// dimensions dropped; the operands' batch strides follow. The output is dense, so it always
+/// agrees. Kernels then do less index arithmetic per block, and a [B, H]-batched product (as in
+/// attention) has the single batch dimension the TMA kernels take.
+fn coalesce_batch(shape: &[usize], mut operands: [Option<&mut MatOperand>; 3]) -> Vec<usize> {
+    let mut merged: Vec<usize> = Vec::new();
+    let mut strides: [Vec<usize>; 3] = Default::default();
+    for (d, &extent) in shape.iter().enumerate() {
+        if extent == 1 {
+            continue;
+        }
+        let joins = !merged.is_empty()
+            && operands.iter().zip(&strides).all(|(o, s)| {
+                o.as_ref()
+                    .is_none_or(|o| *s.last().unwrap() == o.batch[d] * extent)
+            });
+        if joins {
+            *merged.last_mut().unwrap() *= extent;
+        } else {
+            merged.push(extent);
+        }
+        for (o, s) in operands.iter().zip(&mut strides) {
+            if let Some(o) = o {
+                if joins {
+                    *s.last_mut().unwrap() = o.batch[d];
+                } else {
+                    s.push(o.batch[d]);
+                }
+            }
+        }
+    }
+    for (o, s) in operands.iter_mut().zip(strides) {
+        if let Some(o) = o {
+            o.batch = s;
+        }
+    }
+    merged
+}
+
 /// The tensor maps of A and B, kernel arguments of the TMA kernels.
 type TensorMaps = [[u64; 16]; 2];
 
@@ -221,14 +261,18 @@ pub fn gemm(
     let batches = plan.batch_count();
     let (m, n) = (plan.m, plan.n);
     if m * n * batches > 0 {
-        let ao = MatOperand::new(a, &plan.batch)?;
-        let bo = MatOperand::new(b, &plan.batch)?;
-        let co = c
+        let mut ao = MatOperand::new(a, &plan.batch)?;
+        let mut bo = MatOperand::new(b, &plan.batch)?;
+        let mut co = c
             .map(|c| {
                 c.broadcast_to(out_layout.shape())
                     .and_then(|v| MatOperand::new(&v, &plan.batch))
             })
             .transpose()?;
+        let plan = &GemmPlan {
+            batch: coalesce_batch(&plan.batch, [Some(&mut ao), Some(&mut bo), co.as_mut()]),
+            ..plan.clone()
+        };
         let (ta, tb) = (ao.transposed(), bo.transposed());
         // A is K-major when stored [M, K], B when stored [N, K] (transposed)
         let operands = [(a, &ao, WGMMA_TILE.0, !ta), (b, &bo, WGMMA_TILE.1, tb)];

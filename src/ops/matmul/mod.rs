@@ -431,6 +431,14 @@ fn conformance_cases(
             inputs,
             Box::new(|x| x[0].matmul(&x[1].transpose(1, 2)?)),
         );
+        // two batch dimensions that merge into one, as attention's [B, H]
+        let inputs = vec![rand(&[2, 3, 40, 48])?, rand(&[2, 3, 48, 24])?];
+        run(
+            format!("{family}_{dtype}_nn (batch [2, 3])"),
+            &[2, 3, 40, 24, 48],
+            inputs,
+            Box::new(|x| x[0].matmul(&x[1])),
+        );
         let inputs = vec![rand(&[45, 24])?, rand(&[24, 72])?, rand(&[72])?];
         let f: Case = Box::new(|x| Tensor::gemm(&x[0], &x[1], Some(&x[2]), 0.5, -2.0));
         run(
