@@ -653,6 +653,8 @@ __device__ void gemm_tma(const TensorMap& a_map, const TensorMap& b_map, const T
   long long it = 0;
 
   if (threadIdx.x < 128) {
+    // the producer needs few registers, the consumers' accumulators many
+    emu::setmaxnreg_dec<40>();
     if (threadIdx.x == 0) {
       for (long long tile = blockIdx.x; tile < output_tiles; tile += gridDim.x) {
         const long long z = tile / per_entry;
@@ -674,6 +676,7 @@ __device__ void gemm_tma(const TensorMap& a_map, const TensorMap& b_map, const T
     return;
   }
 
+  emu::setmaxnreg_inc<232>();
   const unsigned group = threadIdx.x / 128 - 1;
   const bool releases = threadIdx.x % 32 == 0;  // one arrival per consumer warp
   const unsigned tiles_addr = emu::smem_u32(tiles);

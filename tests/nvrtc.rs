@@ -265,8 +265,10 @@ fn wgmma_kernels_are_compiled_for_sm90a_only() {
         );
         if k.starts_with("gemm_tma_") {
             assert!(
-                body.contains("cp.async.bulk.tensor.3d") && body.contains("mbarrier.try_wait"),
-                "{k}: no TMA loads or mbarrier waits"
+                body.contains("cp.async.bulk.tensor.3d")
+                    && body.contains("mbarrier.try_wait")
+                    && body.contains("setmaxnreg.inc"),
+                "{k}: no TMA loads, mbarrier waits or register reallocation"
             );
         } else {
             assert!(body.contains("fence.proxy.async"), "{k}: no proxy fence");

@@ -112,6 +112,17 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const Map* map, int x, in
       : "memory");
 }
 
+// Moves registers between warpgroups (sm_90a): every thread of the warpgroup runs the same one; the
+// kernel needs a register cap at entry (__launch_bounds__(threads, 1)).
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
 // Before the first wgmma that reads accumulators or shared memory written since the last one.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }

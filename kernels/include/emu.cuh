@@ -248,6 +248,10 @@ inline void cp_async_wait() {
 
 template <int N>
 inline void wgmma_fence_operands(float (&)[N]) {}
+template <int N>
+inline void setmaxnreg_dec() {}
+template <int N>
+inline void setmaxnreg_inc() {}
 template <class Map>
 inline void tma_load_3d(void* dst, const Map* map, int x, int y, int z, unsigned long long* bar,
                         const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
