@@ -152,6 +152,16 @@ struct LaunchOptions {
   int lenient_barrier;      // 1: exited threads count as arrived at __syncthreads (CUDA leaves it undefined)
 };
 
+// One kernel file of the virtual GPU, in the table build.rs generates (`vgpu_modules`): its name,
+// the dispatcher that launches its kernels by name, and those names.
+struct ModuleInfo {
+  const char* name;
+  int (*launch)(const char* kernel, Dim3 grid, Dim3 block, unsigned smem, void** args, const LaunchOptions* opt,
+                char* err, size_t errlen);
+  const char* const* kernels;
+  size_t kernel_count;
+};
+
 int run_grid(Dim3 grid, Dim3 block, unsigned smem, const LaunchOptions* opt, void (*body)(void*), void* ctx,
              char* err, size_t errlen);
 

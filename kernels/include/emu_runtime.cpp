@@ -150,8 +150,8 @@ struct WarpgroupState {
   int line = 0;
 };
 
-// The virtual GPU's tensor map (the 128 bytes of `TensorMap`, filled by the Rust driver's
-// `encode_tensor_map`, mirrored there): a tiled view of a global tensor of 16-bit elements with up to
+// The virtual GPU's tensor map (the 128 bytes of `TensorMap`, filled by `emu_encode_tensor_map`):
+// a tiled view of a global tensor of 16-bit elements with up to
 // 3 dimensions, innermost first, its boxes written to shared memory with the 128-byte swizzle.
 struct TensorMapEmu {
   unsigned long long magic;  // kTensorMapMagic
@@ -1278,4 +1278,46 @@ extern "C" int emu_asan_enabled() {
 #else
   return 0;
 #endif
+}
+
+// Encodes a virtual GPU tensor map in `map` (128 bytes), with the arguments and the limits of
+// `cuTensorMapEncodeTiled` for a tiled map with the 128-byte swizzle, so that what encodes here
+// encodes on the GPU: `rank` dimensions innermost first, `strides` the rank - 1 byte strides of
+// dimensions 1 and up. Returns 0, or 1 with the reason in `err`.
+extern "C" int emu_encode_tensor_map(void* map, unsigned rank, unsigned long long address, const unsigned long long* dims,
+                                     const unsigned long long* strides, const unsigned* box, unsigned elem_bytes,
+                                     char* err, size_t errlen) {
+  using emu::format;
+  std::string why;
+  if (rank < 1 || rank > 3)
+    why = format("rank %u (the virtual GPU emulates 1 to 3)", rank);
+  else if (address % 16)
+    why = format("global address 0x%llx is not 16-byte aligned", address);
+  else if (box[0] * elem_bytes > 128 || box[0] * elem_bytes % 16)
+    why = format("the inner box dimension is %u bytes (a multiple of 16, at most the 128-byte swizzle span)",
+                 box[0] * elem_bytes);
+  for (unsigned d = 0; d < rank && why.empty(); ++d) {
+    if (dims[d] < 1 || dims[d] > (1ull << 32))
+      why = format("dimension %u has size %llu (1 to 2^32)", d, dims[d]);
+    else if (box[d] < 1 || box[d] > 256)
+      why = format("box dimension %u is %u (1 to 256)", d, box[d]);
+    else if (d > 0 && (strides[d - 1] % 16 || strides[d - 1] >= (1ull << 40)))
+      why = format("the stride of dimension %u is %llu bytes (a multiple of 16, below 2^40)", d, strides[d - 1]);
+  }
+  if (!why.empty()) {
+    emu::write_error(err, errlen, "tensor map: " + why);
+    return 1;
+  }
+  emu::TensorMapEmu m{};
+  m.magic = emu::kTensorMapMagic;
+  m.address = address;
+  m.rank = rank;
+  m.strides[0] = elem_bytes;
+  for (unsigned d = 0; d < 3; ++d) {
+    m.dims[d] = d < rank ? dims[d] : 1;
+    m.box[d] = d < rank ? box[d] : 1;
+    if (d > 0) m.strides[d] = d < rank ? strides[d - 1] : 0;
+  }
+  std::memcpy(map, &m, sizeof m);
+  return 0;
 }

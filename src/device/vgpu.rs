@@ -38,10 +38,44 @@ pub(crate) type ModuleEntry = unsafe extern "C" fn(
     usize,
 ) -> c_int;
 
-include!(concat!(env!("OUT_DIR"), "/vgpu_entries.rs"));
+/// Mirrors `emu::ModuleInfo` in kernels/include/emu.cuh.
+#[repr(C)]
+struct ModuleInfo {
+    name: *const c_char,
+    launch: ModuleEntry,
+    kernels: *const *const c_char,
+    kernel_count: usize,
+}
 
 extern "C" {
+    /// The table of kernel files that build.rs generates (`vgpu_modules.cpp`).
+    static vgpu_modules: ModuleInfo;
+    static vgpu_module_count: usize;
     fn emu_asan_enabled() -> c_int;
+    fn emu_encode_tensor_map(
+        map: *mut c_void,
+        rank: u32,
+        address: u64,
+        dims: *const u64,
+        strides: *const u64,
+        box_dims: *const u32,
+        elem_bytes: u32,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
+}
+
+/// The dispatcher of the kernel file `module`.
+fn module_entry(module: &str) -> Option<ModuleEntry> {
+    // SAFETY: build.rs generates `vgpu_module_count` entries, each with a NUL-terminated name;
+    // the table is immutable for the life of the process.
+    let table =
+        unsafe { std::slice::from_raw_parts(std::ptr::addr_of!(vgpu_modules), vgpu_module_count) };
+    table
+        .iter()
+        // SAFETY: as above.
+        .find(|m| unsafe { CStr::from_ptr(m.name) }.to_bytes() == module.as_bytes())
+        .map(|m| m.launch)
 }
 
 /// Whether the virtual GPU was built with AddressSanitizer (`VPR_VGPU_ASAN=1`, see build.rs):
@@ -183,31 +217,31 @@ impl Driver for VgpuDriver {
     }
 
     fn encode_tensor_map(&self, desc: &TensorMapDesc) -> Result<[u64; 16]> {
-        // The limits cuTensorMapEncodeTiled enforces for this use (128-byte swizzle, 16-bit
-        // elements), so that what encodes here encodes on the GPU.
-        let fits = desc.address % 16 == 0
-            && desc.dims.iter().all(|&d| (1..=1 << 32).contains(&d))
-            && desc.strides.iter().all(|&s| s % 16 == 0 && s < 1 << 40)
-            && desc.box_dims.iter().all(|&b| (1..=256).contains(&b))
-            && desc.box_dims[0] * 2 <= 128;
-        if !fits {
+        let mut map = [0u64; 16];
+        let mut err = [0u8; 512];
+        // SAFETY: `map` has the 128 bytes the encoder writes; dims, strides and box hold the
+        // rank (3) and rank - 1 entries it reads; err is writable for its length.
+        let rc = unsafe {
+            emu_encode_tensor_map(
+                map.as_mut_ptr() as *mut c_void,
+                3,
+                desc.address,
+                desc.dims.as_ptr(),
+                desc.strides.as_ptr(),
+                desc.box_dims.as_ptr(),
+                2,
+                err.as_mut_ptr() as *mut c_char,
+                err.len(),
+            )
+        };
+        if rc != 0 {
+            let why = CStr::from_bytes_until_nul(&err)
+                .map_or(String::new(), |c| c.to_string_lossy().into_owned());
             return Err(Error::Argument(format!(
-                "tensor map {desc:?} is outside what the TMA accepts"
+                "{desc:?} is outside what the TMA accepts: {why}"
             )));
         }
-        // Mirrors `TensorMapEmu` in kernels/include/emu_runtime.cpp.
-        const MAGIC: u64 = 0x7670752d746d6170;
-        let mut w = [0u64; 16];
-        w[0] = MAGIC;
-        w[1] = desc.address;
-        w[2] = 3;
-        w[3..6].copy_from_slice(&desc.dims);
-        w[6] = 2;
-        w[7..9].copy_from_slice(&desc.strides);
-        for (d, &b) in desc.box_dims.iter().enumerate() {
-            w[9 + d] = b as u64;
-        }
-        Ok(w)
+        Ok(map)
     }
 
     unsafe fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
