@@ -3,51 +3,14 @@
 //! kernel. sm_90a is what a compute capability 9.0 GPU gets: it enables the wgmma kernels.
 //! NVRTC comes from NVIDIA's PyPI wheel, installed into `.cuda-tools/` on first use.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 use vpr_engine::device::cuda::cached_cubin;
 use vpr_engine::device::kernels::KERNEL_MODULES;
-use vpr_engine::device::nvrtc::{project_tools_dir, wheel_lib_dir, Nvrtc, Target};
+use vpr_engine::device::nvrtc::{Nvrtc, Target};
 
-const NVRTC_WHEEL: &str = "nvidia-cuda-nvrtc==13.0.88";
 const ARCHS: [&str; 3] = ["sm_80", "sm_90", "sm_90a"];
-
-/// Installs the NVRTC wheel once per test process: the tests run in parallel threads, and two
-/// pip installs into one folder race.
-fn install_nvrtc() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(install_nvrtc_wheel);
-}
-
-fn install_nvrtc_wheel() {
-    let tools = project_tools_dir();
-    // An explicit NVRTC (e.g. the toolkit's on a GPU machine with no network) needs no wheel.
-    let explicit = std::env::var_os("VPR_NVRTC").is_some_and(|p| Path::new(&p).exists());
-    if explicit || wheel_lib_dir(&tools).join("libnvrtc.so.13").exists() {
-        return;
-    }
-    eprintln!("installing {NVRTC_WHEEL} into {}", tools.display());
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--root-user-action=ignore",
-            "--no-deps",
-            "--target",
-        ])
-        .arg(&tools)
-        .arg(NVRTC_WHEEL)
-        .status()
-        .expect("running python3 -m pip");
-    assert!(
-        status.success(),
-        "pip could not install {NVRTC_WHEEL} into {}",
-        tools.display()
-    );
-}
 
 /// Per-kernel figures from ptxas's verbose log.
 #[derive(Debug, Default, Clone)]
@@ -89,7 +52,7 @@ fn parse_ptxas_log(log: &str) -> Vec<Resources> {
 
 #[test]
 fn every_kernel_compiles_for_sm80_sm90_and_sm90a_without_spills() {
-    install_nvrtc();
+    common::install_nvrtc();
     let nvrtc = Nvrtc::load().expect("NVRTC from .cuda-tools");
     let (major, minor) = nvrtc.version();
     assert!(Path::new(nvrtc.path()).exists() || nvrtc.path().starts_with("lib"));
@@ -202,7 +165,7 @@ fn ptxas_log_parser_reads_the_figures() {
 
 #[test]
 fn compiled_modules_are_cached_on_disk_by_source_arch_and_compiler() {
-    install_nvrtc();
+    common::install_nvrtc();
     let nvrtc = Nvrtc::load().unwrap();
     let dir = std::env::temp_dir().join(format!("vpr-kernel-cache-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -239,7 +202,7 @@ fn compiled_modules_are_cached_on_disk_by_source_arch_and_compiler() {
 /// there).
 #[test]
 fn wgmma_kernels_are_compiled_for_sm90a_only() {
-    install_nvrtc();
+    common::install_nvrtc();
     let nvrtc = Nvrtc::load().expect("NVRTC from .cuda-tools");
     let module = KERNEL_MODULES.iter().find(|m| m.name == "matmul").unwrap();
     let ptx = |arch| {

@@ -44,7 +44,7 @@ pub fn probe() -> CudaStatus {
         Err(NO_DRIVER.to_string())
     } else {
         match result::init().and_then(|_| result::device::get_count()) {
-            Err(e) => Err(format!("the CUDA driver reports: {e}")),
+            Err(e) => Err(format!("the CUDA driver reports: {}", driver_message(&e))),
             Ok(0) => Err("the CUDA driver found no GPU".to_string()),
             Ok(n) => Ok((0..n as usize)
                 .map(|i| match CudaContext::new(i) {
@@ -56,7 +56,7 @@ pub fn probe() -> CudaStatus {
                             ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64
                         )
                     }
-                    Err(e) => format!("cuda:{i} cannot be opened: {e}"),
+                    Err(e) => format!("cuda:{i} cannot be opened: {}", driver_message(&e)),
                 })
                 .collect()),
         }
@@ -151,8 +151,17 @@ unsafe impl Send for CudaDriver {}
 // SAFETY: as above.
 unsafe impl Sync for CudaDriver {}
 
+/// "CUDA_ERROR_NO_DEVICE (no CUDA-capable device is detected)": cudarc's Display is its Debug.
+fn driver_message(e: &result::DriverError) -> String {
+    let name = format!("{:?}", e.0);
+    match e.error_string().map(|s| s.to_string_lossy().into_owned()) {
+        Ok(text) if text != name => format!("{name} ({text})"),
+        _ => name,
+    }
+}
+
 fn cuda_err(what: &str, e: result::DriverError) -> Error {
-    Error::Cuda(format!("{what}: {e}"))
+    Error::Cuda(format!("{what}: {}", driver_message(&e)))
 }
 
 impl CudaDriver {
@@ -162,8 +171,12 @@ impl CudaDriver {
                 "cuda:{ordinal} is unavailable: {NO_DRIVER}; use --device cpu or vgpu"
             )));
         }
-        let ctx = CudaContext::new(ordinal)
-            .map_err(|e| Error::Device(format!("cuda:{ordinal} is unavailable: {e}")))?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| {
+            Error::Device(format!(
+                "cuda:{ordinal} is unavailable: {}",
+                driver_message(&e)
+            ))
+        })?;
         // SAFETY: called before any allocation on this context; we use a single stream, so
         // cross-stream event tracking is pure overhead.
         unsafe { ctx.disable_event_tracking() };

@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests: seeds, devices and comparisons.
 #![allow(dead_code)]
 
+use std::path::Path;
+use std::process::Command;
 use vpr_engine::check::{max_error, CheckRow};
+use vpr_engine::device::nvrtc::{project_tools_dir, wheel_lib_dir};
 use vpr_engine::{Device, Tensor};
 
 /// A fresh seed per run (or `VPR_TEST_SEED`), printed so a failure can be replayed.
@@ -101,4 +104,43 @@ pub fn assert_conformance(
             failed.join("\n")
         );
     }
+}
+
+const NVRTC_WHEEL: &str = "nvidia-cuda-nvrtc==13.0.88";
+
+/// Installs NVIDIA's NVRTC wheel into `.cuda-tools/` (unless `VPR_NVRTC` names one), once per test
+/// process: the tests run in parallel threads, and two pip installs into one folder race.
+pub fn install_nvrtc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(install_nvrtc_wheel);
+}
+
+fn install_nvrtc_wheel() {
+    let tools = project_tools_dir();
+    // An explicit NVRTC (e.g. the toolkit's on a GPU machine with no network) needs no wheel.
+    let explicit = std::env::var_os("VPR_NVRTC").is_some_and(|p| Path::new(&p).exists());
+    if explicit || wheel_lib_dir(&tools).join("libnvrtc.so.13").exists() {
+        return;
+    }
+    eprintln!("installing {NVRTC_WHEEL} into {}", tools.display());
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            "--no-deps",
+            "--target",
+        ])
+        .arg(&tools)
+        .arg(NVRTC_WHEEL)
+        .status()
+        .expect("running python3 -m pip");
+    assert!(
+        status.success(),
+        "pip could not install {NVRTC_WHEEL} into {}",
+        tools.display()
+    );
 }
