@@ -352,7 +352,7 @@ extern "C" __global__ void vgpu_bug_warp_barrier_deadlock_f32(float* out) {
 // with A K-major ([64][16] in global memory) and B MN-major ([16][256]), both copied by cp.async into
 // 128-byte-swizzled tiles, D stored row-major from the accumulator fragments. `bug` plants one
 // mistake for the vgpu_bug_wgmma_* kernels below (their operands are garbage: only the error counts).
-enum WgmmaBug { kNone, kNoFence, kNoProxyFence, kOverwrite, kAccumulatorWrite, kNoWait, kDivergent };
+enum WgmmaBug { kNone, kNoFence, kNoProxyFence, kPlainStore, kOverwrite, kAccumulatorWrite, kNoWait, kDivergent };
 
 #ifdef HAS_WGMMA
 __device__ __forceinline__ unsigned swizzle128(unsigned off) { return off ^ (((off >> 7) & 7) << 4); }
@@ -375,6 +375,10 @@ __device__ __forceinline__ void wgmma_probe(const bf16* a, const bf16* b, float*
   emu::cp_async_wait<0>();
   if (bug != kNoProxyFence) emu::fence_proxy_async();
   __syncthreads();
+  if (bug == kPlainStore) {  // an ordinary store into A, published by a barrier but no proxy fence
+    tile[t] ^= 0x5a;
+    __syncthreads();
+  }
 
   float acc[128];
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
@@ -410,6 +414,7 @@ extern "C" __global__ void vgpu_wgmma_bf16(const bf16* a, const bf16* b, float* 
   }
 WGMMA_BUG(no_fence, kNoFence)
 WGMMA_BUG(no_proxy_fence, kNoProxyFence)
+WGMMA_BUG(plain_store, kPlainStore)
 WGMMA_BUG(overwrite, kOverwrite)
 WGMMA_BUG(accumulator_write, kAccumulatorWrite)
 WGMMA_BUG(no_wait, kNoWait)

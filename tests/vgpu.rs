@@ -479,11 +479,15 @@ fn wgmma_m64n256k16_exact_on_integer_data() {
 #[test]
 fn wgmma_misuse_is_reported() {
     let at = site("wgmma");
-    let cases: [(&str, &[&str]); 6] = [
+    let cases: [(&str, &[&str]); 7] = [
         ("no_fence", &["without a wgmma.fence"]),
         (
             "no_proxy_fence",
             &["fence.proxy.async", "filled by cp.async"],
+        ),
+        (
+            "plain_store",
+            &["stored by the generic proxy", "fence.proxy.async"],
         ),
         ("overwrite", &["overwritten before"]),
         (
@@ -1311,6 +1315,36 @@ fn vgpu_timings() {
         println!(
             "fiber park + resume incl. scheduler and shuffle, {label}: {:.0} ns",
             t * 1e9 / (200.0 * 1024.0)
+        );
+    }
+}
+
+/// Every kernel of `vpr-engine check` under shuffled schedules (a fresh seed and one from the
+/// test's seed each run, two OS threads): a missing barrier or a stage refilled too early gives a
+/// wrong answer or an emulator error here, where the in-order schedule of the other tests hides it.
+#[test]
+fn every_kernel_passes_check_under_shuffled_schedules() {
+    let s = common::seed("shuffled check");
+    for schedule in [s % 1000 + 1, s / 1000 % 1000 + 1001] {
+        let device = Device::vgpu_with(VgpuOptions {
+            seed: schedule,
+            os_threads: 2,
+            ..VgpuOptions::default()
+        });
+        let failed: Vec<String> = vpr_engine::check::run(&device, s)
+            .iter()
+            .filter(|r| !r.passed())
+            .map(|r| {
+                format!(
+                    "{} {} {}: {:e} {:?}",
+                    r.kernel, r.dtype, r.shape, r.max_err, r.error
+                )
+            })
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "VPR_VGPU_SEED={schedule}, VPR_TEST_SEED={s}:\n{}",
+            failed.join("\n")
         );
     }
 }

@@ -12,7 +12,8 @@
 //   - wgmma results land only at wgmma.wait_group; a wgmma needs a wgmma.fence since the thread's
 //     last wait; its accumulators and the shared memory it read must not change before the wait;
 //     it must not read shared memory that a thread filled by cp.async and has not published to
-//     the async proxy with fence.proxy.async;
+//     the async proxy with fence.proxy.async, nor memory changed by ordinary stores after the
+//     block's last fence.proxy.async (any thread's fence counts: lenient, but a missing one shows);
 //   - TMA loads land when a thread first waits for their mbarrier's phase; waits that can never
 //     complete end as a deadlock report, and loads never waited for, uninitialised mbarriers and
 //     surplus arrivals are errors;
@@ -237,6 +238,10 @@ struct Block {
   // per 16-byte chunk of dynamic shared memory: 1 + the thread that filled it by cp.async and has
   // not run fence.proxy.async since, or 0
   std::vector<unsigned> unfenced_writer;
+  // Dynamic shared memory as the async proxy (wgmma) may see it: TMA writes land here too, and a
+  // fence.proxy.async by any thread copies all of shared memory here. A wgmma operand that differs
+  // was stored by the generic proxy (ordinary stores) with no fence after.
+  std::vector<unsigned char> async_view;
   std::vector<unsigned> ready;
   size_t ready_head = 0;
   unsigned bar_arrived = 0;
@@ -586,6 +591,7 @@ void run_blocks(LaunchState& L) {
     b->wg.assign(b->n / 128, WarpgroupState{});
     b->mbarriers.clear();
     b->unfenced_writer.assign((b->dyn_bytes + 15) / 16, 0u);
+    b->async_view.assign(b->dyn_bytes, kPoison);
 #ifdef EMU_ASAN
     ASAN_UNPOISON_MEMORY_REGION(b->arena.data(), b->arena.size());
     ASAN_UNPOISON_MEMORY_REGION(b->dyn, b->dyn_bytes + kRedZone);
@@ -921,6 +927,7 @@ void fence_proxy_async() {
   for (size_t chunk : me->unfenced_chunks)
     if (b->unfenced_writer[chunk] == me->linear + 1) b->unfenced_writer[chunk] = 0;
   me->unfenced_chunks.clear();
+  std::memcpy(b->async_view.data(), b->dyn, b->dyn_bytes);
 }
 
 void wgmma_fence() { tl_block->cur->wgmma_fenced = true; }
@@ -961,6 +968,10 @@ const uint16_t* wgmma_element(Block* b, unsigned long long desc, bool mn_major, 
     fail("wgmma at %s:%d reads shared memory (offset %zu) that thread %u filled by cp.async without a "
          "fence.proxy.async before publishing it: the tensor cores may read stale data",
          file, line, offset, writer - 1);
+  if (std::memcmp(b->dyn + offset, b->async_view.data() + offset, 2) != 0)
+    fail("wgmma at %s:%d reads shared memory (offset %zu) stored by the generic proxy (an ordinary store, or a "
+         "cp.async not waited for) after the block's last fence.proxy.async: the tensor cores may read stale data",
+         file, line, offset);
   return reinterpret_cast<const uint16_t*>(b->dyn + offset);
 }
 
@@ -1051,13 +1062,21 @@ void wgmma_wait_group(int n) {
     if (std::memcmp(w.d, w.d_in.data(), count * sizeof(float)))
       fail("the accumulators of the wgmma issued at %s:%d were written before wgmma.wait_group retired it", op.file,
            op.line);
-    // the first and the last thread to retire it check that its operands stayed in place
-    if (op.unretired == 128 || op.unretired == 1)
-      for (const auto& in : op.inputs)
-        if (*in.first != in.second)
-          fail("shared memory read by the wgmma issued at %s:%d was overwritten before every thread's "
-               "wgmma.wait_group retired it",
-               op.file, op.line);
+    // The wgmma is one operation of the warpgroup: once a thread's wait has retired it, its reads of
+    // shared memory are over for all 128 threads, and a thread that waited may hand the stage on (one
+    // thread per warpgroup does in CUTLASS, through an mbarrier, to TMA). So the first thread to
+    // retire it checks that its operands stayed in place; the last one that no thread changed them
+    // by ordinary stores (which no handshake with this wait orders) since.
+    if (op.unretired == 128 || op.unretired == 1) {
+      Block* b = tl_block;
+      for (const auto& in : op.inputs) {
+        if (*in.first == in.second) continue;
+        const size_t offset = size_t(reinterpret_cast<const unsigned char*>(in.first) - b->dyn);
+        if (op.unretired == 128 || std::memcmp(b->dyn + offset, b->async_view.data() + offset, 2) != 0)
+          fail("shared memory read by the wgmma issued at %s:%d was overwritten before %s wgmma.wait_group retired it",
+               op.file, op.line, op.unretired == 128 ? "a" : "every thread's");
+      }
+    }
     op.unretired--;
     // accumulator fragment (PTX ISA, wgmma .m64nNk16 D): d[i] is row 16*warp + g + 8*((i>>1)&1),
     // column 8*(i>>2) + 2q + (i&1)
@@ -1105,6 +1124,7 @@ void tma_complete(Block* b, const PendingTma& t) {
           std::memcpy(dst, reinterpret_cast<const void*>(src), elem);
         else
           std::memset(dst, 0, elem);
+        std::memcpy(b->async_view.data() + (addr - kDynWindow), dst, elem);  // an async-proxy write
       }
 }
 
@@ -1206,6 +1226,7 @@ void tma_load(void* dst, const void* map, int rank, const int* coords, unsigned 
   t.file = file;
   t.line = line;
   std::memset(b->dyn + (t.dst - kDynWindow), kPoison, bytes);  // undefined until the load completes
+  std::memset(b->async_view.data() + (t.dst - kDynWindow), kPoison, bytes);
   mbarrier_at(bar, "TMA load", file, line).loads.push_back(t);
   wake_mbarrier_waiters(b, smem_u32(bar, file, line));
 }
