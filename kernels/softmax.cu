@@ -4,6 +4,10 @@
 //   n <= 1024 -> softmax_warp_* / log_softmax_warp_*: one warp per row (a group of 1-16 lanes per row
 //                for rows of up to 64), 8 warps per block.
 //   longer    -> softmax_block_* / log_softmax_block_*: one block per row.
+//   few rows, very long (too few to fill the GPU a block each)
+//             -> the row is cut into chunks, a block each: softmax_split_stats_* writes each chunk's
+//                (max, sum) and softmax_split_write_* / log_softmax_split_write_* merge their row's
+//                chunks and write their own.
 //
 // Two reads of the row: the first computes the row max m and s = sum(exp(x - m)) in one pass with
 // the online rescaling rule (a new max multiplies the running sum by exp(old - new)), the second
@@ -178,9 +182,53 @@ __device__ void softmax_block(const T* in, T* out, long long rows, long long n) 
     softmax_block<T, LOG>(in, out, rows, n);                                                                      \
   }
 
+// Split rows: block b of the grid is chunk b % chunks of row b / chunks, elements [c * chunk, ..)
+// (chunk a multiple of 16 elements, so a chunk keeps its row's offset from 16-byte alignment).
+struct Chunk {
+  long long row, begin, len;
+};
+
+__device__ __forceinline__ Chunk chunk_of(long long n, long long chunk, long long chunks) {
+  const long long row = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk;
+  return Chunk{row, begin, (n - begin < chunk ? n - begin : chunk)};
+}
+
+template <class T>
+__device__ void softmax_split_stats(const T* in, Stats* partial, long long n, long long chunk, long long chunks) {
+  const Chunk c = chunk_of(n, chunk, chunks);
+  const Stats st = block_stats(row_stats(in + c.row * n + c.begin, c.len, threadIdx.x, blockDim.x));
+  if (threadIdx.x == 0) partial[blockIdx.x] = st;
+}
+
+template <class T, bool LOG>
+__device__ void softmax_split_write(const T* in, T* out, const Stats* partial, long long n, long long chunk,
+                                    long long chunks) {
+  const Chunk c = chunk_of(n, chunk, chunks);
+  Stats a{NEG_INF, 0.f};
+  for (long long k = threadIdx.x; k < chunks; k += blockDim.x) a = stats_merge(a, partial[c.row * chunks + k]);
+  const Stats st = block_stats(a);
+  const long long o = c.row * n + c.begin;
+  write_row<T, LOG>(in + o, out + o, c.len, threadIdx.x, blockDim.x, st);
+}
+
+#define SOFTMAX_SPLIT_ENTRIES(dt, T)                                                                              \
+  extern "C" __global__ void __launch_bounds__(1024) softmax_split_stats_##dt(                                   \
+      const T* in, Stats* partial, long long n, long long chunk, long long chunks) {                             \
+    softmax_split_stats<T>(in, partial, n, chunk, chunks);                                                        \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(1024) softmax_split_write_##dt(                                   \
+      const T* in, T* out, const Stats* partial, long long n, long long chunk, long long chunks) {               \
+    softmax_split_write<T, false>(in, out, partial, n, chunk, chunks);                                            \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(1024) log_softmax_split_write_##dt(                               \
+      const T* in, T* out, const Stats* partial, long long n, long long chunk, long long chunks) {               \
+    softmax_split_write<T, true>(in, out, partial, n, chunk, chunks);                                             \
+  }
+
 #define SOFTMAX_DTYPE(dt, T)                \
   SOFTMAX_ENTRIES(softmax, false, dt, T)    \
-  SOFTMAX_ENTRIES(log_softmax, true, dt, T)
+  SOFTMAX_ENTRIES(log_softmax, true, dt, T) \
+  SOFTMAX_SPLIT_ENTRIES(dt, T)
 
 SOFTMAX_DTYPE(f32, float)
 SOFTMAX_DTYPE(f16, f16)
@@ -193,8 +241,10 @@ SOFTMAX_DTYPE(bf16, bf16)
 //   softmax:      dx = y * (dy - sum(dy * y))
 //   log_softmax:  dx = dy - exp(y) * sum(dy)
 // Same work split as the forward: `width` of 1..32 gives each row a group of that many lanes of a
-// warp (rows up to 1024; 8 warps per block), width 0 gives each row a whole block. Two reads of a
-// row: the first reduces (log_softmax reads only dy there), the second writes; f32 math throughout.
+// warp (rows up to 1024; 8 warps per block), width 0 gives each row a whole block, and split rows
+// have softmax_split_grad_sum_* / log_... write each chunk's sum and softmax_split_grad_write_* /
+// log_... add their row's sums and write their chunk. Two reads of a row: the first reduces
+// (log_softmax reads only dy there), the second writes; f32 math throughout.
 // Vector accesses when y, dy and dx sit at the same offset from 16-byte alignment (true for the
 // dense buffers the host passes).
 
@@ -316,3 +366,43 @@ __device__ void softmax_backward(const T* y, const T* dy, T* dx, long long rows,
 SOFTMAX_BACKWARD_ENTRIES(f32, float)
 SOFTMAX_BACKWARD_ENTRIES(f16, f16)
 SOFTMAX_BACKWARD_ENTRIES(bf16, bf16)
+
+template <class T, bool LOG>
+__device__ void softmax_split_grad_sum(const T* y, const T* dy, float* partial, long long n, long long chunk,
+                                       long long chunks) {
+  const Chunk c = chunk_of(n, chunk, chunks);
+  const long long o = c.row * n + c.begin;
+  const bool vectors = (((unsigned long long)(y + o) ^ (unsigned long long)(dy + o)) & 15) == 0;
+  const float s = block_sum(row_grad_sum<T, LOG>(y + o, dy + o, c.len, threadIdx.x, blockDim.x, vectors));
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+template <class T, bool LOG>
+__device__ void softmax_split_grad_write(const T* y, const T* dy, T* dx, const float* partial, long long n,
+                                         long long chunk, long long chunks) {
+  const Chunk c = chunk_of(n, chunk, chunks);
+  float a = 0.f;
+  for (long long k = threadIdx.x; k < chunks; k += blockDim.x) a += partial[c.row * chunks + k];
+  const float s = block_sum(a);
+  const long long o = c.row * n + c.begin;
+  const unsigned long long ya = (unsigned long long)(y + o), ga = (unsigned long long)(dy + o),
+                           xa = (unsigned long long)(dx + o);
+  const bool vectors = ((ya ^ ga) & 15) == 0 && ((ya ^ xa) & 15) == 0;
+  row_grad_write<T, LOG>(y + o, dy + o, dx + o, c.len, threadIdx.x, blockDim.x, vectors, s);
+}
+
+#define SOFTMAX_SPLIT_BACKWARD(name, LOG, dt, T)                                                                  \
+  extern "C" __global__ void __launch_bounds__(1024, 1) name##_split_grad_sum_##dt(                              \
+      const T* y, const T* dy, float* partial, long long n, long long chunk, long long chunks) {                  \
+    softmax_split_grad_sum<T, LOG>(y, dy, partial, n, chunk, chunks);                                             \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(1024, 1) name##_split_grad_write_##dt(                            \
+      const T* y, const T* dy, T* dx, const float* partial, long long n, long long chunk, long long chunks) {     \
+    softmax_split_grad_write<T, LOG>(y, dy, dx, partial, n, chunk, chunks);                                       \
+  }
+#define SOFTMAX_SPLIT_BACKWARD_DTYPE(dt, T)         \
+  SOFTMAX_SPLIT_BACKWARD(softmax, false, dt, T)     \
+  SOFTMAX_SPLIT_BACKWARD(log_softmax, true, dt, T)
+SOFTMAX_SPLIT_BACKWARD_DTYPE(f32, float)
+SOFTMAX_SPLIT_BACKWARD_DTYPE(f16, f16)
+SOFTMAX_SPLIT_BACKWARD_DTYPE(bf16, bf16)

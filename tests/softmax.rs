@@ -73,7 +73,9 @@ fn cpu_matches_f64_reference() {
 #[test]
 fn gpu_matches_cpu_for_short_and_long_rows() {
     let s = seed("gpu_matches_cpu_for_short_and_long_rows");
-    // warp path up to 1024, block path beyond, many rows, and one row over 100k
+    // warp path up to 1024, block path beyond, many rows; few rows of 16384 and more are split
+    // into chunks (one row over 100k, 64 rows at the threshold, 128 rows just past the split's
+    // row limit)
     let cases: &[&[usize]] = &[
         &[1],
         &[7],
@@ -84,6 +86,8 @@ fn gpu_matches_cpu_for_short_and_long_rows() {
         &[3, 1025],
         &[2, 5003],
         &[100_003],
+        &[64, 16384],
+        &[128, 16411],
     ];
     for dev in gpu_devices() {
         for (i, &dtype) in DType::FLOATS.iter().enumerate() {
@@ -234,6 +238,47 @@ fn special_values_follow_torch() {
                         0,
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Rows long enough to be split into chunks, each chunk a block: -inf chunks, one finite element in
+/// the last chunk, a NaN in one chunk only.
+#[test]
+fn special_values_across_split_chunks() {
+    let n = 40_000;
+    let inf = f64::INFINITY;
+    let mut one_hot = vec![-inf; n];
+    one_hot[n - 1] = 0.0;
+    let mut p_one_hot = vec![0.0; n];
+    p_one_hot[n - 1] = 1.0;
+    let mut nan_in_one_chunk = vec![0.5; n];
+    nan_in_one_chunk[5] = f64::NAN;
+    let cases = [
+        (one_hot.clone(), p_one_hot, one_hot),
+        (nan_in_one_chunk, vec![f64::NAN; n], vec![f64::NAN; n]),
+        (vec![-inf; n], vec![f64::NAN; n], vec![f64::NAN; n]),
+    ];
+    for dev in gpu_devices() {
+        for &dtype in &DType::FLOATS {
+            for (i, (x, p, lp)) in cases.iter().enumerate() {
+                let t = Tensor::from_f64(x, &[1, n], dtype, &dev).unwrap();
+                let what = format!("{dev} {dtype} case {i}");
+                assert_close(
+                    &t.softmax(-1).unwrap().to_f64_vec().unwrap(),
+                    p,
+                    dtype.tolerance(),
+                    &format!("softmax {what}"),
+                    0,
+                );
+                assert_close(
+                    &t.log_softmax(-1).unwrap().to_f64_vec().unwrap(),
+                    lp,
+                    dtype.tolerance(),
+                    &format!("log_softmax {what}"),
+                    0,
+                );
             }
         }
     }

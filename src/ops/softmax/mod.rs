@@ -126,18 +126,20 @@ fn softmax_backward(y: &Tensor, g: &Tensor, dim: isize, log: bool) -> Result<Ten
     ))
 }
 
-/// softmax and log_softmax, warp-per-row and block-per-row kernels, every dtype, on `device`
-/// against the CPU.
+/// softmax and log_softmax, warp-per-row, block-per-row and split-row kernels, every dtype, on
+/// `device` against the CPU.
 pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
     use crate::check::compare;
     let mut rows = Vec::new();
-    let cases: [(&[usize], &str); 6] = [
+    let cases: [(&[usize], &str); 8] = [
         (&[1], "warp"),
         (&[7], "warp"),
         (&[5, 33], "warp"),
         (&[3, 257], "warp"),
         (&[2, 1024], "warp"),
         (&[2, 5000], "block"),
+        (&[1, 70001], "split"),
+        (&[3, 16391], "split"),
     ];
     for (i, &dtype) in DType::FLOATS.iter().enumerate() {
         for (j, &(shape, path)) in cases.iter().enumerate() {
