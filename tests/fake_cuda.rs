@@ -154,6 +154,15 @@ fn a_driver_without_a_gpu_is_explained_not_a_panic() {
         assert!(err.contains("cuda:0 is unavailable"), "{name}: {err}");
         assert!(!err.contains("panicked"), "{name}: {err}");
     }
+    // a device the driver does not have
+    let check = engine("second-gpu", &["check", "--device", "cuda:1"], &[]).unwrap();
+    assert!(!check.output.status.success());
+    let err = check.stderr();
+    assert!(
+        err.contains("cuda:1 is unavailable: CUDA_ERROR_INVALID_DEVICE")
+            && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 /// `check --device cuda` on a compute capability `cc` device: every row passes, each kernel file
