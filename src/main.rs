@@ -1,6 +1,7 @@
 //! The `vpr-engine` command line.
 
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::process::ExitCode;
 use vpr_engine::device::kernels::KERNEL_MODULES;
 use vpr_engine::device::{cuda, Device};
@@ -33,16 +34,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let mut out = std::io::stdout().lock();
     let result = match cli.command {
-        Command::Info => {
-            info();
-            Ok(true)
-        }
-        Command::Check { device, seed } => check(device.as_deref(), seed),
+        Command::Info => info(&mut out).map(|_| true),
+        Command::Check { device, seed } => check(&mut out, device.as_deref(), seed),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
+        // the reader went away (`vpr-engine check | head`): nothing is left to tell
+        Err(vpr_engine::Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
@@ -50,39 +55,59 @@ fn main() -> ExitCode {
     }
 }
 
-fn info() {
-    println!("vpr-engine {}", env!("CARGO_PKG_VERSION"));
-    println!("devices:");
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("  cpu      available, {threads} threads");
-    match Device::new("vgpu") {
-        Ok(Device::Gpu(g)) => println!("  vgpu     available: {}", g.describe()),
-        _ => println!("  vgpu     unavailable"),
+fn stdout_err(source: std::io::Error) -> vpr_engine::Error {
+    vpr_engine::Error::Io {
+        path: "standard output".into(),
+        source,
     }
+}
+
+fn info(out: &mut impl Write) -> vpr_engine::Result<()> {
+    let mut lines = vec![
+        format!("vpr-engine {}", env!("CARGO_PKG_VERSION")),
+        "devices:".to_string(),
+    ];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    lines.push(format!("  cpu      available, {threads} threads"));
+    lines.push(match Device::new("vgpu") {
+        Ok(Device::Gpu(g)) => format!("  vgpu     available: {}", g.describe()),
+        _ => "  vgpu     unavailable".to_string(),
+    });
     let status = cuda::probe();
     match &status.devices {
-        Ok(devices) => devices.iter().for_each(|d| println!("  {d}")),
-        Err(why) => println!("  cuda     unavailable: {why}"),
+        Ok(devices) => lines.extend(devices.iter().map(|d| format!("  {d}"))),
+        Err(why) => lines.push(format!("  cuda     unavailable: {why}")),
     }
-    match &status.nvrtc {
-        Ok(v) => println!("nvrtc:     {v}"),
-        Err(why) => println!("nvrtc:     unavailable: {why}"),
-    }
-    println!("kernel cache: {}", status.cache_dir.display());
+    lines.push(match &status.nvrtc {
+        Ok(v) => format!("nvrtc:     {v}"),
+        Err(why) => format!("nvrtc:     unavailable: {why}"),
+    });
+    lines.push(format!("kernel cache: {}", status.cache_dir.display()));
     let kernels: usize = KERNEL_MODULES.iter().map(|m| m.kernels.len()).sum();
     let files: Vec<String> = KERNEL_MODULES
         .iter()
         .map(|m| format!("{} ({})", m.name, m.kernels.len()))
         .collect();
-    println!(
+    lines.push(format!(
         "kernels: {kernels} in {} files: {}",
         KERNEL_MODULES.len(),
         files.join(", ")
-    );
-    println!("default device: {}", Device::default_device());
+    ));
+    lines.push(format!(
+        "default device: {} (check: cuda when usable, else vgpu)",
+        Device::default_device()
+    ));
+    for line in lines {
+        writeln!(out, "{line}").map_err(stdout_err)?;
+    }
+    Ok(())
 }
 
-fn check(device: Option<&str>, seed: Option<u64>) -> vpr_engine::Result<bool> {
+fn check(
+    out: &mut impl Write,
+    device: Option<&str>,
+    seed: Option<u64>,
+) -> vpr_engine::Result<bool> {
     let device = match device {
         Some(d) => Device::new(d)?,
         None => Device::new("cuda").or_else(|_| Device::new("vgpu"))?,
@@ -95,18 +120,26 @@ fn check(device: Option<&str>, seed: Option<u64>) -> vpr_engine::Result<bool> {
     };
     // poisoned outputs make unwritten elements fail the comparison
     g.set_poison(true);
-    println!("device: {}", g.describe());
+    writeln!(out, "device: {}", g.describe()).map_err(stdout_err)?;
     let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.subsec_nanos() as u64)
     });
-    println!("seed: {seed} (rerun with --seed {seed})\n");
+    writeln!(out, "seed: {seed} (rerun with --seed {seed})\n").map_err(stdout_err)?;
     let rows = vpr_engine::check::run(&device, seed);
-    println!(
-        "{:<28} {:<5} {:<18} {:>10} {:>8}  result",
+    // columns fit the labels, but for the few long ones of rows that run two kernels
+    let kw = rows
+        .iter()
+        .map(|r| r.kernel.len())
+        .max()
+        .unwrap_or(0)
+        .clamp(6, 36);
+    let sw = rows.iter().map(|r| r.shape.len()).max().unwrap_or(0).max(5);
+    let mut lines = vec![format!(
+        "{:<kw$} {:<5} {:<sw$} {:>10} {:>8}  result",
         "kernel", "dtype", "shape", "max err", "tol"
-    );
+    )];
     let mut failed = 0;
     for r in &rows {
         let verdict = if r.passed() {
@@ -121,15 +154,18 @@ fn check(device: Option<&str>, seed: Option<u64>) -> vpr_engine::Result<bool> {
                     .unwrap_or_default()
             )
         };
-        println!(
-            "{:<28} {:<5} {:<18} {:>10.2e} {:>8.0e}  {verdict}",
+        lines.push(format!(
+            "{:<kw$} {:<5} {:<sw$} {:>10.2e} {:>8.0e}  {verdict}",
             r.kernel,
             r.dtype.to_string(),
             r.shape,
             r.max_err,
             r.tol
-        );
+        ));
     }
-    println!("\n{} passed, {failed} failed", rows.len() - failed);
+    lines.push(format!("\n{} passed, {failed} failed", rows.len() - failed));
+    for line in lines {
+        writeln!(out, "{line}").map_err(stdout_err)?;
+    }
     Ok(failed == 0)
 }

@@ -14,7 +14,7 @@ fn violations(src: &str) -> Vec<String> {
             .any(|(p, _)| !code[..p].ends_with(|c: char| c.is_alphanumeric() || c == '_'));
         let asm = code
             .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-            .any(|w| w == "asm");
+            .any(|w| matches!(w, "asm" | "__asm" | "__asm__"));
         let include = code.trim_start().starts_with("#include") && !code.contains("\"common.cuh\"");
         if raw_shared || asm || include {
             found.push(format!("line {}: {}", i + 1, line.trim()));
@@ -38,6 +38,8 @@ fn kernels_use_only_the_portable_vocabulary() {
 fn the_lint_catches_each_rule() {
     assert_eq!(violations("  __shared__ float s[32];").len(), 1);
     assert_eq!(violations("asm volatile(\"bar.sync 0;\");").len(), 1);
+    assert_eq!(violations("__asm__ volatile(\"bar.sync 0;\");").len(), 1);
+    assert_eq!(violations("__asm(\"trap;\");").len(), 1);
     assert_eq!(violations("#include <cuda_fp16.h>").len(), 1);
     assert!(violations(
         "#include \"common.cuh\"\nEMU_SHARED(float, s, [32]); // __shared__ in a comment"

@@ -59,48 +59,62 @@ pub struct Compiled {
     pub log: String,
 }
 
+/// libloading's message with the loader's own reason, which it keeps as the error's source.
+fn dl_error(e: &libloading::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(why) => format!("{e}: {why}"),
+        None => e.to_string(),
+    }
+}
+
 impl Nvrtc {
-    /// Finds libnvrtc: `$VPR_NVRTC` (a path), the project's `.cuda-tools/`, the loader path, then
-    /// the toolkit folders (`$CUDA_HOME`, `$CUDA_PATH`, `/usr/local/cuda`): a CUDA install is not
-    /// always registered with the loader, and without NVRTC `cuda` is unusable.
+    /// Finds libnvrtc: `$VPR_NVRTC` (a path; when set, only that), else the project's
+    /// `.cuda-tools/`, the loader path, then the toolkit folders (`$CUDA_HOME`, `$CUDA_PATH`,
+    /// `/usr/local/cuda`): a CUDA install is not always registered with the loader, and without
+    /// NVRTC `cuda` is unusable.
     pub fn load() -> Result<Nvrtc> {
         const SONAMES: [&str; 3] = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
-        let mut candidates: Vec<String> = Vec::new();
-        if let Ok(p) = std::env::var("VPR_NVRTC") {
-            candidates.push(p);
-        }
-        let wheel = wheel_lib_dir(&project_tools_dir()).join("libnvrtc.so.13");
-        if wheel.exists() {
-            candidates.push(wheel.display().to_string());
-        }
-        candidates.extend(SONAMES.map(String::from));
-        let toolkits = ["CUDA_HOME", "CUDA_PATH"]
-            .iter()
-            .filter_map(|v| std::env::var_os(v).map(PathBuf::from))
-            .chain([PathBuf::from("/usr/local/cuda")]);
-        for root in toolkits {
-            for name in SONAMES {
-                let lib = root.join("lib64").join(name);
-                if lib.exists() {
-                    candidates.push(lib.display().to_string());
+        let explicit = std::env::var("VPR_NVRTC").ok().filter(|p| !p.is_empty());
+        let candidates: Vec<String> = match explicit {
+            Some(p) => vec![p],
+            None => {
+                let mut c = Vec::new();
+                let wheel = wheel_lib_dir(&project_tools_dir()).join("libnvrtc.so.13");
+                if wheel.exists() {
+                    c.push(wheel.display().to_string());
                 }
+                c.extend(SONAMES.map(String::from));
+                let toolkits = ["CUDA_HOME", "CUDA_PATH"]
+                    .iter()
+                    .filter_map(|v| std::env::var_os(v).map(PathBuf::from))
+                    .chain([PathBuf::from("/usr/local/cuda")]);
+                for root in toolkits {
+                    for name in SONAMES {
+                        let lib = root.join("lib64").join(name);
+                        if lib.exists() {
+                            c.push(lib.display().to_string());
+                        }
+                    }
+                }
+                c
             }
-        }
+        };
         let mut errors = Vec::new();
         for c in &candidates {
             match Self::load_from(c) {
                 Ok(n) => return Ok(n),
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => errors.push(e),
             }
         }
         Err(Error::Cuda(format!(
-            "NVRTC was not found (tried {}): {}",
-            candidates.join(", "),
+            "NVRTC (libnvrtc.so) could not be loaded: {}. Install the CUDA toolkit, or NVIDIA's \
+             wheel (pip install nvidia-cuda-nvrtc) and set VPR_NVRTC to its libnvrtc.so.*",
             errors.join("; ")
         )))
     }
 
-    fn load_from(path: &str) -> Result<Nvrtc> {
+    /// The library at `path`, or why it cannot be used.
+    fn load_from(path: &str) -> std::result::Result<Nvrtc, String> {
         let mut libs = Vec::new();
         // libnvrtc dlopens its builtins library by name; loading it first from the same folder lets
         // that lookup succeed without LD_LIBRARY_PATH.
@@ -118,17 +132,16 @@ impl Nvrtc {
                 // SAFETY: loading NVIDIA's library runs only its initialisers.
                 libs.push(
                     unsafe { libloading::Library::new(&builtins) }
-                        .map_err(|e| Error::Cuda(e.to_string()))?,
+                        .map_err(|e| format!("{}: {}", builtins.display(), dl_error(&e)))?,
                 );
             }
         }
         // SAFETY: as above.
-        let lib = unsafe { libloading::Library::new(path) }
-            .map_err(|e| Error::Cuda(format!("{path}: {e}")))?;
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| dl_error(&e))?;
         macro_rules! sym {
             ($name:literal) => {
                 // SAFETY: the symbol has the C signature of the NVRTC API declared in the field's type.
-                *unsafe { lib.get($name) }.map_err(|e| Error::Cuda(format!("{path}: {e}")))?
+                *unsafe { lib.get($name) }.map_err(|e| format!("{path}: {}", dl_error(&e)))?
             };
         }
         let version_fn: unsafe extern "C" fn(*mut c_int, *mut c_int) -> Status =

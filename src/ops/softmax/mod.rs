@@ -153,10 +153,22 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
             )?;
             let on_device = src.to_device(device)?;
             for (name, log) in [("softmax", false), ("log_softmax", true)] {
+                // a split row runs two kernels: the row names both
+                let (forward, backward) = if path == "split" {
+                    (
+                        format!("softmax_split_stats_{dtype}+{name}_split_write_{dtype}"),
+                        format!("{name}_split_grad_sum_{dtype}+{name}_split_grad_write_{dtype}"),
+                    )
+                } else {
+                    (
+                        format!("{name}_{path}_{dtype}"),
+                        format!("{name}_backward_{dtype} ({path})"),
+                    )
+                };
                 let got = on_device.softmax_forward(-1, log);
                 let want = src.softmax_forward(-1, log);
                 rows.push(compare(
-                    &format!("{name}_{path}_{dtype}"),
+                    &forward,
                     dtype,
                     shape,
                     got,
@@ -175,7 +187,7 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
                 )?;
                 let got = softmax_backward(&y.to_device(device)?, &g.to_device(device)?, -1, log);
                 rows.push(compare(
-                    &format!("{name}_backward_{dtype} ({path})"),
+                    &backward,
                     dtype,
                     shape,
                     got,
