@@ -70,8 +70,11 @@ fn info(out: &mut impl Write) -> vpr_engine::Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     lines.push(format!("  cpu      available, {threads} threads"));
     lines.push(match Device::new("vgpu") {
-        Ok(Device::Gpu(g)) => format!("  vgpu     available: {}", g.describe()),
-        _ => "  vgpu     unavailable".to_string(),
+        Ok(d) => format!(
+            "  vgpu     available: {}",
+            d.gpu().map_or(String::new(), |g| g.describe())
+        ),
+        Err(e) => format!("  vgpu     unavailable: {e}"),
     });
     let status = cuda::probe();
     match &status.devices {

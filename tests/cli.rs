@@ -68,6 +68,33 @@ fn bad_arguments_are_clear_errors() {
     let (code, text) = vpr_engine(&["check", "--seed", "many"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("--seed"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_vpr-engine"))
+        .args(["check", "--device", "vgpu"])
+        .env("VPR_VGPU_SEED", "abc")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("VPR_VGPU_SEED=\"abc\" is not a non-negative integer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vpr-engine"))
+        .args(["check", "--device", "vgpu"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take()); // the reader goes away, as `| head` does
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
 }
 
 #[test]

@@ -28,7 +28,7 @@ impl Device {
     pub fn new(spec: &str) -> Result<Device> {
         match spec {
             "cpu" => Ok(Device::Cpu),
-            "vgpu" => Ok(Device::Gpu(default_vgpu())),
+            "vgpu" => Ok(Device::Gpu(default_vgpu()?)),
             "cuda" => cuda_device(0),
             _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => cuda_device(n),
@@ -87,15 +87,21 @@ impl fmt::Debug for Device {
     }
 }
 
-fn default_vgpu() -> Arc<Gpu> {
+/// The process's virtual GPU, set up from the environment (`VgpuOptions::from_env`) on first use.
+fn default_vgpu() -> Result<Arc<Gpu>> {
     static VGPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    VGPU.get_or_init(|| {
-        Arc::new(Gpu::new(
-            GpuKind::Vgpu,
-            Box::new(vgpu::VgpuDriver::new(VgpuOptions::from_env())),
-        ))
-    })
-    .clone()
+    if let Some(g) = VGPU.get() {
+        return Ok(g.clone());
+    }
+    let options = VgpuOptions::from_env()?;
+    Ok(VGPU
+        .get_or_init(|| {
+            Arc::new(Gpu::new(
+                GpuKind::Vgpu,
+                Box::new(vgpu::VgpuDriver::new(options)),
+            ))
+        })
+        .clone())
 }
 
 fn cuda_device(ordinal: usize) -> Result<Device> {

@@ -109,16 +109,25 @@ impl Default for VgpuOptions {
 }
 
 impl VgpuOptions {
-    pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    /// The defaults, with the environment's settings; a setting that is not a number is an error
+    /// naming it, not a silent default.
+    pub fn from_env() -> Result<Self> {
+        let var = |name: &str| -> Result<Option<u64>> {
+            match std::env::var(name) {
+                Err(_) => Ok(None),
+                Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+                    Error::Argument(format!("{name}={v:?} is not a non-negative integer"))
+                }),
+            }
+        };
         let d = VgpuOptions::default();
-        VgpuOptions {
-            seed: var("VPR_VGPU_SEED").unwrap_or(d.seed),
-            os_threads: var("VPR_VGPU_THREADS").map_or(d.os_threads, |v| v.max(1) as u32),
-            stack_kib: var("VPR_VGPU_STACK_KB")
+        Ok(VgpuOptions {
+            seed: var("VPR_VGPU_SEED")?.unwrap_or(d.seed),
+            os_threads: var("VPR_VGPU_THREADS")?.map_or(d.os_threads, |v| v.max(1) as u32),
+            stack_kib: var("VPR_VGPU_STACK_KB")?
                 .map_or(d.stack_kib, |v| v.clamp(16, 1 << 20) as u32),
             lenient_barrier: false,
-        }
+        })
     }
 
     pub fn with_seed(seed: u64) -> Self {
