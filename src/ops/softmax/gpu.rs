@@ -33,9 +33,9 @@ pub fn softmax(
     let out = gpu.alloc(rows * n * dtype.size_in_bytes())?;
     let name = if log { "log_softmax" } else { "softmax" };
     let (path, cfg) = row_launch(rows, n);
-    let mut args = KernelArgs::new();
     match path {
         RowPath::Warp(width) => {
+            let mut args = KernelArgs::new();
             args.ptr(buf, 0)
                 .ptr(&out, 0)
                 .push(rows as i64)
@@ -44,6 +44,7 @@ pub fn softmax(
             gpu.launch(&format!("{name}_warp_{dtype}"), cfg, &mut args)?;
         }
         RowPath::Block => {
+            let mut args = KernelArgs::new();
             args.ptr(buf, 0)
                 .ptr(&out, 0)
                 .push(rows as i64)
@@ -53,20 +54,9 @@ pub fn softmax(
         RowPath::Split { chunk, chunks } => {
             // (max, sum of exp) of every chunk, two f32 each
             let partial = gpu.alloc(rows * chunks * 8)?;
-            let mut stats = KernelArgs::new();
-            stats
-                .ptr(buf, 0)
-                .ptr(&partial, 0)
-                .push(n as i64)
-                .push(chunk as i64)
-                .push(chunks as i64);
+            let mut stats = split_args(&[buf, &partial], n, chunk, chunks);
             gpu.launch(&format!("softmax_split_stats_{dtype}"), cfg, &mut stats)?;
-            args.ptr(buf, 0)
-                .ptr(&out, 0)
-                .ptr(&partial, 0)
-                .push(n as i64)
-                .push(chunk as i64)
-                .push(chunks as i64);
+            let mut args = split_args(&[buf, &out, &partial], n, chunk, chunks);
             gpu.launch(&format!("{name}_split_write_{dtype}"), cfg, &mut args)?;
         }
     }
@@ -134,7 +124,6 @@ pub fn softmax_backward(
     let out = gpu.alloc(rows * n * dtype.size_in_bytes())?;
     let name = if log { "log_softmax" } else { "softmax" };
     let (path, cfg) = row_launch(rows, n);
-    let mut args = KernelArgs::new();
     match path {
         RowPath::Warp(_) | RowPath::Block => {
             // the kernel's width 0 means a block per row
@@ -142,6 +131,7 @@ pub fn softmax_backward(
                 RowPath::Warp(w) => w as i32,
                 _ => 0,
             };
+            let mut args = KernelArgs::new();
             args.ptr(y, 0)
                 .ptr(dy, 0)
                 .ptr(&out, 0)
@@ -153,23 +143,22 @@ pub fn softmax_backward(
         RowPath::Split { chunk, chunks } => {
             // each chunk's sum, one f32
             let partial = gpu.alloc(rows * chunks * 4)?;
-            let mut sums = KernelArgs::new();
-            sums.ptr(y, 0)
-                .ptr(dy, 0)
-                .ptr(&partial, 0)
-                .push(n as i64)
-                .push(chunk as i64)
-                .push(chunks as i64);
+            let mut sums = split_args(&[y, dy, &partial], n, chunk, chunks);
             gpu.launch(&format!("{name}_split_grad_sum_{dtype}"), cfg, &mut sums)?;
-            args.ptr(y, 0)
-                .ptr(dy, 0)
-                .ptr(&out, 0)
-                .ptr(&partial, 0)
-                .push(n as i64)
-                .push(chunk as i64)
-                .push(chunks as i64);
+            let mut args = split_args(&[y, dy, &out, &partial], n, chunk, chunks);
             gpu.launch(&format!("{name}_split_grad_write_{dtype}"), cfg, &mut args)?;
         }
     }
     Ok(out)
+}
+
+/// The arguments of a split-row kernel: its buffers, then the row length, the chunk length and the
+/// chunks per row.
+fn split_args(buffers: &[&GpuBuffer], n: usize, chunk: usize, chunks: usize) -> KernelArgs {
+    let mut args = KernelArgs::new();
+    for b in buffers {
+        args.ptr(b, 0);
+    }
+    args.push(n as i64).push(chunk as i64).push(chunks as i64);
+    args
 }
