@@ -57,8 +57,8 @@ fn fake_driver_dir() -> Option<&'static Path> {
     .as_deref()
 }
 
-/// A run of `vpr-engine` (or of this test binary, for `args` starting with "--") against the
-/// fake driver, configured by `env`; the driver's call log is returned beside the output.
+/// A program run against the fake driver (`vpr-engine`, or this test binary for its child tests):
+/// its output, and the driver's log of the calls it made.
 struct Run {
     output: Output,
     log: String,
