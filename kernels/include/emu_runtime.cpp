@@ -1066,7 +1066,8 @@ void wgmma_wait_group(int n) {
     // shared memory are over for all 128 threads, and a thread that waited may hand the stage on (one
     // thread per warpgroup does in CUTLASS, through an mbarrier, to TMA). So the first thread to
     // retire it checks that its operands stayed in place; the last one that no thread changed them
-    // by ordinary stores (which no handshake with this wait orders) since.
+    // by ordinary stores since. (Stricter than the hardware for a thread that has waited and then
+    // reuses the operands' memory before the other threads' waits: put a barrier in between.)
     if (op.unretired == 128 || op.unretired == 1) {
       Block* b = tl_block;
       for (const auto& in : op.inputs) {
