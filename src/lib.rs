@@ -37,8 +37,10 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod layout;
+pub mod models;
 pub mod nn;
 pub mod ops;
+pub mod tape;
 pub mod tensor;
 pub mod train;
 

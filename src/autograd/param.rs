@@ -41,7 +41,7 @@ impl Drop for Inner {
 
 impl Parameter {
     pub fn new(name: impl Into<String>, value: Tensor) -> Parameter {
-        let id = super::next_id();
+        let id = crate::tape::next_id();
         let inner = Arc::new(Inner {
             id,
             name: name.into(),

@@ -8,11 +8,11 @@ pub use random::Rng;
 pub(crate) use storage::{with_cpu_float_storage, with_cpu_storage};
 pub use storage::{CpuStorage, IntoCpuStorage, Storage};
 
-use crate::autograd::record;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};
 use crate::layout::{resolve_dim, Layout};
+use crate::tape::record;
 use std::fmt;
 use std::sync::Arc;
 
@@ -41,7 +41,7 @@ impl Tensor {
             layout,
             dtype,
             device,
-            id: crate::autograd::next_id(),
+            id: crate::tape::next_id(),
             requires_grad: false,
         }
     }
@@ -53,7 +53,7 @@ impl Tensor {
             layout,
             dtype: self.dtype,
             device: self.device.clone(),
-            id: crate::autograd::next_id(),
+            id: crate::tape::next_id(),
             requires_grad: false,
         }
     }
@@ -77,7 +77,7 @@ impl Tensor {
     /// The same values, cut off from the graph.
     pub fn detach(&self) -> Tensor {
         Tensor {
-            id: crate::autograd::next_id(),
+            id: crate::tape::next_id(),
             requires_grad: false,
             ..self.clone()
         }
@@ -308,7 +308,7 @@ impl Tensor {
         let out = self.with_layout(self.layout.broadcast_to(shape)?);
         let in_shape = self.shape().to_vec();
         Ok(record(out, &[self], move |g, _| {
-            Ok(vec![Some(crate::autograd::sum_to_shape(g, &in_shape)?)])
+            Ok(vec![Some(g.sum_to_shape(&in_shape)?)])
         }))
     }
 

@@ -3,11 +3,11 @@
 mod cpu;
 mod gpu;
 
-use crate::autograd::record;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{shape_err, Error, Result};
 use crate::layout::{resolve_dim, Layout};
+use crate::tape::record;
 use crate::tensor::{CpuStorage, Storage, Tensor};
 
 impl Tensor {

@@ -9,18 +9,18 @@
 //! pass each over the gradient); the unary ops whose derivative would take several passes
 //! (sqrt, rsqrt, relu, gelu, sigmoid, abs, powf, clamp) and maximum, minimum and pow have fused
 //! kernels `<op>_backward_<dtype>`. Gradients of broadcast operands are summed back with
-//! `autograd::sum_to_shape`. Non-differentiable points follow torch: relu' = 0 at x <= 0, abs' = 0
+//! `Tensor::sum_to_shape`. Non-differentiable points follow torch: relu' = 0 at x <= 0, abs' = 0
 //! at 0, clamp passes the gradient strictly inside (lo, hi), maximum/minimum split ties evenly.
 
 mod cpu;
 mod gpu;
 
-use crate::autograd::{self, sum_to_shape};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::layout::{broadcast_shapes, Layout};
 use crate::ops::copy::check_extent;
+use crate::tape;
 use crate::tensor::{Storage, Tensor};
 
 /// A map applied to every element. Scalar parameters are f32, as the kernels compute in f32.
@@ -147,7 +147,7 @@ impl Tensor {
     /// `op` applied to every element; the result is dense, with this tensor's shape and dtype.
     pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
         let out = self.unary_forward(op)?;
-        if !self.is_requires_grad() || !autograd::is_grad_enabled() {
+        if !self.is_requires_grad() || !tape::is_grad_enabled() {
             return Ok(out);
         }
         // keep alive only what the rule reads: the output for exp, nothing for the linear ops, else
@@ -157,7 +157,7 @@ impl Tensor {
             UnaryOp::Exp => (self.dtype(), Some(out.clone())),
             _ => (self.dtype(), Some(self.clone())),
         };
-        Ok(autograd::record(out, &[self], move |g, _| {
+        Ok(tape::record(out, &[self], move |g, _| {
             let g = g.to_dtype(dtype)?;
             let dx = match op {
                 UnaryOp::Neg => g.neg()?,
@@ -192,7 +192,7 @@ impl Tensor {
     pub fn binary(&self, op: BinaryOp, rhs: &Tensor) -> Result<Tensor> {
         let out = self.binary_forward(op, rhs)?;
         let tracked = self.is_requires_grad() || rhs.is_requires_grad();
-        if !tracked || !autograd::is_grad_enabled() {
+        if !tracked || !tape::is_grad_enabled() {
             return Ok(out);
         }
         // keep alive only what the rule reads (d/da of a * b reads b, d/db reads a, ...)
@@ -208,7 +208,7 @@ impl Tensor {
         };
         let shapes = [self.shape().to_vec(), rhs.shape().to_vec()];
         let dtype = self.dtype();
-        Ok(autograd::record(out, &[self, rhs], move |g, needs| {
+        Ok(tape::record(out, &[self, rhs], move |g, needs| {
             let g = g.to_dtype(dtype)?;
             if op.fused_backward() {
                 let (a, b) = (saved_tensor(&a)?, saved_tensor(&b)?);
@@ -216,7 +216,7 @@ impl Tensor {
                 return grads
                     .into_iter()
                     .zip(&shapes)
-                    .map(|(t, shape)| t.map(|t| sum_to_shape(&t, shape)).transpose())
+                    .map(|(t, shape)| t.map(|t| t.sum_to_shape(shape)).transpose())
                     .collect();
             }
             // each operand's gradient over the output's shape up to its sign, computed only when
@@ -240,7 +240,7 @@ impl Tensor {
                 .map(|(i, shape)| {
                     needs[i]
                         .then(|| {
-                            let t = sum_to_shape(&full(i)?, shape)?;
+                            let t = full(i)?.sum_to_shape(shape)?;
                             if negated(i) {
                                 t.neg()
                             } else {

@@ -4,12 +4,12 @@
 mod cpu;
 mod gpu;
 
-use crate::autograd::record;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::layout::Layout;
 use crate::ops::copy::check_extent;
+use crate::tape::record;
 use crate::tensor::{Storage, Tensor};
 
 /// PyTorch's default `ignore_index`: rows with this label contribute nothing.
@@ -54,7 +54,7 @@ impl Tensor {
         }
         self.same_device(labels, "cross_entropy")?;
         // inside an autocast scope the loss reads f32 logits, as under torch.autocast
-        let promoted = crate::autograd::autocast_to_f32(self)?;
+        let promoted = crate::tape::autocast_to_f32(self)?;
         if promoted.dtype() != self.dtype() {
             return promoted.cross_entropy_with(labels, reduction, ignore_index);
         }

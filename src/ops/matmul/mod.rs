@@ -12,12 +12,12 @@ mod gpu;
 
 pub use gpu::{tensor_core_paths, with_tensor_core_path, TensorCorePath};
 
-use crate::autograd;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::layout::{broadcast_shapes, Layout};
 use crate::ops::copy::check_extent;
+use crate::tape;
 use crate::tensor::Tensor;
 
 /// One operand as the kernels see it, over the batch shape of the product: where its first
@@ -150,7 +150,7 @@ impl Tensor {
         alpha: f32,
         beta: f32,
     ) -> Result<Tensor> {
-        match autograd::autocast_dtype() {
+        match tape::autocast_dtype() {
             Some(low)
                 if a.dtype().is_float()
                     && b.dtype().is_float()
@@ -178,11 +178,11 @@ impl Tensor {
         alpha: f32,
         beta: f32,
     ) -> Result<Tensor> {
-        let out = autograd::no_grad(|| Tensor::gemm_forward(a, b, c, alpha, beta))?;
+        let out = tape::no_grad(|| Tensor::gemm_forward(a, b, c, alpha, beta))?;
         let inputs: Vec<&Tensor> = [a, b].into_iter().chain(c).collect();
         let (a, b) = (a.clone(), b.clone());
         let c_shape = c.map(|c| c.shape().to_vec());
-        Ok(autograd::record(out, &inputs, move |g, needs| {
+        Ok(tape::record(out, &inputs, move |g, needs| {
             let scaled = |t: Tensor, s: f32| {
                 if s == 1.0 {
                     Ok(t)
@@ -199,7 +199,7 @@ impl Tensor {
                 } else {
                     g.matmul(&b.t()?)?
                 };
-                Some(autograd::sum_to_shape(&scaled(p, alpha)?, a.shape())?)
+                Some(scaled(p, alpha)?.sum_to_shape(a.shape())?)
             } else {
                 None
             };
@@ -209,14 +209,14 @@ impl Tensor {
                 } else {
                     a.t()?.matmul(g)?
                 };
-                Some(autograd::sum_to_shape(&scaled(p, alpha)?, b.shape())?)
+                Some(scaled(p, alpha)?.sum_to_shape(b.shape())?)
             } else {
                 None
             };
             let mut grads = vec![ga, gb];
             if let Some(shape) = &c_shape {
                 grads.push(if needs[2] {
-                    Some(scaled(autograd::sum_to_shape(g, shape)?, beta)?)
+                    Some(scaled(g.sum_to_shape(shape)?, beta)?)
                 } else {
                     None
                 });

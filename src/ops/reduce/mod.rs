@@ -15,12 +15,12 @@ mod gpu;
 
 pub(crate) use gpu::lanes_per_row;
 
-use crate::autograd;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
 use crate::layout::{resolve_dim, Layout};
 use crate::ops::copy::check_extent;
+use crate::tape;
 use crate::tensor::{Storage, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +74,37 @@ pub(crate) struct Dims {
 }
 
 impl Tensor {
+    /// This gradient summed over the dimensions that broadcasting added or stretched, giving
+    /// `shape`: the backward of every broadcasting op.
+    pub fn sum_to_shape(&self, shape: &[usize]) -> Result<Tensor> {
+        let grad = self;
+        if grad.shape() == shape {
+            return Ok(grad.clone());
+        }
+        let lead = grad.rank().checked_sub(shape.len());
+        let Some(lead) = lead else {
+            return shape_err!(
+                "cannot sum a gradient of shape {:?} to {shape:?}",
+                grad.shape()
+            );
+        };
+        let mut g = grad.clone();
+        for _ in 0..lead {
+            g = g.sum(0, false)?;
+        }
+        for (d, &n) in shape.iter().enumerate() {
+            if n == 1 && g.shape()[d] != 1 {
+                g = g.sum(d as isize, true)?;
+            } else if g.shape()[d] != n {
+                return shape_err!(
+                    "cannot sum a gradient of shape {:?} to {shape:?}",
+                    grad.shape()
+                );
+            }
+        }
+        Ok(g)
+    }
+
     /// Sum along `dim` (negative counts from the end); `keepdim` keeps it as a size-1 dimension.
     pub fn sum(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
         self.reduce(ReduceOp::Sum, dim, keepdim)
@@ -116,19 +147,19 @@ impl Tensor {
     /// in f32, as under torch.autocast.
     pub fn reduce(&self, op: ReduceOp, dim: isize, keepdim: bool) -> Result<Tensor> {
         if matches!(op, ReduceOp::Sum | ReduceOp::Mean | ReduceOp::SumSq) {
-            let promoted = autograd::autocast_to_f32(self)?;
+            let promoted = tape::autocast_to_f32(self)?;
             if promoted.dtype() != self.dtype() {
                 return promoted.reduce(op, dim, keepdim);
             }
         }
-        let out = autograd::no_grad(|| self.reduce_forward(op, dim, keepdim))?;
-        if op == ReduceOp::ArgMax || !self.is_requires_grad() || !autograd::is_grad_enabled() {
+        let out = tape::no_grad(|| self.reduce_forward(op, dim, keepdim))?;
+        if op == ReduceOp::ArgMax || !self.is_requires_grad() || !tape::is_grad_enabled() {
             return Ok(out);
         }
         // sum and mean need only the input's shape; the others read the input
         let x = matches!(op, ReduceOp::SumSq | ReduceOp::Max | ReduceOp::Min).then(|| self.clone());
         let (shape, dtype) = (self.shape().to_vec(), self.dtype());
-        Ok(autograd::record(out, &[self], move |g, _| {
+        Ok(tape::record(out, &[self], move |g, _| {
             let g = g.to_dtype(dtype)?;
             Ok(vec![Some(reduce_backward(
                 op,

@@ -9,32 +9,32 @@
 mod cpu;
 mod gpu;
 
-use crate::autograd;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
 use crate::layout::{resolve_dim, Layout};
 use crate::ops::copy::check_extent;
+use crate::tape;
 use crate::tensor::{Storage, Tensor};
 
 impl Tensor {
     /// `exp(x - max) / sum(exp(x - max))` along `dim` (negative counts from the end).
     pub fn softmax(&self, dim: isize) -> Result<Tensor> {
-        autograd::autocast_to_f32(self)?.softmax_impl(dim, false)
+        tape::autocast_to_f32(self)?.softmax_impl(dim, false)
     }
 
     /// `x - max - log(sum(exp(x - max)))` along `dim`.
     pub fn log_softmax(&self, dim: isize) -> Result<Tensor> {
-        autograd::autocast_to_f32(self)?.softmax_impl(dim, true)
+        tape::autocast_to_f32(self)?.softmax_impl(dim, true)
     }
 
     fn softmax_impl(&self, dim: isize, log: bool) -> Result<Tensor> {
-        let out = autograd::no_grad(|| self.softmax_forward(dim, log))?;
-        if !self.is_requires_grad() || !autograd::is_grad_enabled() {
+        let out = tape::no_grad(|| self.softmax_forward(dim, log))?;
+        if !self.is_requires_grad() || !tape::is_grad_enabled() {
             return Ok(out);
         }
         let y = out.clone();
-        Ok(autograd::record(out, &[self], move |g, _| {
+        Ok(tape::record(out, &[self], move |g, _| {
             Ok(vec![Some(softmax_backward(&y, g, dim, log)?)])
         }))
     }
