@@ -2,6 +2,7 @@
 //! images descriptors are extracted from. Every file is written to a temporary file in the same
 //! folder and renamed into place, so a reader never sees half a file.
 
+pub mod image;
 pub mod npy;
 
 use crate::error::{Error, Result};
