@@ -36,6 +36,7 @@ pub mod check;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod io;
 pub mod layout;
 pub mod models;
 pub mod nn;

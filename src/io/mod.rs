@@ -1,0 +1,2 @@
+//! Reading files: converted model weights (safetensors with `vpr.*` metadata).
+pub mod weights;
