@@ -1,9 +1,11 @@
-//! Files the engine reads and writes besides checkpoints: `.npy` descriptor matrices and the
-//! images descriptors are extracted from. Every file is written to a temporary file in the same
-//! folder and renamed into place, so a reader never sees half a file.
+//! Files the engine reads and writes besides checkpoints: converted model weights
+//! (safetensors with `vpr.*` metadata), `.npy` descriptor matrices and the images descriptors
+//! are extracted from. Every file is written to a temporary file in the same folder and renamed
+//! into place, so a reader never sees half a file.
 
 pub mod image;
 pub mod npy;
+pub mod weights;
 
 use crate::error::{Error, Result};
 use std::fs::File;
