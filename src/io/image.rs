@@ -35,7 +35,11 @@ pub fn decode(path: &Path) -> Result<Rgb8> {
         .with_guessed_format()
         .map_err(|source| io_error(path, source))?
         .decode()
-        .map_err(|e| format_err(format!("cannot decode the image: {e}")))?;
+        .map_err(|e| {
+            // the decoders' messages may span lines; an error here is one line
+            let reason = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            format_err(format!("cannot decode the image: {reason}"))
+        })?;
     Ok(to_rgb8(decoded))
 }
 
