@@ -37,7 +37,11 @@ pub fn decode(path: &Path) -> Result<Rgb8> {
         .decode()
         .map_err(|e| {
             // the decoders' messages may span lines; an error here is one line
-            let reason = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            let reason = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             format_err(format!("cannot decode the image: {reason}"))
         })?;
     Ok(to_rgb8(decoded))
