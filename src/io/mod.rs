@@ -1,7 +1,7 @@
 //! Files the engine reads and writes besides checkpoints: converted model weights
 //! (safetensors with `vpr.*` metadata), `.npy` descriptor matrices and the images descriptors
-//! are extracted from. Every file is written to a temporary file in the same folder and renamed
-//! into place, so a reader never sees half a file.
+//! are extracted from. What the engine writes goes to a temporary file in the same folder that
+//! is renamed into place, so a reader never sees half a file.
 
 pub mod image;
 pub mod npy;
