@@ -36,6 +36,8 @@ pub mod check;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod eval;
+pub mod io;
 pub mod layout;
 pub mod models;
 pub mod nn;

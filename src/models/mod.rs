@@ -1,9 +1,22 @@
 //! Place-recognition systems: backbones (ResNet, VGG16) and the systems built on them (CosPlace,
 //! EigenPlaces), constructed from a converted safetensors file's `vpr.*` metadata alone.
+//!
+//! [`load`] gives an inference model (BatchNorm folded, fused convolutions, frozen, no tape);
+//! [`CosPlaceNet`] is the trainable network with real BatchNorm layers that training builds on.
+
+mod cosplace;
+mod resnet;
+mod vgg;
+
+pub use cosplace::{CosPlace, CosPlaceNet};
+pub use resnet::{FoldedResNet, ResNet};
+pub use vgg::Vgg16;
 
 use crate::device::Device;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::io::weights::WeightsFile;
 use crate::tensor::Tensor;
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 
 /// How images are prepared for a model: ToTensor's 0-1 RGB, then `(x - mean) / std` per
@@ -28,6 +41,62 @@ pub enum InputSize {
     Multiple(usize),
 }
 
+impl InputSpec {
+    /// `vpr.input.mean`, `vpr.input.std` (three comma-separated numbers each) and
+    /// `vpr.input.size` (`any`, `resize:HxW`, `fixed:HxW`, `multiple:N`).
+    pub fn from_file(file: &WeightsFile) -> Result<InputSpec> {
+        let triple = |key: &str| -> Result<[f32; 3]> {
+            let v = file.require(key)?;
+            let parts: Vec<f32> = v
+                .split(',')
+                .map(|s| s.trim().parse::<f32>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| {
+                    file.error(format!("metadata entry '{key}' = '{v}' is not numbers"))
+                })?;
+            parts.try_into().map_err(|_| {
+                file.error(format!(
+                    "metadata entry '{key}' = '{v}' is not three numbers"
+                ))
+            })
+        };
+        let (mean, std) = (triple("vpr.input.mean")?, triple("vpr.input.std")?);
+        if std.iter().any(|&s| !(s > 0.0 && s.is_finite())) {
+            return Err(file.error(format!("vpr.input.std {std:?} is not positive")));
+        }
+        let size_text = file.require("vpr.input.size")?;
+        let bad = || {
+            file.error(format!(
+                "vpr.input.size '{size_text}' is not any, resize:HxW, fixed:HxW or multiple:N"
+            ))
+        };
+        let hw = |s: &str| -> Result<(usize, usize)> {
+            let (h, w) = s.split_once('x').ok_or_else(bad)?;
+            match (h.parse(), w.parse()) {
+                (Ok(h), Ok(w)) if h > 0 && w > 0 => Ok((h, w)),
+                _ => Err(bad()),
+            }
+        };
+        let size = match size_text.split_once(':') {
+            None if size_text == "any" => InputSize::Any,
+            Some(("resize", s)) => {
+                let (height, width) = hw(s)?;
+                InputSize::Resize { height, width }
+            }
+            Some(("fixed", s)) => {
+                let (height, width) = hw(s)?;
+                InputSize::Fixed { height, width }
+            }
+            Some(("multiple", n)) => match n.parse() {
+                Ok(n) if n > 0 => InputSize::Multiple(n),
+                _ => return Err(bad()),
+            },
+            _ => return Err(bad()),
+        };
+        Ok(InputSpec { mean, std, size })
+    }
+}
+
 /// A model that maps images to global descriptors.
 pub trait PlaceModel: Send + Sync {
     /// One line for people: system, backbone and descriptor size.
@@ -41,12 +110,75 @@ pub trait PlaceModel: Send + Sync {
     fn descriptors(&self, images: &Tensor) -> Result<Tensor>;
 }
 
-/// The model a converted safetensors file describes, its weights loaded, on `device`, in eval
-/// mode.
+/// The model a converted safetensors file describes, its weights loaded strictly (f16/bf16 files
+/// converted to f32), on `device`, frozen, in eval mode.
 pub fn load(path: &Path, device: &Device) -> Result<Box<dyn PlaceModel>> {
-    let _ = device;
-    Err(Error::Format {
-        path: path.display().to_string(),
-        message: "model loading is being built in this session".into(),
+    let file = WeightsFile::open(path)?;
+    match arch(&file)? {
+        "cosplace" | "eigenplaces" => Ok(Box::new(
+            CosPlaceNet::from_file(&file, device)?.into_inference()?,
+        )),
+        other => Err(file.error(format!(
+            "vpr.arch '{other}' is not supported yet (supported: cosplace, eigenplaces)"
+        ))),
+    }
+}
+
+/// The file's `vpr.arch`, or an error saying the file was not written by `convert`.
+fn arch(file: &WeightsFile) -> Result<&str> {
+    file.meta("vpr.arch").ok_or_else(|| {
+        file.error(
+            "no vpr.arch metadata: not a converted weight file (convert the official \
+             checkpoint first: cargo run --release -p convert -- IN.pth OUT.safetensors)",
+        )
     })
+}
+
+/// Layer widths read from a file's weight shapes while a model is built. A missing key gives
+/// width 1 and is remembered, so the strict load that follows reports every missing key (and
+/// compares names only, since the widths are then unknown). Widths above `MAX_WIDTH` are refused
+/// before anything of that size is allocated.
+pub(crate) struct Shapes<'a> {
+    file: &'a WeightsFile,
+    complete: Cell<bool>,
+    too_wide: RefCell<Option<String>>,
+}
+
+/// The widest layer accepted (official models reach 2048).
+const MAX_WIDTH: usize = 1 << 16;
+
+impl<'a> Shapes<'a> {
+    pub(crate) fn new(file: &'a WeightsFile) -> Shapes<'a> {
+        Shapes {
+            file,
+            complete: Cell::new(true),
+            too_wide: RefCell::new(None),
+        }
+    }
+
+    /// Size `axis` of tensor `key` (1 when the key is missing, or the tensor has too few
+    /// dimensions: the strict load then reports it as missing or mis-shaped).
+    pub(crate) fn dim(&self, key: &str, axis: usize) -> usize {
+        match self.file.shape(key).map(|s| s.get(axis).copied()) {
+            Some(Some(n)) if n > MAX_WIDTH => {
+                *self.too_wide.borrow_mut() = Some(format!(
+                    "tensor '{key}' has {n} along axis {axis}, more than the {MAX_WIDTH} channels a layer may have"
+                ));
+                1
+            }
+            Some(n) => n.unwrap_or(1),
+            None => {
+                self.complete.set(false);
+                1
+            }
+        }
+    }
+
+    /// Whether every width was read; an error if one was too large.
+    pub(crate) fn finish(&self) -> Result<bool> {
+        match self.too_wide.borrow_mut().take() {
+            Some(message) => Err(self.file.error(message)),
+            None => Ok(self.complete.get()),
+        }
+    }
 }

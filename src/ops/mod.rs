@@ -2,11 +2,13 @@
 //! `cpu.rs` the CPU implementation (also the reference the GPU kernels are tested against),
 //! `gpu.rs` the launches of the kernels in `kernels/<family>.cu`.
 
+pub mod conv;
 pub mod copy;
 pub(crate) mod cpu;
 pub mod elementwise;
 pub mod loss;
 pub mod matmul;
+pub mod pool;
 pub mod reduce;
 pub mod softmax;
 

@@ -1,0 +1,3 @@
+//! Evaluation of place-recognition models: descriptor extraction for a folder of images.
+
+pub mod extract;

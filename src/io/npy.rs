@@ -1,0 +1,162 @@
+//! NumPy `.npy` files holding a float32 matrix `[rows, cols]`: what `extract` writes and what
+//! `eval --query-descriptors` reads. Written exactly as `numpy.save` writes such an array
+//! (format 1.0, `'<f4'`, C order, the header padded with spaces to a multiple of 64 bytes, with
+//! numpy's spare room for a growing first axis), so the bytes are numpy's own.
+
+use super::{io_error, AtomicFile};
+use crate::error::{Error, Result};
+use std::path::Path;
+
+const MAGIC: &[u8] = b"\x93NUMPY";
+/// numpy aligns the data to this many bytes.
+const ALIGN: usize = 64;
+/// numpy leaves room in the header for the first axis to grow to this many digits.
+const GROWTH_AXIS_MAX_DIGITS: usize = 21;
+
+/// A float32 matrix, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+/// The header numpy writes for a C-order float32 array of this shape, magic to newline.
+fn header(rows: usize, cols: usize) -> Vec<u8> {
+    let mut dict =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    dict.push_str(&" ".repeat(GROWTH_AXIS_MAX_DIGITS.saturating_sub(rows.to_string().len())));
+    // magic (6) + version (2) + length (2) + dict + padding + '\n'; numpy pads by 1 to 64 spaces
+    let unpadded = MAGIC.len() + 4 + dict.len() + 1;
+    let pad = ALIGN - unpadded % ALIGN;
+    let len = dict.len() + pad + 1;
+    let mut out = Vec::with_capacity(MAGIC.len() + 4 + len);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[1, 0]);
+    out.extend_from_slice(&(len as u16).to_le_bytes());
+    out.extend_from_slice(dict.as_bytes());
+    out.extend(std::iter::repeat_n(b' ', pad));
+    out.push(b'\n');
+    out
+}
+
+/// Writes `m` to `path` atomically (a temporary file in the same folder, renamed into place).
+pub fn write(path: &Path, m: &Matrix) -> Result<()> {
+    prepare(path, m)?.commit()
+}
+
+/// Writes `m` under a temporary name beside `path`; the caller commits it (to put several files
+/// in place together) or drops it (to leave nothing behind).
+pub fn prepare(path: &Path, m: &Matrix) -> Result<AtomicFile> {
+    if m.data.len() != m.rows * m.cols {
+        return Err(Error::Shape(format!(
+            "{}: {} values do not fill [{}, {}]",
+            path.display(),
+            m.data.len(),
+            m.rows,
+            m.cols
+        )));
+    }
+    let mut file = AtomicFile::create(path)?;
+    file.write_bytes(&header(m.rows, m.cols))?;
+    let bytes: Vec<u8> = m.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    file.write_bytes(&bytes)?;
+    Ok(file)
+}
+
+/// Reads a float32 2-D C-order `.npy` file (format 1.0, 2.0 or 3.0).
+pub fn read(path: &Path) -> Result<Matrix> {
+    let bytes = std::fs::read(path).map_err(|source| io_error(path, source))?;
+    let err = |message: String| Error::Format {
+        path: path.display().to_string(),
+        message,
+    };
+    if bytes.len() < MAGIC.len() + 2 || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(err("not a .npy file (no \\x93NUMPY magic)".into()));
+    }
+    let major = bytes[MAGIC.len()];
+    let (len_bytes, start) = match major {
+        1 => (2, MAGIC.len() + 4),
+        2 | 3 => (4, MAGIC.len() + 6),
+        v => return Err(err(format!(".npy format version {v} is not supported"))),
+    };
+    if bytes.len() < start {
+        return Err(err("truncated .npy header".into()));
+    }
+    let len_field = &bytes[MAGIC.len() + 2..start];
+    let header_len = if len_bytes == 2 {
+        u16::from_le_bytes([len_field[0], len_field[1]]) as usize
+    } else {
+        u32::from_le_bytes([len_field[0], len_field[1], len_field[2], len_field[3]]) as usize
+    };
+    let data_start = start + header_len;
+    let header = bytes
+        .get(start..data_start)
+        .ok_or_else(|| err("truncated .npy header".into()))?;
+    let header =
+        std::str::from_utf8(header).map_err(|_| err("the .npy header is not text".into()))?;
+
+    let descr = header_value(header, "descr")
+        .ok_or_else(|| err(format!("no 'descr' in header {header:?}")))?;
+    if descr != "'<f4'" {
+        return Err(err(format!("dtype {descr} is not float32 ('<f4')")));
+    }
+    match header_value(header, "fortran_order") {
+        Some("False") => {}
+        Some("True") => {
+            return Err(err(
+                "Fortran-order arrays are not supported (save it in C order)".into(),
+            ))
+        }
+        _ => return Err(err(format!("no 'fortran_order' in header {header:?}"))),
+    }
+    let shape = header_value(header, "shape")
+        .ok_or_else(|| err(format!("no 'shape' in header {header:?}")))?;
+    let dims: Vec<usize> = shape
+        .trim_start_matches('(')
+        .trim_end_matches(')')
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse().map_err(|_| err(format!("bad shape {shape}"))))
+        .collect::<Result<_>>()?;
+    let [rows, cols] = dims[..] else {
+        return Err(err(format!("shape {shape} is not 2-D [N, dim]")));
+    };
+    let expected = rows
+        .checked_mul(cols)
+        .and_then(|n| n.checked_mul(4))
+        .ok_or_else(|| err(format!("shape {shape} is too large")))?;
+    let data = &bytes[data_start..];
+    if data.len() != expected {
+        return Err(err(format!(
+            "shape ({rows}, {cols}) needs {expected} bytes of float32 data, the file has {}{}",
+            data.len(),
+            if data.len() < expected {
+                " (truncated)"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(Matrix {
+        rows,
+        cols,
+        data: data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    })
+}
+
+/// The text of `'key': VALUE` in a header dict: a quoted string, a tuple, or a word.
+fn header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    let rest = header[header.find(&format!("'{key}'"))? + key.len() + 2..].trim_start();
+    let rest = rest.strip_prefix(':')?.trim_start();
+    let end = match rest.chars().next()? {
+        '(' => rest.find(')')? + 1,
+        q @ ('\'' | '"') => rest[1..].find(q)? + 2,
+        _ => rest.find([',', '}'])?,
+    };
+    Some(rest[..end].trim())
+}

@@ -1,0 +1,329 @@
+//! CPU convolution in f32: im2col (multi-threaded) and a GEMM per group through the `gemm` crate,
+//! then one pass for bias, residual and ReLU; backward as a GEMM and a col2im gather (dgrad) and
+//! a GEMM (wgrad). A 1x1 stride-1 unpadded convolution uses the input as the im2col matrix.
+//! Large batches are processed in chunks of output rows so that the im2col matrix stays near
+//! `COL_BUDGET` floats.
+
+use super::ConvGeom;
+use gemm::Parallelism;
+
+/// Floats of im2col (or its gradient) built at a time.
+const COL_BUDGET: usize = 1 << 22;
+/// Floats below which a row-parallel loop runs on one thread.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// Calls `f(first_row, rows)` on consecutive runs of whole rows of `out` (rows of `row_len`
+/// floats), on several threads when `out` is large.
+fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = out.len().checked_div(row_len).unwrap_or(0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores.min(out.len() / PARALLEL_MIN).min(rows).max(1);
+    if threads == 1 {
+        f(0, out);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (i, chunk) in out.chunks_mut(per * row_len).enumerate() {
+            let f = &f;
+            s.spawn(move || f(i * per, chunk));
+        }
+    });
+}
+
+/// A matrix inside a slice: its first element and its row and column strides.
+#[derive(Clone, Copy)]
+struct Mat {
+    offset: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl Mat {
+    fn new(offset: usize, rs: usize, cs: usize) -> Mat {
+        Mat { offset, rs, cs }
+    }
+
+    /// True when every element of a `rows x cols` matrix lies inside `len` elements.
+    fn fits(&self, rows: usize, cols: usize, len: usize) -> bool {
+        rows == 0 || cols == 0 || self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs < len
+    }
+}
+
+/// `dst (m x n) = [dst +] lhs (m x k) @ rhs (k x n)` through the `gemm` crate.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    d: Mat,
+    accumulate: bool,
+    lhs: &[f32],
+    a: Mat,
+    rhs: &[f32],
+    b: Mat,
+) {
+    assert!(
+        d.fits(m, n, dst.len()) && a.fits(m, k, lhs.len()) && b.fits(k, n, rhs.len()),
+        "conv gemm operand out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[d.offset + i * d.rs + j * d.cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    // SAFETY: the assertion above checked that every element the three matrices address lies
+    // inside its slice; dst is borrowed mutably, so nothing else reads or writes it meanwhile.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(d.offset),
+            d.cs as isize,
+            d.rs as isize,
+            accumulate,
+            lhs.as_ptr().add(a.offset),
+            a.cs as isize,
+            a.rs as isize,
+            rhs.as_ptr().add(b.offset),
+            b.cs as isize,
+            b.rs as isize,
+            1.0, // dst = 1 * dst + 1 * lhs @ rhs (the crate's alpha scales dst)
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        )
+    }
+}
+
+/// Output rows per chunk so that `cols` floats per row stay near `COL_BUDGET`.
+fn rows_per_chunk(cols: usize, total: usize) -> usize {
+    (COL_BUDGET / cols.max(1)).max(64).min(total.max(1))
+}
+
+/// The im2col rows `first..first + rows` of `x` into `col` (`rows x groups * K`, zero padding).
+fn im2col(x: &[f32], g: &ConvGeom, first: usize, col: &mut [f32]) {
+    let (cg, ktot) = (g.cg(), g.groups * g.k());
+    par_rows(col, ktot, |row0, chunk| {
+        for (i, row) in chunk.chunks_mut(ktot).enumerate() {
+            let r = first + row0 + i;
+            let (n, oh, ow) = (r / (g.oh * g.ow), (r / g.ow) % g.oh, r % g.ow);
+            let mut dst = row.chunks_mut(cg);
+            for group in 0..g.groups {
+                for kh in 0..g.kh {
+                    let ih = (oh * g.stride[0] + kh * g.dil[0]).checked_sub(g.pad[0]);
+                    for kw in 0..g.kw {
+                        let iw = (ow * g.stride[1] + kw * g.dil[1]).checked_sub(g.pad[1]);
+                        let out = dst.next().expect("im2col row holds groups * K values");
+                        match (ih, iw) {
+                            (Some(ih), Some(iw)) if ih < g.h && iw < g.w => {
+                                let at = ((n * g.h + ih) * g.w + iw) * g.c + group * cg;
+                                out.copy_from_slice(&x[at..at + cg]);
+                            }
+                            _ => out.fill(0.0),
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `relu(out + bias + residual)` in place, `out` being `rows x O` starting at output row `first`.
+fn epilogue(out: &mut [f32], o: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, relu: bool) {
+    if bias.is_none() && residual.is_none() && !relu {
+        return;
+    }
+    par_rows(out, o, |row0, chunk| {
+        for (i, row) in chunk.chunks_mut(o).enumerate() {
+            if let Some(b) = bias {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+            if let Some(res) = residual {
+                let r = &res[(row0 + i) * o..][..o];
+                row.iter_mut().zip(r).for_each(|(v, r)| *v += r);
+            }
+            if relu {
+                // max(v, 0) that keeps NaN, as the relu op does
+                row.iter_mut().for_each(|v| {
+                    if *v < 0.0 {
+                        *v = 0.0
+                    }
+                });
+            }
+        }
+    });
+}
+
+/// `relu(conv(x, w) + bias + residual)`, all dense f32 (x NHWC, w OHWI, residual like the output).
+pub fn conv_forward(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    relu: bool,
+    g: &ConvGeom,
+) -> Vec<f32> {
+    let (m, o, og, k) = (g.m(), g.o, g.og(), g.k());
+    let ktot = g.groups * k;
+    let mut out = vec![0f32; m * o];
+    // out[:, group] = col[:, group] @ w[group]^T, w[group] read as K x Og with strides (1, K)
+    let product = |col: &[f32], rows: usize, dst: &mut [f32]| {
+        for group in 0..g.groups {
+            gemm_f32(
+                (rows, og, k),
+                dst,
+                Mat::new(group * og, o, 1),
+                false,
+                col,
+                Mat::new(group * k, ktot, 1),
+                w,
+                Mat::new(group * og * k, 1, k),
+            );
+        }
+    };
+    if g.pointwise() {
+        product(x, m, &mut out);
+    } else {
+        let chunk = rows_per_chunk(ktot, m);
+        let mut col = vec![0f32; chunk * ktot];
+        for (ci, dst) in out.chunks_mut(chunk * o).enumerate() {
+            let rows = dst.len() / o;
+            let col = &mut col[..rows * ktot];
+            im2col(x, g, ci * chunk, col);
+            product(col, rows, dst);
+        }
+    }
+    epilogue(&mut out, o, bias, residual, relu);
+    out
+}
+
+/// The input gradient `[N, H, W, C]` from the output gradient `dy [M, O]`.
+pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let (o, og, cg, k) = (g.o, g.og(), g.cg(), g.k());
+    let ktot = g.groups * k;
+    let mut dx = vec![0f32; g.n * g.h * g.w * g.c];
+    if g.pointwise() {
+        // dx[:, group] = dy[:, group] @ w[group] (Og x Cg)
+        for group in 0..g.groups {
+            gemm_f32(
+                (g.m(), cg, og),
+                &mut dx,
+                Mat::new(group * cg, g.c, 1),
+                false,
+                dy,
+                Mat::new(group * og, o, 1),
+                w,
+                Mat::new(group * og * cg, cg, 1),
+            );
+        }
+        return dx;
+    }
+    // whole images at a time: col2im needs every output pixel that reads an input pixel
+    let pixels = g.oh * g.ow;
+    let images = (COL_BUDGET / (pixels * ktot).max(1)).clamp(1, g.n.max(1));
+    let mut dcol = vec![0f32; images * pixels * ktot];
+    let image_len = g.h * g.w * g.c;
+    for (chunk, dx_chunk) in dx.chunks_mut(images * image_len).enumerate() {
+        let n0 = chunk * images;
+        let rows = dx_chunk.len() / image_len * pixels;
+        let dcol = &mut dcol[..rows * ktot];
+        let dy_chunk = &dy[n0 * pixels * o..][..rows * o];
+        for group in 0..g.groups {
+            gemm_f32(
+                (rows, k, og),
+                dcol,
+                Mat::new(group * k, ktot, 1),
+                false,
+                dy_chunk,
+                Mat::new(group * og, o, 1),
+                w,
+                Mat::new(group * og * k, k, 1),
+            );
+        }
+        col2im(dcol, g, dx_chunk);
+    }
+    dx
+}
+
+/// Sums the im2col gradient `dcol` (whole images) into the input gradient `dx` of those images:
+/// every input pixel gathers the (output pixel, kh, kw) entries that read it.
+fn col2im(dcol: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    let (cg, ktot) = (g.cg(), g.groups * g.k());
+    let row_len = g.w * g.c;
+    // the output position that reads input `i` through kernel tap `t`, if any
+    let source = |i: usize, t: usize, axis: usize, out_len: usize| -> Option<usize> {
+        let shifted = (i + g.pad[axis]).checked_sub(t * g.dil[axis])?;
+        (shifted % g.stride[axis] == 0 && shifted / g.stride[axis] < out_len)
+            .then_some(shifted / g.stride[axis])
+    };
+    par_rows(dx, row_len, |row0, chunk| {
+        for (i, row) in chunk.chunks_mut(row_len).enumerate() {
+            let (n, ih) = ((row0 + i) / g.h, (row0 + i) % g.h);
+            for kh in 0..g.kh {
+                let Some(oh) = source(ih, kh, 0, g.oh) else {
+                    continue;
+                };
+                for (iw, pixel) in row.chunks_mut(g.c).enumerate() {
+                    for kw in 0..g.kw {
+                        let Some(ow) = source(iw, kw, 1, g.ow) else {
+                            continue;
+                        };
+                        let r = (n * g.oh + oh) * g.ow + ow;
+                        for group in 0..g.groups {
+                            let at = r * ktot + group * g.k() + (kh * g.kw + kw) * cg;
+                            let src = &dcol[at..at + cg];
+                            let dst = &mut pixel[group * cg..][..cg];
+                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The weight gradient `[O, KH, KW, Cg]` from the input and the output gradient `dy [M, O]`.
+pub fn conv_wgrad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let (m, o, og, k) = (g.m(), g.o, g.og(), g.k());
+    let ktot = g.groups * k;
+    let mut dw = vec![0f32; o * k];
+    // dw[group] (Og x K) += dy[:, group]^T (Og x rows, strides (1, O)) @ col[:, group]
+    let product = |col: &[f32], dy: &[f32], rows: usize, dw: &mut [f32], accumulate: bool| {
+        for group in 0..g.groups {
+            gemm_f32(
+                (og, k, rows),
+                dw,
+                Mat::new(group * og * k, k, 1),
+                accumulate,
+                dy,
+                Mat::new(group * og, 1, o),
+                col,
+                Mat::new(group * k, ktot, 1),
+            );
+        }
+    };
+    if g.pointwise() {
+        product(x, dy, m, &mut dw, false);
+        return dw;
+    }
+    let chunk = rows_per_chunk(ktot, m);
+    let mut col = vec![0f32; chunk.min(m) * ktot];
+    for first in (0..m).step_by(chunk) {
+        let rows = chunk.min(m - first);
+        let col = &mut col[..rows * ktot];
+        im2col(x, g, first, col);
+        product(col, &dy[first * o..][..rows * o], rows, &mut dw, first > 0);
+    }
+    dw
+}

@@ -1,0 +1,135 @@
+//! CPU max pooling in the input's dtype (comparisons are exact in any of them): the forward runs
+//! output rows on several threads, the backward scatters each image's gradients on one thread per
+//! group of images.
+
+use super::PoolGeom;
+use crate::dtype::Element;
+use crate::error::{dtype_err, Result};
+use crate::tensor::{with_cpu_float_storage, CpuStorage, IntoCpuStorage};
+
+/// Output elements below which one thread does everything.
+const PARALLEL_MIN: usize = 1 << 14;
+
+fn threads_for(len: usize, units: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.min(len / PARALLEL_MIN).min(units).max(1)
+}
+
+/// The window of output position `o` along an axis of `len`: the input positions it covers.
+fn window(o: usize, g: &PoolGeom, len: usize) -> std::ops::Range<usize> {
+    let start = (o * g.stride).saturating_sub(g.pad);
+    let end = (o * g.stride + g.kernel).saturating_sub(g.pad).min(len);
+    start..end
+}
+
+fn forward_rows<T: Element>(x: &[T], g: &PoolGeom, row0: usize, out: &mut [T], idx: &mut [i32]) {
+    let row_len = g.ow * g.c;
+    for (i, (orow, irow)) in out
+        .chunks_mut(row_len)
+        .zip(idx.chunks_mut(row_len))
+        .enumerate()
+    {
+        let (n, oh) = ((row0 + i) / g.oh, (row0 + i) % g.oh);
+        for ow in 0..g.ow {
+            for c in 0..g.c {
+                let (mut best, mut at) = (f32::NEG_INFINITY, None);
+                for ih in window(oh, g, g.h) {
+                    for iw in window(ow, g, g.w) {
+                        let v = x[((n * g.h + ih) * g.w + iw) * g.c + c].to_f32();
+                        // the first largest wins, as does every NaN (the last one is kept), as
+                        // in PyTorch's CPU kernel
+                        if at.is_none() || v > best || v.is_nan() {
+                            best = v;
+                            at = Some(ih * g.w + iw);
+                        }
+                    }
+                }
+                orow[ow * g.c + c] = T::from_f32(best);
+                irow[ow * g.c + c] = at.expect("every window covers an input element") as i32;
+            }
+        }
+    }
+}
+
+fn forward_typed<T: IntoCpuStorage>(x: &[T], g: &PoolGeom) -> (CpuStorage, CpuStorage) {
+    let len = g.n * g.oh * g.ow * g.c;
+    let mut out = vec![T::from_f32(0.0); len];
+    let mut idx = vec![0i32; len];
+    let rows = g.n * g.oh;
+    let threads = threads_for(len, rows);
+    if threads == 1 {
+        forward_rows(x, g, 0, &mut out, &mut idx);
+    } else {
+        let per = rows.div_ceil(threads) * g.ow * g.c;
+        std::thread::scope(|s| {
+            for (i, (o, ix)) in out.chunks_mut(per).zip(idx.chunks_mut(per)).enumerate() {
+                s.spawn(move || forward_rows(x, g, i * rows.div_ceil(threads), o, ix));
+            }
+        });
+    }
+    (T::into_storage(out), CpuStorage::I32(idx))
+}
+
+/// Max pooling of the dense input starting at `offset` in `x`: (values, i32 indices).
+pub fn max_pool(x: &CpuStorage, offset: usize, g: &PoolGeom) -> Result<(CpuStorage, CpuStorage)> {
+    with_cpu_float_storage!(x, v, T => Ok(forward_typed::<T>(&v[offset..], g)),
+        _ => dtype_err!("max_pool2d needs f32, f16 or bf16, got {}", x.dtype()))
+}
+
+fn backward_images<T: Element>(idx: &[i32], dy: &[T], g: &PoolGeom, dx: &mut [T]) {
+    let (in_len, out_len) = (g.h * g.w * g.c, g.oh * g.ow * g.c);
+    let mut acc = vec![0f32; in_len];
+    for ((dst, ix), gy) in dx
+        .chunks_mut(in_len)
+        .zip(idx.chunks(out_len))
+        .zip(dy.chunks(out_len))
+    {
+        acc.fill(0.0);
+        for (e, (&at, &v)) in ix.iter().zip(gy).enumerate() {
+            acc[at as usize * g.c + e % g.c] += v.to_f32();
+        }
+        dst.iter_mut()
+            .zip(&acc)
+            .for_each(|(d, &a)| *d = T::from_f32(a));
+    }
+}
+
+fn backward_typed<T: IntoCpuStorage>(idx: &[i32], dy: &[T], g: &PoolGeom) -> CpuStorage {
+    let (in_len, out_len) = (g.h * g.w * g.c, g.oh * g.ow * g.c);
+    let mut dx = vec![T::from_f32(0.0); g.n * in_len];
+    let threads = threads_for(g.n * in_len, g.n);
+    if threads == 1 {
+        backward_images(idx, dy, g, &mut dx);
+    } else {
+        let per = g.n.div_ceil(threads);
+        std::thread::scope(|s| {
+            for ((d, ix), gy) in dx
+                .chunks_mut(per * in_len)
+                .zip(idx.chunks(per * out_len))
+                .zip(dy.chunks(per * out_len))
+            {
+                s.spawn(move || backward_images(ix, gy, g, d));
+            }
+        });
+    }
+    T::into_storage(dx)
+}
+
+/// The input gradient from the i32 indices of the forward and the dense output gradient starting
+/// at `offset` in `dy`.
+pub fn max_pool_backward(
+    idx: &CpuStorage,
+    dy: &CpuStorage,
+    offset: usize,
+    g: &PoolGeom,
+) -> Result<CpuStorage> {
+    let CpuStorage::I32(ix) = idx else {
+        return dtype_err!(
+            "max_pool2d backward: indices must be i32, got {}",
+            idx.dtype()
+        );
+    };
+    let len = g.n * g.oh * g.ow * g.c;
+    with_cpu_float_storage!(dy, v, T => Ok(backward_typed::<T>(&ix[..len], &v[offset..][..len], g)),
+        _ => dtype_err!("max_pool2d backward needs f32, f16 or bf16, got {}", dy.dtype()))
+}

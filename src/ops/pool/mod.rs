@@ -1,0 +1,133 @@
+//! 2-D max pooling, channels-last, with PyTorch's `MaxPool2d` semantics (floor mode, padding that
+//! never wins as if it were -inf, dilation 1): `[N, H, W, C] -> [N, OH, OW, C]`,
+//! `OH = (H + 2 pad - kernel) / stride + 1`, padding at most half the kernel.
+//!
+//! The forward also yields, per output element, the index `ih * W + iw` of the input element it
+//! took (i32): the first largest in the window in (kh, kw) order, or the last NaN, as PyTorch's
+//! CPU kernel picks it. Backward routes each output gradient to that element; windows overlap
+//! when the stride is smaller than the kernel, so an input element sums the gradients of every
+//! window that picked it (on the CPU a scatter per image; GPUs are not supported yet).
+
+mod cpu;
+
+use crate::dtype::DType;
+use crate::error::{shape_err, Error, Result};
+use crate::layout::Layout;
+use crate::tape;
+use crate::tensor::{Storage, Tensor};
+
+/// Every size of one pooling, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PoolGeom {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl PoolGeom {
+    fn new(x: &[usize], kernel: usize, stride: usize, pad: usize) -> Result<PoolGeom> {
+        let what = || {
+            format!("max_pool2d of {x:?} (NHWC), kernel {kernel}, stride {stride}, padding {pad}")
+        };
+        if x.len() != 4 {
+            return shape_err!("{}: the input must have rank 4", what());
+        }
+        if kernel == 0 || stride == 0 {
+            return shape_err!("{}: kernel and stride must be >= 1", what());
+        }
+        if 2 * pad > kernel {
+            return shape_err!("{}: padding must be at most half the kernel", what());
+        }
+        let (n, h, w, c) = (x[0], x[1], x[2], x[3]);
+        if h + 2 * pad < kernel || w + 2 * pad < kernel {
+            return shape_err!("{}: the kernel is larger than the padded input", what());
+        }
+        Ok(PoolGeom {
+            n,
+            h,
+            w,
+            c,
+            kernel,
+            stride,
+            pad,
+            oh: (h + 2 * pad - kernel) / stride + 1,
+            ow: (w + 2 * pad - kernel) / stride + 1,
+        })
+    }
+
+    pub fn out_shape(&self) -> [usize; 4] {
+        [self.n, self.oh, self.ow, self.c]
+    }
+
+    pub fn in_shape(&self) -> [usize; 4] {
+        [self.n, self.h, self.w, self.c]
+    }
+}
+
+impl Tensor {
+    /// PyTorch MaxPool2d (floor mode, -inf padding, dilation 1) on [N,H,W,C] -> [N,OH,OW,C]; autograd.
+    pub fn max_pool2d(&self, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+        let geom = PoolGeom::new(self.shape(), kernel, stride, padding)?;
+        self.dtype().require_float("max_pool2d")?;
+        let (out, idx) = tape::no_grad(|| max_pool_forward(self, &geom))?;
+        Ok(tape::record(out, &[self], move |g, _| {
+            Ok(vec![Some(max_pool_backward(&idx, g, &geom)?)])
+        }))
+    }
+}
+
+fn gpu_not_yet(op: &str) -> Error {
+    Error::Device(format!(
+        "{op} is not implemented on GPUs yet (only on the cpu)"
+    ))
+}
+
+/// The pooled values and the index (i32, `ih * W + iw`) each was taken from.
+fn max_pool_forward(x: &Tensor, geom: &PoolGeom) -> Result<(Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let (out, idx) = match x.storage() {
+        Storage::Cpu(s) => cpu::max_pool(s, x.layout().offset(), geom)?,
+        Storage::Gpu(_) => return Err(gpu_not_yet("max_pool2d")),
+    };
+    let layout = Layout::contiguous(&geom.out_shape())?;
+    Ok((
+        Tensor::from_parts(
+            Storage::Cpu(out),
+            layout.clone(),
+            x.dtype(),
+            x.device().clone(),
+        ),
+        Tensor::from_parts(Storage::Cpu(idx), layout, DType::I32, x.device().clone()),
+    ))
+}
+
+/// The input gradient from the output gradient `g` and the forward's indices.
+fn max_pool_backward(idx: &Tensor, g: &Tensor, geom: &PoolGeom) -> Result<Tensor> {
+    if g.shape() != geom.out_shape() {
+        return shape_err!(
+            "max_pool2d backward: gradient {:?} for an output {:?}",
+            g.shape(),
+            geom.out_shape()
+        );
+    }
+    idx.same_device(g, "max_pool2d backward")?;
+    let g = g.contiguous()?;
+    let dx = match (idx.storage(), g.storage()) {
+        (Storage::Cpu(i), Storage::Cpu(gs)) => {
+            cpu::max_pool_backward(i, gs, g.layout().offset(), geom)?
+        }
+        _ => return Err(gpu_not_yet("max_pool2d backward")),
+    };
+    Ok(Tensor::from_parts(
+        Storage::Cpu(dx),
+        Layout::contiguous(&geom.in_shape())?,
+        g.dtype(),
+        g.device().clone(),
+    ))
+}

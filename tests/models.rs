@@ -1,0 +1,519 @@
+//! CosPlace / EigenPlaces models against PyTorch: tiny networks with torchvision's exact layouts
+//! (ResNet-18 BasicBlocks, ResNet-50 Bottlenecks, VGG16), converted by `convert`, with the
+//! descriptors, gradients and BatchNorm running statistics PyTorch computed
+//! (tests/fixtures/cnn_*.safetensors, written by tools/fixtures/cnn_models.py). Also strict
+//! loading errors, f16/bf16 files, freezing, the tape staying empty during inference, and
+//! BatchNorm folding.
+
+mod common;
+
+use common::{assert_close, seed};
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use vpr_engine::autograd::{backward, tape_len};
+use vpr_engine::io::weights::WeightsFile;
+use vpr_engine::models::{self, CosPlaceNet, InputSize};
+use vpr_engine::nn::{BatchNorm2d, Conv2d, Module};
+use vpr_engine::ops::conv::Conv2dOptions;
+use vpr_engine::{DType, Device, Tensor};
+
+const MODELS: [&str; 3] = [
+    "cnn_cosplace_resnet18",
+    "cnn_eigenplaces_resnet50",
+    "cnn_cosplace_vgg16",
+];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("{name}.safetensors"))
+}
+
+/// PyTorch's results for a model.
+struct Expected(WeightsFile);
+
+impl Expected {
+    fn open(model: &str) -> Expected {
+        Expected(WeightsFile::open(&fixture(&format!("{model}.expected"))).unwrap())
+    }
+
+    fn get(&self, name: &str, device: &Device) -> Tensor {
+        self.0.tensor(name, DType::F32, device).unwrap()
+    }
+
+    fn values(&self, name: &str) -> Vec<f64> {
+        self.0.read_f64(name).unwrap()
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_f64_vec().unwrap()
+}
+
+/// `max |got - want| / max |want|`.
+fn relative_error(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
+}
+
+/// A tensor read back from a safetensors file, to be rewritten.
+struct Entry {
+    dtype: StDtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+/// Writes a modified copy of fixture `model` (tensors and metadata) into the temp folder.
+fn rewrite(
+    model: &str,
+    tag: &str,
+    edit: impl FnOnce(&mut HashMap<String, Entry>, &mut HashMap<String, String>),
+) -> PathBuf {
+    let bytes = std::fs::read(fixture(model)).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap_or_default();
+    let mut tensors: HashMap<String, Entry> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let entry = Entry {
+                dtype: v.dtype(),
+                shape: v.shape().to_vec(),
+                data: v.data().to_vec(),
+            };
+            (name, entry)
+        })
+        .collect();
+    edit(&mut tensors, &mut meta);
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, e)| {
+            let view = TensorView::new(e.dtype, e.shape.clone(), &e.data).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!(
+        "vpr-models-{}-{model}-{tag}.safetensors",
+        std::process::id()
+    ));
+    let meta = (!meta.is_empty()).then_some(meta);
+    safetensors::tensor::serialize_to_file(views, meta, &path).unwrap();
+    path
+}
+
+fn f32_entry(shape: &[usize], values: &[f32]) -> Entry {
+    Entry {
+        dtype: StDtype::F32,
+        shape: shape.to_vec(),
+        data: bytemuck::cast_slice(values).to_vec(),
+    }
+}
+
+fn load_error(path: &Path) -> String {
+    match models::load(path, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn descriptors_match_pytorch_on_cpu() {
+    for model in MODELS {
+        let expected = Expected::open(model);
+        let inference = models::load(&fixture(model), &Device::Cpu).unwrap();
+        let net = CosPlaceNet::load(&fixture(model), &Device::Cpu).unwrap();
+        assert_eq!(inference.dim(), expected.values("descriptors.0").len());
+        for i in 0..2 {
+            let x = expected.get(&format!("input.{i}"), &Device::Cpu);
+            let want = expected.values(&format!("descriptors.{i}"));
+            let folded = values(&inference.descriptors(&x).unwrap());
+            let unfolded = values(&net.forward(&x).unwrap());
+            eprintln!(
+                "{model} image {i}: max error folded {:.1e}, unfolded {:.1e}",
+                relative_error(&folded, &want),
+                relative_error(&unfolded, &want)
+            );
+            assert_close(&folded, &want, 1e-5, &format!("{model} image {i}"), 0);
+            assert_close(&unfolded, &want, 1e-5, &format!("{model} eval {i}"), 0);
+        }
+    }
+}
+
+#[test]
+fn metadata_describes_the_model() {
+    let m = models::load(&fixture("cnn_eigenplaces_resnet50"), &Device::Cpu).unwrap();
+    assert_eq!(m.describe(), "eigenplaces resnet50 -> 6");
+    assert_eq!(m.dim(), 6);
+    assert_eq!(m.input().mean, [0.485, 0.456, 0.406]);
+    assert_eq!(m.input().std, [0.229, 0.224, 0.225]);
+    assert_eq!(m.input().size, InputSize::Any);
+    let m = models::load(&fixture("cnn_cosplace_vgg16"), &Device::Cpu).unwrap();
+    assert_eq!(m.describe(), "cosplace vgg16 -> 8");
+    assert!(m.device().is_cpu());
+}
+
+#[test]
+fn resnet_truncated_at_conv4() {
+    let path = rewrite("cnn_cosplace_resnet18", "conv4", |tensors, meta| {
+        tensors.retain(|name, _| !name.starts_with("backbone.7."));
+        meta.insert("vpr.backbone.truncate".into(), "conv4".into());
+    });
+    let expected = Expected::open("cnn_cosplace_resnet18");
+    let model = models::load(&path, &Device::Cpu).unwrap();
+    for i in 0..2 {
+        let x = expected.get(&format!("input.{i}"), &Device::Cpu);
+        let got = values(&model.descriptors(&x).unwrap());
+        let want = expected.values(&format!("conv4.descriptors.{i}"));
+        assert_close(&got, &want, 1e-5, &format!("conv4 image {i}"), 0);
+    }
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn train_mode_gradients_and_running_stats_match_pytorch() {
+    for model in MODELS {
+        let expected = Expected::open(model);
+        let net = CosPlaceNet::load(&fixture(model), &Device::Cpu).unwrap();
+        net.set_train(true);
+        let x = expected.get("train.input", &Device::Cpu);
+        let desc = net.forward(&x).unwrap();
+        assert_close(
+            &values(&desc),
+            &expected.values("train.descriptors"),
+            1e-5,
+            &format!("{model} train-mode descriptors"),
+            0,
+        );
+        let r = expected.get("train.r", &Device::Cpu);
+        backward(&desc.mul(&r).unwrap().sum_all().unwrap()).unwrap();
+        let mut worst = (0.0, String::new());
+        for p in net.parameters() {
+            let grad = p
+                .grad()
+                .unwrap_or_else(|| panic!("{model}: no gradient for {}", p.name()));
+            // conv weights are OHWI here, OIHW in PyTorch
+            let grad = if grad.rank() == 4 {
+                grad.permute(&[0, 3, 1, 2]).unwrap().contiguous().unwrap()
+            } else {
+                grad
+            };
+            let want = expected.values(&format!("grad.{}", p.name()));
+            let err = relative_error(&values(&grad), &want);
+            // 1e-4, or 4x PyTorch's own float32 error where the gradient is ill-conditioned
+            // (train-mode BatchNorm through the 16 bottlenecks of the narrow ResNet-50)
+            let torch_f32 = expected.values(&format!("f32_error.grad.{}", p.name()))[0];
+            let tol = f64::max(1e-4, 4.0 * torch_f32);
+            assert!(
+                err <= tol,
+                "{model}: gradient of {} off by {err:.1e} (relative; PyTorch in f32: {torch_f32:.1e})",
+                p.name()
+            );
+            if err > worst.0 {
+                worst = (err, format!("{}, PyTorch in f32 {torch_f32:.1e}", p.name()));
+            }
+        }
+        eprintln!(
+            "{model}: worst gradient error {:.1e} ({})",
+            worst.0, worst.1
+        );
+        for b in net.buffers() {
+            let name = b.name();
+            if name.ends_with("num_batches_tracked") {
+                // converted files leave the counter out: it starts at 0
+                assert_eq!(b.tensor().to_vec::<i64>().unwrap(), [1], "{name}");
+                continue;
+            }
+            let want = expected.values(&format!("after.{name}"));
+            assert_close(&values(&b.tensor()), &want, 1e-5, name, 0);
+        }
+        assert_eq!(tape_len(), 0, "{model}: backward left nodes on the tape");
+    }
+}
+
+#[test]
+fn inference_records_nothing_on_the_tape() {
+    let expected = Expected::open("cnn_cosplace_resnet18");
+    let model = models::load(&fixture("cnn_cosplace_resnet18"), &Device::Cpu).unwrap();
+    let x = expected.get("input.1", &Device::Cpu);
+    let before = tape_len();
+    model.descriptors(&x).unwrap();
+    model.descriptors(&x.clone().requires_grad()).unwrap();
+    assert_eq!(tape_len(), before);
+    // the trainable network in evaluation mode, frozen, records nothing either
+    let net = CosPlaceNet::load(&fixture("cnn_cosplace_resnet18"), &Device::Cpu).unwrap();
+    for p in net.parameters() {
+        p.set_trainable(false);
+    }
+    net.forward(&x).unwrap();
+    assert_eq!(tape_len(), before);
+}
+
+#[test]
+fn cosplace_freezing_rule() {
+    let r18 = CosPlaceNet::load(&fixture("cnn_cosplace_resnet18"), &Device::Cpu).unwrap();
+    r18.freeze_cosplace();
+    for p in r18.parameters() {
+        let trained = ["backbone.6.", "backbone.7.", "aggregation."]
+            .iter()
+            .any(|prefix| p.name().starts_with(prefix));
+        assert_eq!(p.is_trainable(), trained, "{}", p.name());
+    }
+    let vgg = CosPlaceNet::load(&fixture("cnn_cosplace_vgg16"), &Device::Cpu).unwrap();
+    vgg.freeze_cosplace();
+    let trainable: Vec<String> = vgg
+        .parameters()
+        .iter()
+        .filter(|p| p.is_trainable())
+        .map(|p| p.name().to_string())
+        .collect();
+    let want = [
+        "backbone.24.weight",
+        "backbone.24.bias",
+        "backbone.26.weight",
+        "backbone.26.bias",
+        "backbone.28.weight",
+        "backbone.28.bias",
+        "aggregation.1.p",
+        "aggregation.3.weight",
+        "aggregation.3.bias",
+    ];
+    assert_eq!(trainable, want);
+
+    // frozen layers get no gradient, but their BatchNorms still use and update batch statistics
+    let expected = Expected::open("cnn_cosplace_resnet18");
+    r18.set_train(true);
+    let desc = r18
+        .forward(&expected.get("train.input", &Device::Cpu))
+        .unwrap();
+    let r = expected.get("train.r", &Device::Cpu);
+    backward(&desc.mul(&r).unwrap().sum_all().unwrap()).unwrap();
+    for p in r18.parameters() {
+        assert_eq!(p.grad().is_some(), p.is_trainable(), "{}", p.name());
+    }
+    let stem = r18.buffers()[0].clone();
+    assert_eq!(stem.name(), "backbone.1.running_mean");
+    assert_close(
+        &values(&stem.tensor()),
+        &expected.values("after.backbone.1.running_mean"),
+        1e-5,
+        "frozen bn1 running mean",
+        0,
+    );
+}
+
+#[test]
+fn missing_unexpected_and_misshaped_keys_are_listed() {
+    let model = "cnn_cosplace_resnet18";
+    let path = rewrite(model, "bad-keys", |tensors, _| {
+        tensors.remove("backbone.4.0.bn1.running_var");
+        tensors.insert("backbone.9.weight".into(), f32_entry(&[2], &[1.0, 2.0]));
+        tensors.insert(
+            "backbone.5.0.bn2.bias".into(),
+            f32_entry(&[3], &[0.0, 0.0, 0.0]),
+        );
+    });
+    let e = load_error(&path);
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    assert!(
+        e.contains("missing keys (1): backbone.4.0.bn1.running_var"),
+        "{e}"
+    );
+    assert!(e.contains("unexpected keys (1): backbone.9.weight"), "{e}");
+    assert!(
+        e.contains("mis-shaped keys (1): backbone.5.0.bn2.bias (file [3], model [8])"),
+        "{e}"
+    );
+    std::fs::remove_file(&path).unwrap();
+
+    // a key that gives a layer's width: reported as missing too
+    let path = rewrite(model, "no-width", |tensors, _| {
+        tensors.remove("backbone.6.0.conv1.weight");
+    });
+    let e = load_error(&path);
+    assert!(
+        e.contains("missing keys (1): backbone.6.0.conv1.weight"),
+        "{e}"
+    );
+    std::fs::remove_file(&path).unwrap();
+
+    // a conv weight with the right count in the wrong layout
+    let path = rewrite(model, "layout", |tensors, _| {
+        let w = tensors.get_mut("backbone.4.1.conv2.weight").unwrap();
+        w.shape = vec![4, 3, 3, 4];
+    });
+    let e = load_error(&path);
+    assert!(
+        e.contains("backbone.4.1.conv2.weight (file [4, 3, 3, 4], model [4, 4, 3, 3])"),
+        "{e}"
+    );
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn files_that_are_not_cosplace_are_refused() {
+    let model = "cnn_cosplace_resnet18";
+    let path = rewrite(model, "no-meta", |_, meta| meta.clear());
+    let e = load_error(&path);
+    assert!(e.contains("no vpr.arch metadata"), "{e}");
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    std::fs::remove_file(&path).unwrap();
+
+    let path = rewrite(model, "netvlad", |_, meta| {
+        meta.insert("vpr.arch".into(), "netvlad".into());
+    });
+    let e = load_error(&path);
+    assert!(e.contains("vpr.arch 'netvlad' is not supported"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+
+    let path = rewrite(model, "wrong-backbone", |_, meta| {
+        meta.insert("vpr.backbone".into(), "vgg16".into());
+    });
+    let e = load_error(&path);
+    assert!(e.contains("backbone 'vgg16' truncated at 'conv5'"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+
+    // metadata that says ResNet-50 over ResNet-18 weights: every bottleneck key is missing
+    let path = rewrite(model, "wrong-depth", |_, meta| {
+        meta.insert("vpr.backbone".into(), "resnet50".into());
+    });
+    let e = load_error(&path);
+    assert!(e.contains("missing keys"), "{e}");
+    assert!(e.contains("backbone.4.0.conv3.weight"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+
+    let path = rewrite(model, "bad-size", |_, meta| {
+        meta.insert("vpr.input.size".into(), "resize:0x5".into());
+    });
+    let e = load_error(&path);
+    assert!(e.contains("vpr.input.size 'resize:0x5'"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+
+    let e = load_error(Path::new("/nonexistent/model.safetensors"));
+    assert!(e.contains("/nonexistent/model.safetensors"), "{e}");
+}
+
+#[test]
+fn half_precision_files_load_into_f32_models() {
+    let model = "cnn_cosplace_resnet18";
+    let reference = CosPlaceNet::load(&fixture(model), &Device::Cpu).unwrap();
+    for (tag, dtype) in [("f16", StDtype::F16), ("bf16", StDtype::BF16)] {
+        let path = rewrite(model, tag, |tensors, _| {
+            for e in tensors.values_mut() {
+                let v: &[f32] = bytemuck::cast_slice(&e.data);
+                e.data = match dtype {
+                    StDtype::F16 => v
+                        .iter()
+                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                        .collect(),
+                    _ => v
+                        .iter()
+                        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                        .collect(),
+                };
+                e.dtype = dtype;
+            }
+        });
+        let net = CosPlaceNet::load(&path, &Device::Cpu).unwrap();
+        for (p, r) in net.parameters().iter().zip(reference.parameters()) {
+            assert_eq!(p.name(), r.name());
+            let t = p.tensor();
+            assert_eq!(t.dtype(), DType::F32);
+            let want: Vec<f32> = r
+                .tensor()
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|&x| match dtype {
+                    StDtype::F16 => half::f16::from_f32(x).to_f32(),
+                    _ => half::bf16::from_f32(x).to_f32(),
+                })
+                .collect();
+            assert_eq!(t.to_vec::<f32>().unwrap(), want, "{tag} {}", p.name());
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+#[test]
+fn batchnorm_folding_matches_unfolded() {
+    let s = seed("batchnorm_folding_matches_unfolded");
+    let cpu = Device::Cpu;
+    let (cin, cout) = (5, 7);
+    let options = Conv2dOptions::new().stride(2).padding(1);
+    let conv = Conv2d::new("conv", cin, cout, 3, options, false, &cpu).unwrap();
+    let bn = BatchNorm2d::new("bn", cout, &cpu).unwrap();
+    let set = |t: &Tensor, lo: f64, hi: f64, k: u64| {
+        Tensor::rand_uniform(t.shape(), lo, hi, s.wrapping_add(k), DType::F32, &cpu).unwrap()
+    };
+    bn.weight
+        .set(set(&bn.weight.tensor(), 0.5, 2.0, 1))
+        .unwrap();
+    bn.bias.set(set(&bn.bias.tensor(), -1.0, 1.0, 2)).unwrap();
+    bn.running_mean
+        .set(set(&bn.running_mean.tensor(), -1.0, 1.0, 3))
+        .unwrap();
+    bn.running_var
+        .set(set(&bn.running_var.tensor(), 0.01, 3.0, 4))
+        .unwrap();
+    let x = Tensor::randn(
+        &[2, 13, 11, cin],
+        0.0,
+        1.0,
+        s.wrapping_add(5),
+        DType::F32,
+        &cpu,
+    )
+    .unwrap();
+    let unfolded = bn.forward(&conv.forward(&x).unwrap()).unwrap();
+    let folded = conv
+        .fold(&bn)
+        .unwrap()
+        .forward_fused(&x, None, false)
+        .unwrap();
+    let (got, want) = (values(&folded), values(&unfolded));
+    let err = relative_error(&got, &want);
+    eprintln!("batchnorm folding: max error {err:.1e} relative to the largest output");
+    assert!(err <= 1e-6, "folding off by {err:e}; VPR_TEST_SEED={s}");
+}
+
+#[test]
+fn batchnorm_training_needs_more_than_one_value_per_channel() {
+    let bn = BatchNorm2d::new("bn", 3, &Device::Cpu).unwrap();
+    bn.set_train(true);
+    let x = Tensor::ones(&[1, 1, 1, 3], DType::F32, &Device::Cpu).unwrap();
+    let e = bn.forward(&x).unwrap_err().to_string();
+    assert!(
+        e.contains("bn.weight: training mode needs more than one value"),
+        "{e}"
+    );
+}
+
+#[test]
+fn descriptors_on_gpu_devices() {
+    // one small image through the smallest model: the virtual GPU is slow
+    let model = "cnn_cosplace_vgg16";
+    let expected = Expected::open(model);
+    for device in common::gpu_devices() {
+        let m = models::load(&fixture(model), &device).unwrap();
+        let x = expected.get("input.1", &device);
+        let got = values(&m.descriptors(&x).unwrap());
+        assert_close(
+            &got,
+            &expected.values("descriptors.1"),
+            1e-4,
+            &format!("{model} on {device}"),
+            0,
+        );
+    }
+}
