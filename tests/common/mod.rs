@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: seeds, devices and comparisons.
 #![allow(dead_code)]
 
+pub mod synthetic;
+
 use std::path::Path;
 use std::process::Command;
 use vpr_engine::check::{max_error, CheckRow};

@@ -1,0 +1,160 @@
+//! Convolutional networks on the CPU against PyTorch on the same machine in the same run (when
+//! `VPR_BENCH_PYTHON`, default `python3`, has torch and torchvision):
+//!
+//! * `forward`: the eval-mode forward of a CosPlace ResNet-50/2048 (backbone, L2, GeM, FC, L2) at
+//!   224x224, batch 1 and 8, f32, median milliseconds per batch;
+//! * `extract`: `vpr-engine extract` with a CosPlace ResNet-18/512 over a folder of 512x512 PNG
+//!   images, images per second, against a PyTorch loop over a DataLoader (PIL decode, ToTensor,
+//!   Normalize in worker processes) with the same batch size.
+//!
+//! `cargo bench --bench cnn` (or `-- forward`, `-- extract` for one part). The weights are the
+//! synthetic full-size ones of the tests (tests/common/synthetic.rs); speed does not depend on them.
+
+#[path = "../tests/common/synthetic.rs"]
+mod synthetic;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+use vpr_engine::{models, Device, Tensor};
+
+const STEPS: usize = 10;
+const EXTRACT_IMAGES: usize = 48;
+const EXTRACT_BATCH: usize = 16;
+
+fn python() -> String {
+    std::env::var("VPR_BENCH_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs benches/cnn_forward.py with `args` and returns the number after `key=`.
+fn pytorch(args: &[String], key: &str) -> Result<f64, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/cnn_forward.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{}: {e}", python()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .ok_or_else(|| {
+            let err = String::from_utf8_lossy(&out.stderr);
+            err.lines().last().unwrap_or("no output").to_string()
+        })
+}
+
+fn forward(dir: &Path, threads: usize) {
+    let weights = dir.join("cosplace_resnet50_2048.safetensors");
+    synthetic::write_weights("cosplace_resnet50_2048", &[], &weights);
+    let model = models::load(&weights, &Device::Cpu).expect("load the ResNet-50");
+    println!("CosPlace ResNet-50/2048 forward, eval mode, f32, 224x224, CPU; median of {STEPS}");
+    println!(
+        "{:>6} {:>10} {:>12} {:>14}",
+        "batch", "ours ms", "pytorch ms", "pytorch/ours"
+    );
+    for batch in [1usize, 8] {
+        let x = Tensor::randn(
+            &[batch, 224, 224, 3],
+            0.0,
+            1.0,
+            1,
+            vpr_engine::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for _ in 0..2 {
+            model.descriptors(&x).unwrap();
+        }
+        let mut times: Vec<f64> = (0..STEPS)
+            .map(|_| {
+                let t = Instant::now();
+                model.descriptors(&x).unwrap();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let ours = times[STEPS / 2];
+        let args = ["forward", "resnet50", "2048"]
+            .map(String::from)
+            .into_iter()
+            .chain([batch, 224, 224, threads, STEPS].map(|v| v.to_string()))
+            .collect::<Vec<_>>();
+        match pytorch(&args, "ms_per_batch") {
+            Ok(pt) => println!("{batch:>6} {ours:>10.1} {pt:>12.1} {:>13.2}x", pt / ours),
+            Err(e) => println!(
+                "{batch:>6} {ours:>10.1} {:>12} (PyTorch unavailable: {e})",
+                "-"
+            ),
+        }
+    }
+}
+
+fn extract(dir: &Path, threads: usize) {
+    let weights = dir.join("cosplace_resnet18_512.safetensors");
+    synthetic::write_weights("cosplace_resnet18_512", &[], &weights);
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for i in 0..EXTRACT_IMAGES {
+        let img = image::RgbImage::from_fn(512, 512, |x, y| {
+            let v = |s: u32| ((x * (s + i as u32) + y * (3 + s)) % 251) as u8;
+            image::Rgb([v(1), v(2), v(5)])
+        });
+        img.save(images.join(format!("{i:04}.png"))).unwrap();
+    }
+    let out = dir.join("descriptors.npy");
+    let t = Instant::now();
+    let status = Command::new(env!("CARGO_BIN_EXE_vpr-engine"))
+        .args([
+            "extract",
+            "--device",
+            "cpu",
+            "--batch-size",
+            &EXTRACT_BATCH.to_string(),
+        ])
+        .arg("--weights")
+        .arg(&weights)
+        .arg("--images")
+        .arg(&images)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .expect("run vpr-engine extract");
+    assert!(status.success(), "vpr-engine extract failed");
+    let ours = EXTRACT_IMAGES as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "extract, CosPlace ResNet-18/512, {EXTRACT_IMAGES} PNG images 512x512, batch {EXTRACT_BATCH}, CPU (whole command, model loading included)"
+    );
+    let args = vec![
+        "extract".to_string(),
+        "resnet18".into(),
+        "512".into(),
+        images.display().to_string(),
+        EXTRACT_BATCH.to_string(),
+        threads.to_string(),
+    ];
+    match pytorch(&args, "images_per_second") {
+        Ok(pt) => println!(
+            "ours {ours:.1} img/s, PyTorch {pt:.1} img/s: {:.2}x",
+            ours / pt
+        ),
+        Err(e) => println!("ours {ours:.1} img/s (PyTorch unavailable: {e})"),
+    }
+}
+
+fn main() {
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |part: &str| which.is_empty() || which.iter().any(|w| w == part);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let dir = std::env::temp_dir().join(format!("vpr-bench-cnn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    if wants("forward") {
+        forward(&dir, threads);
+    }
+    if wants("extract") {
+        extract(&dir, threads);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
