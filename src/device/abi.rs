@@ -194,6 +194,12 @@ mod tests {
         }
     }
 
+    /// Each mirror in [`mirrors`] has the size, alignment and field offsets and sizes of its C++
+    /// struct, in every kernel file's build; every marked C++ struct and every `#[repr(C)]` Rust
+    /// struct is mirrored. Adding a struct is one line on each side, as [`mirrors`] shows. C++
+    /// names must be unique across kernel files (a header's struct is recorded once per file that
+    /// includes it, and each record must agree). The layouts are the host compiler's, which CUDA
+    /// matches for these plain types (integers, floats, pointers, fixed arrays).
     #[test]
     fn rust_mirrors_have_the_layout_of_the_cpp_structs() {
         let cpp = cpp_layouts();
