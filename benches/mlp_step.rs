@@ -86,7 +86,13 @@ fn main() {
     let mut devices = vec![("cpu", Device::Cpu)];
     match Device::new("cuda") {
         Ok(d) => devices.push(("cuda", d)),
-        Err(e) => println!("(GPU part skipped: {e})"),
+        Err(e) => {
+            println!("(GPU part skipped: {e})");
+            // set by tools/gpu_bundle.sh on the GPU machine, where a skip is a failure
+            if std::env::var("VPR_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                std::process::exit(1);
+            }
+        }
     }
     println!(
         "{:<6} {:>14} {:>14} {:>18}",

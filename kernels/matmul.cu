@@ -36,6 +36,8 @@ struct GemmParams {
   long long z0;            // first batch index of this launch (grid.z is limited to 65535)
   float alpha, beta;
 };
+EMU_ABI_LAYOUT(GemmParams, M, N, K, lda, ldb, ldc_m, ldc_n, batch_rank, batch_shape, batch_a, batch_b, batch_c, z0,
+               alpha, beta);
 
 struct BatchOffsets {
   long long a, b, c, d;

@@ -127,6 +127,7 @@ extern "C" __global__ void sgd_momentum_f32(const float* p, const float* g, cons
 struct AdamScalars {
   float decay, l2, beta1_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps;
 };
+EMU_ABI_LAYOUT(AdamScalars, decay, l2, beta1_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps);
 
 __device__ __forceinline__ float opt_lerp(float self, float end, float w) {
   return (w < 0.5f && w > -0.5f) ? self + w * (end - self) : end - (end - self) * (1.f - w);

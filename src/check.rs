@@ -67,10 +67,27 @@ pub fn compare(
         tol,
         error: None,
     };
-    match (
-        got.and_then(|g| g.to_f64_vec()),
-        want.and_then(|w| w.to_f64_vec()),
-    ) {
+    let (got, want) = match (got, want) {
+        (Ok(g), Ok(w)) => (g, w),
+        (Err(e), _) => {
+            row.error = Some(format!("device: {e}"));
+            return row;
+        }
+        (_, Err(e)) => {
+            row.error = Some(format!("cpu: {e}"));
+            return row;
+        }
+    };
+    // the same elements in another arrangement would compare equal element by element
+    if got.shape() != want.shape() {
+        row.error = Some(format!(
+            "device result has shape {:?}, the CPU result {:?}",
+            got.shape(),
+            want.shape()
+        ));
+        return row;
+    }
+    match (got.to_f64_vec(), want.to_f64_vec()) {
         (Ok(g), Ok(w)) => {
             row.max_err = max_error(&g, &w);
             if row.max_err.is_nan() {
@@ -107,19 +124,100 @@ const FAMILIES: &[(&str, Family)] = &[
 
 /// Every conformance case on `device`, inputs drawn from `seed`.
 pub fn run(device: &Device, seed: u64) -> Vec<CheckRow> {
+    run_families(FAMILIES, device, seed)
+}
+
+/// The rows of `families`; a family that fails to set up, or that checks nothing, is a failed row.
+fn run_families(families: &[(&str, Family)], device: &Device, seed: u64) -> Vec<CheckRow> {
     let mut rows = Vec::new();
-    for (family, cases) in FAMILIES {
-        match cases(device, seed) {
-            Ok(r) => rows.extend(r),
-            Err(e) => rows.push(CheckRow {
-                kernel: format!("{family} (set-up)"),
-                dtype: DType::F32,
-                shape: String::new(),
-                max_err: f64::NAN,
-                tol: 0.0,
-                error: Some(e.to_string()),
-            }),
-        }
+    for (family, cases) in families {
+        let error = match cases(device, seed) {
+            Ok(r) if r.is_empty() => "the family checked nothing (no rows)".to_string(),
+            Ok(r) => {
+                rows.extend(r);
+                continue;
+            }
+            Err(e) => e.to_string(),
+        };
+        rows.push(CheckRow {
+            kernel: format!("{family} (set-up)"),
+            dtype: DType::F32,
+            shape: String::new(),
+            max_err: f64::NAN,
+            tol: 0.0,
+            error: Some(error),
+        });
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(shape: &[usize], values: &[f32]) -> Result<Tensor> {
+        Tensor::from_slice(values, shape, &Device::Cpu)
+    }
+
+    #[test]
+    fn equal_results_pass() {
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let row = compare(
+            "k",
+            DType::F32,
+            &[2, 3],
+            cpu(&[2, 3], &v),
+            cpu(&[2, 3], &v),
+            0.0,
+        );
+        assert!(row.passed(), "{:?}", row.error);
+        assert_eq!(row.max_err, 0.0);
+    }
+
+    #[test]
+    fn a_result_of_another_shape_fails_even_with_the_same_elements() {
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let row = compare(
+            "k",
+            DType::F32,
+            &[2, 3],
+            cpu(&[3, 2], &v),
+            cpu(&[2, 3], &v),
+            0.0,
+        );
+        assert!(!row.passed());
+        let message = row.error.unwrap();
+        assert!(
+            message.contains("[3, 2]") && message.contains("[2, 3]"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_family_without_rows_is_a_failed_row() {
+        let nothing: Family = |_, _| Ok(Vec::new());
+        let rows = run_families(&[("empty", nothing)], &Device::Cpu, 1);
+        assert_eq!(rows.len(), 1);
+        assert!(!rows[0].passed());
+        assert_eq!(rows[0].kernel, "empty (set-up)");
+    }
+
+    #[test]
+    fn errors_and_nans_fail_the_row() {
+        let v = [1.0, 2.0];
+        let bad = || Err(crate::error::Error::Argument("no kernel".into()));
+        let row = compare("k", DType::F32, &[2], bad(), cpu(&[2], &v), 0.0);
+        assert!(row.error.unwrap().starts_with("device: "));
+        let row = compare("k", DType::F32, &[2], cpu(&[2], &v), bad(), 0.0);
+        assert!(row.error.unwrap().starts_with("cpu: "));
+        let row = compare(
+            "k",
+            DType::F32,
+            &[2],
+            cpu(&[2], &[1.0, f32::NAN]),
+            cpu(&[2], &v),
+            1.0,
+        );
+        assert!(!row.passed() && row.error.is_some());
+    }
 }

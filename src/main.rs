@@ -209,10 +209,14 @@ fn check(
         ));
     }
     lines.push(format!("\n{} passed, {failed} failed", rows.len() - failed));
+    if rows.is_empty() {
+        lines.push("FAIL: no kernel was checked".into());
+    }
     for line in lines {
         writeln!(out, "{line}").map_err(stdout_err)?;
     }
-    Ok(failed == 0)
+    // an empty table proves nothing
+    Ok(failed == 0 && !rows.is_empty())
 }
 
 /// `HEIGHTxWIDTH`, both positive.

@@ -1,4 +1,7 @@
-//! The command line end to end: `info`, `check`, and bad arguments.
+//! The command line end to end: `info`, `check`, and bad arguments; and `VPR_REQUIRE_GPU`, which
+//! makes the suite's CUDA tests fail instead of skipping where no GPU is usable.
+
+mod common;
 
 use std::process::Command;
 
@@ -100,9 +103,56 @@ fn a_closed_pipe_ends_the_output_quietly() {
 #[test]
 fn check_on_a_real_gpu_when_there_is_one() {
     if let Err(e) = vpr_engine::Device::new("cuda") {
-        eprintln!("skipped: no usable GPU ({e})");
+        common::skip_without_gpu("check --device cuda", &e);
         return;
     }
     let (code, text) = vpr_engine(&["check", "--device", "cuda"]);
     assert_eq!(code, 0, "{text}");
+}
+
+/// With `VPR_REQUIRE_GPU=1` the CUDA devices of the tests must include a real GPU.
+#[test]
+fn gpu_devices_include_cuda_when_required() {
+    let devices = common::gpu_devices();
+    if common::gpu_required() {
+        assert!(
+            devices.iter().any(|d| d.to_string().starts_with("cuda")),
+            "{devices:?}"
+        );
+    }
+}
+
+/// Runs the test above in a child process of this test binary with `VPR_REQUIRE_GPU=value`.
+fn gpu_devices_test_with(value: &str) -> (bool, String) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "gpu_devices_include_cuda_when_required"])
+        .env("VPR_REQUIRE_GPU", value)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("1 passed") || text.contains("1 failed"),
+        "{text}"
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn require_gpu_turns_a_skipped_cuda_test_into_a_failure() {
+    let (passed, text) = gpu_devices_test_with("1");
+    match vpr_engine::Device::new("cuda") {
+        Ok(_) => assert!(passed, "{text}"),
+        Err(_) => assert!(
+            !passed && text.contains("VPR_REQUIRE_GPU=1 but a cuda test found no usable CUDA GPU"),
+            "{text}"
+        ),
+    }
+    let (passed, text) = gpu_devices_test_with("0");
+    assert!(passed, "{text}");
+    let (passed, text) = gpu_devices_test_with("yes");
+    assert!(
+        !passed && text.contains("VPR_REQUIRE_GPU=\"yes\" is neither 0 nor 1"),
+        "{text}"
+    );
 }

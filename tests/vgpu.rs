@@ -1331,7 +1331,13 @@ fn every_kernel_passes_check_under_shuffled_schedules() {
             os_threads: 2,
             ..VgpuOptions::default()
         });
-        let failed: Vec<String> = vpr_engine::check::run(&device, s)
+        let rows = vpr_engine::check::run(&device, s);
+        // an empty table would pass the assertion below without running a kernel
+        assert!(
+            !rows.is_empty(),
+            "VPR_VGPU_SEED={schedule}: check ran no rows"
+        );
+        let failed: Vec<String> = rows
             .iter()
             .filter(|r| !r.passed())
             .map(|r| {

@@ -56,6 +56,7 @@ struct Strided {
   long long shape[MAX_DIMS];
   long long strides[MAX_DIMS];
 };
+EMU_ABI_LAYOUT(Strided, rank, shape, strides);
 
 // Storage offsets, in each of the views (same shape, own strides), of the element at row-major
 // position `i`. `I` is the index type: 32-bit division is several times cheaper than 64-bit, so

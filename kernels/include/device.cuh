@@ -5,6 +5,12 @@
 #define EMU_SHARED(T, name, dims) __shared__ T name dims
 #define EMU_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]
 
+// EMU_ABI_LAYOUT(Type, field, ...); after a struct the host passes by value and mirrors with a
+// #[repr(C)] Rust struct, naming every field in declaration order. The virtual GPU's build records
+// the struct's size, alignment and each field's offset and size as the C++ compiler lays them out,
+// and a test compares them with the Rust mirror (src/device/abi.rs). Nothing to NVRTC.
+#define EMU_ABI_LAYOUT(type, ...) static_assert(sizeof(type) > 0, "")
+
 namespace emu {
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {

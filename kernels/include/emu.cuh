@@ -29,6 +29,13 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __grid_constant__
+// EMU_ABI_LAYOUT(Type, field, ...): see device.cuh. Here it is the marker from which build.rs
+// generates the layout records (emu::AbiLayout) of the virtual GPU's build.
+#ifdef EMU_LIST_KERNELS
+#define EMU_ABI_LAYOUT(type, ...) EMU_ABI_LAYOUT_OF type(__VA_ARGS__) static_assert(true, "")
+#else
+#define EMU_ABI_LAYOUT(type, ...) static_assert(sizeof(type) > 0, "")
+#endif
 
 struct uint3 {
   unsigned x, y, z;
@@ -143,6 +150,7 @@ namespace emu {
 struct Dim3 {
   unsigned x, y, z;
 };
+EMU_ABI_LAYOUT(emu::Dim3, x, y, z);
 
 // Per-launch settings chosen by the Rust driver (mirrored by `VgpuOptions` there).
 struct LaunchOptions {
@@ -151,6 +159,7 @@ struct LaunchOptions {
   unsigned stack_bytes;     // per fiber
   int lenient_barrier;      // 1: exited threads count as arrived at __syncthreads (CUDA leaves it undefined)
 };
+EMU_ABI_LAYOUT(emu::LaunchOptions, seed, os_threads, stack_bytes, lenient_barrier);
 
 // One kernel file of the virtual GPU, in the table build.rs generates (`vgpu_modules`): its name,
 // the dispatcher that launches its kernels by name, and those names.
@@ -161,6 +170,24 @@ struct ModuleInfo {
   const char* const* kernels;
   size_t kernel_count;
 };
+EMU_ABI_LAYOUT(emu::ModuleInfo, name, launch, kernels, kernel_count);
+
+// How this compiler lays out a struct marked with EMU_ABI_LAYOUT: build.rs generates one record
+// per marked struct and kernel file, listed in `vgpu_abi_layouts` (null-terminated), which the
+// Rust test in src/device/abi.rs compares with the struct's #[repr(C)] mirror.
+struct AbiField {
+  const char* name;
+  size_t offset, size;
+};
+struct AbiLayout {
+  const char* module;  // the kernel file whose build this is
+  const char* name;    // the struct, as EMU_ABI_LAYOUT names it
+  size_t size, align;
+  const AbiField* fields;  // in declaration order
+  size_t field_count;
+};
+EMU_ABI_LAYOUT(emu::AbiField, name, offset, size);
+EMU_ABI_LAYOUT(emu::AbiLayout, module, name, size, align, fields, field_count);
 
 int run_grid(Dim3 grid, Dim3 block, unsigned smem, const LaunchOptions* opt, void (*body)(void*), void* ctx,
              char* err, size_t errlen);

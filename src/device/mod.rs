@@ -3,6 +3,8 @@
 //! fibers). Both GPUs implement the small [`Driver`] trait, so every line of host code above it is
 //! the same for both and the virtual GPU tests the real GPU's code path in CI.
 
+#[cfg(test)]
+mod abi;
 pub mod cuda;
 pub mod gpu;
 pub mod kernels;

@@ -10,21 +10,22 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::Mutex;
 
+/// Mirrors `emu::Dim3` in kernels/include/emu.cuh.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct Dim3 {
-    x: u32,
-    y: u32,
-    z: u32,
+    pub(super) x: u32,
+    pub(super) y: u32,
+    pub(super) z: u32,
 }
 
 /// Mirrors `emu::LaunchOptions` in kernels/include/emu.cuh.
 #[repr(C)]
 pub(crate) struct LaunchOptions {
-    seed: u64,
-    os_threads: u32,
-    stack_bytes: u32,
-    lenient_barrier: c_int,
+    pub(super) seed: u64,
+    pub(super) os_threads: u32,
+    pub(super) stack_bytes: u32,
+    pub(super) lenient_barrier: c_int,
 }
 
 pub(crate) type ModuleEntry = unsafe extern "C" fn(
@@ -40,11 +41,11 @@ pub(crate) type ModuleEntry = unsafe extern "C" fn(
 
 /// Mirrors `emu::ModuleInfo` in kernels/include/emu.cuh.
 #[repr(C)]
-struct ModuleInfo {
-    name: *const c_char,
-    launch: ModuleEntry,
-    kernels: *const *const c_char,
-    kernel_count: usize,
+pub(super) struct ModuleInfo {
+    pub(super) name: *const c_char,
+    pub(super) launch: ModuleEntry,
+    pub(super) kernels: *const *const c_char,
+    pub(super) kernel_count: usize,
 }
 
 extern "C" {

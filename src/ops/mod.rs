@@ -14,13 +14,13 @@ pub mod softmax;
 
 use crate::layout::{Layout, MAX_DIMS};
 
-/// Mirrors `struct Strided` in kernels/include/common.cuh.
+/// Mirrors `struct Strided` in kernels/include/common.cuh (layout tested in src/device/abi.rs).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct StridedDesc {
-    rank: i64,
-    shape: [i64; MAX_DIMS],
-    strides: [i64; MAX_DIMS],
+    pub(crate) rank: i64,
+    pub(crate) shape: [i64; MAX_DIMS],
+    pub(crate) strides: [i64; MAX_DIMS],
 }
 
 impl StridedDesc {

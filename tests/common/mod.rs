@@ -24,9 +24,36 @@ pub fn seed(test: &str) -> u64 {
     s
 }
 
-/// The virtual GPU, and the real one when this machine has a usable GPU. The real GPU's new
-/// allocations are filled with NaN as the virtual GPU's always are, so an output element a kernel
-/// fails to write shows up there too instead of passing with a stale value from the cache.
+/// Whether `VPR_REQUIRE_GPU=1` asks for a usable CUDA GPU (`tools/gpu_bundle.sh run` sets it on
+/// the GPU machine): then a test that would skip its CUDA part for want of one fails instead, so a
+/// green run there proves the GPU path. Unset, empty or `0`: skipping is allowed.
+pub fn gpu_required() -> bool {
+    match std::env::var("VPR_REQUIRE_GPU") {
+        Err(_) => false,
+        Ok(v) => match v.as_str() {
+            "" | "0" => false,
+            "1" => true,
+            _ => panic!("VPR_REQUIRE_GPU={v:?} is neither 0 nor 1"),
+        },
+    }
+}
+
+/// Reports that `what` did not run on CUDA because `why`: a failure under `VPR_REQUIRE_GPU=1`,
+/// otherwise a note on stderr past the test harness's capture (which only takes the print
+/// macros), so that a green run without a GPU says what it did not run.
+pub fn skip_without_gpu(what: &str, why: &dyn std::fmt::Display) {
+    assert!(
+        !gpu_required(),
+        "VPR_REQUIRE_GPU=1 but {what} found no usable CUDA GPU: {why}"
+    );
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "note: {what} skipped: {why}");
+}
+
+/// The virtual GPU, and the real one when this machine has a usable GPU (required under
+/// `VPR_REQUIRE_GPU=1`). The real GPU's new allocations are filled with NaN as the virtual GPU's
+/// always are, so an output element a kernel fails to write shows up there too instead of passing
+/// with a stale value from the cache.
 pub fn gpu_devices() -> Vec<Device> {
     let mut devices = vec![Device::new("vgpu").unwrap()];
     match Device::new("cuda") {
@@ -36,14 +63,11 @@ pub fn gpu_devices() -> Vec<Device> {
             }
             devices.push(d)
         }
+        Err(e) if gpu_required() => skip_without_gpu("a cuda test", &e),
         Err(e) => {
-            // once per test binary, and past the test harness's capture (which only takes the
-            // print macros), so that a green run without a GPU says what it did not run
+            // the note once per test binary
             static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| {
-                use std::io::Write;
-                let _ = writeln!(std::io::stderr(), "note: cuda tests skipped: {e}");
-            });
+            ONCE.call_once(|| skip_without_gpu("cuda tests", &e));
         }
     }
     devices
@@ -97,7 +121,7 @@ pub fn assert_conformance(
     let s = seed(test);
     for device in gpu_devices() {
         let rows = cases(&device, s).unwrap();
-        assert!(!rows.is_empty());
+        assert!(!rows.is_empty(), "{device}: {test} ran no rows");
         let failed: Vec<String> = rows
             .iter()
             .filter(|r| !r.passed())

@@ -14,25 +14,26 @@ use std::cell::Cell;
 
 const MAX_BATCH: usize = 6;
 
-/// Mirrors `struct GemmParams` in kernels/matmul.cu. Strides in elements.
+/// Mirrors `struct GemmParams` in kernels/matmul.cu (layout tested in src/device/abi.rs). Strides
+/// in elements.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct GemmParams {
-    m: i64,
-    n: i64,
-    k: i64,
-    lda: i64,
-    ldb: i64,
-    ldc_m: i64,
-    ldc_n: i64,
-    batch_rank: i64,
-    batch_shape: [i64; MAX_BATCH],
-    batch_a: [i64; MAX_BATCH],
-    batch_b: [i64; MAX_BATCH],
-    batch_c: [i64; MAX_BATCH],
-    z0: i64,
-    alpha: f32,
-    beta: f32,
+pub(crate) struct GemmParams {
+    pub(crate) m: i64,
+    pub(crate) n: i64,
+    pub(crate) k: i64,
+    pub(crate) lda: i64,
+    pub(crate) ldb: i64,
+    pub(crate) ldc_m: i64,
+    pub(crate) ldc_n: i64,
+    pub(crate) batch_rank: i64,
+    pub(crate) batch_shape: [i64; MAX_BATCH],
+    pub(crate) batch_a: [i64; MAX_BATCH],
+    pub(crate) batch_b: [i64; MAX_BATCH],
+    pub(crate) batch_c: [i64; MAX_BATCH],
+    pub(crate) z0: i64,
+    pub(crate) alpha: f32,
+    pub(crate) beta: f32,
 }
 
 /// Which kernels run bf16/f16 products.

@@ -8,7 +8,7 @@
 //! GPU; the CPU takes any strides).
 
 mod cpu;
-mod gpu;
+pub(crate) mod gpu;
 
 pub use gpu::{tensor_core_paths, with_tensor_core_path, TensorCorePath};
 
