@@ -142,8 +142,7 @@ fn cpu_matches_f64_reference() {
                 case.opts,
             );
             assert_eq!(got.shape(), shape, "{}", case.what);
-            // sums of up to a few hundred products of magnitude <= 1: relative to max(|y|, 1)
-            let tol = dtype.tolerance() * 4.0;
+            let tol = dtype.tolerance();
             let what = format!("cpu {dtype} {}", case.what);
             assert_close(&got.to_f64_vec().unwrap(), &want, tol, &what, s);
         }
@@ -276,4 +275,9 @@ fn bad_shapes_are_clear_errors() {
         t(&[1, 9, 9, 3]).conv2d(&t(&[4, 3, 3, 3]), None, o.stride(0)),
         "stride",
     );
+}
+
+#[test]
+fn every_conformance_case_passes_on_the_gpus() {
+    common::assert_conformance(vpr_engine::ops::conv::conformance, "conv conformance");
 }

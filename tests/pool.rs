@@ -159,3 +159,8 @@ fn bad_shapes_are_clear_errors() {
     );
     expect(t(&[1, 4, 4, 3]).max_pool2d(2, 0, 0), "stride");
 }
+
+#[test]
+fn every_conformance_case_passes_on_the_gpus() {
+    common::assert_conformance(vpr_engine::ops::pool::conformance, "pool conformance");
+}

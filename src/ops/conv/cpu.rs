@@ -3,8 +3,13 @@
 //! a GEMM (wgrad). A 1x1 stride-1 unpadded convolution uses the input as the im2col matrix.
 //! Large batches are processed in chunks of output rows so that the im2col matrix stays near
 //! `COL_BUDGET` floats.
+//!
+//! For f16/bf16 (converted to f32 by the caller) the GEMM results are rounded to the dtype before
+//! the epilogue or col2im, where the GPU's GEMM stores them in the dtype: the same rounding points
+//! as the kernels, so the CPU is their twin.
 
 use super::ConvGeom;
+use crate::dtype::DType;
 use gemm::Parallelism;
 
 /// Floats of im2col (or its gradient) built at a time.
@@ -106,6 +111,19 @@ fn gemm_f32(
     }
 }
 
+/// Rounds GEMM results to `dtype` (nothing to do for f32), in place.
+fn round_to(v: &mut [f32], dtype: DType) {
+    match dtype {
+        DType::F16 => v
+            .iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        DType::BF16 => v
+            .iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        _ => {}
+    }
+}
+
 /// Output rows per chunk so that `cols` floats per row stay near `COL_BUDGET`.
 fn rows_per_chunk(cols: usize, total: usize) -> usize {
     (COL_BUDGET / cols.max(1)).max(64).min(total.max(1))
@@ -173,6 +191,7 @@ pub fn conv_forward(
     residual: Option<&[f32]>,
     relu: bool,
     g: &ConvGeom,
+    dtype: DType,
 ) -> Vec<f32> {
     let (m, o, og, k) = (g.m(), g.o, g.og(), g.k());
     let ktot = g.groups * k;
@@ -204,12 +223,13 @@ pub fn conv_forward(
             product(col, rows, dst);
         }
     }
+    round_to(&mut out, dtype);
     epilogue(&mut out, o, bias, residual, relu);
     out
 }
 
 /// The input gradient `[N, H, W, C]` from the output gradient `dy [M, O]`.
-pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
+pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom, dtype: DType) -> Vec<f32> {
     let (o, og, cg, k) = (g.o, g.og(), g.cg(), g.k());
     let ktot = g.groups * k;
     let mut dx = vec![0f32; g.n * g.h * g.w * g.c];
@@ -227,6 +247,7 @@ pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
                 Mat::new(group * og * cg, cg, 1),
             );
         }
+        round_to(&mut dx, dtype);
         return dx;
     }
     // whole images at a time: col2im needs every output pixel that reads an input pixel
@@ -251,6 +272,7 @@ pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
                 Mat::new(group * og * k, k, 1),
             );
         }
+        round_to(dcol, dtype);
         col2im(dcol, g, dx_chunk);
     }
     dx
