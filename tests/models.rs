@@ -500,21 +500,50 @@ fn batchnorm_training_needs_more_than_one_value_per_channel() {
 }
 
 #[test]
-fn descriptors_on_gpu_devices() {
-    // one small image through the smallest model: the virtual GPU is slow
-    let model = "cnn_cosplace_vgg16";
-    let expected = Expected::open(model);
+fn descriptors_and_gradients_on_gpu_devices() {
+    // the smaller image through each model, and one train-mode step of ResNet-18: the virtual
+    // GPU is slow
     for device in common::gpu_devices() {
-        let m = models::load(&fixture(model), &device).unwrap();
-        let x = expected.get("input.1", &device);
-        let got = values(&m.descriptors(&x).unwrap());
-        assert_close(
-            &got,
-            &expected.values("descriptors.1"),
-            1e-4,
-            &format!("{model} on {device}"),
-            0,
-        );
+        for model in MODELS {
+            let expected = Expected::open(model);
+            let m = models::load(&fixture(model), &device).unwrap();
+            let x = expected.get("input.1", &device);
+            let got = values(&m.descriptors(&x).unwrap());
+            let want = expected.values("descriptors.1");
+            eprintln!(
+                "{model} on {device}: max error {:.1e}",
+                relative_error(&got, &want)
+            );
+            assert_close(&got, &want, 1e-5, &format!("{model} on {device}"), 0);
+        }
+        let model = "cnn_cosplace_resnet18";
+        let expected = Expected::open(model);
+        let net = CosPlaceNet::load(&fixture(model), &device).unwrap();
+        net.set_train(true);
+        let desc = net.forward(&expected.get("train.input", &device)).unwrap();
+        let r = expected.get("train.r", &device);
+        backward(&desc.mul(&r).unwrap().sum_all().unwrap()).unwrap();
+        let mut worst = 0.0f64;
+        for p in net.parameters() {
+            let grad = p.grad().unwrap();
+            let grad = if grad.rank() == 4 {
+                grad.permute(&[0, 3, 1, 2]).unwrap().contiguous().unwrap()
+            } else {
+                grad
+            };
+            let err = relative_error(
+                &values(&grad),
+                &expected.values(&format!("grad.{}", p.name())),
+            );
+            let torch_f32 = expected.values(&format!("f32_error.grad.{}", p.name()))[0];
+            assert!(
+                err <= f64::max(1e-4, 4.0 * torch_f32),
+                "{device}: gradient of {} off by {err:.1e}",
+                p.name()
+            );
+            worst = worst.max(err);
+        }
+        eprintln!("{model} train mode on {device}: worst gradient error {worst:.1e}");
     }
 }
 
