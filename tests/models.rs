@@ -347,6 +347,18 @@ fn missing_unexpected_and_misshaped_keys_are_listed() {
     );
     std::fs::remove_file(&path).unwrap();
 
+    // integers where floats belong
+    let path = rewrite(model, "ints", |tensors, _| {
+        let e = tensors.get_mut("aggregation.1.p").unwrap();
+        e.dtype = StDtype::I32;
+    });
+    let e = load_error(&path);
+    assert!(
+        e.contains("mis-typed keys (1): aggregation.1.p (the model holds floats)"),
+        "{e}"
+    );
+    std::fs::remove_file(&path).unwrap();
+
     // a conv weight with the right count in the wrong layout
     let path = rewrite(model, "layout", |tensors, _| {
         let w = tensors.get_mut("backbone.4.1.conv2.weight").unwrap();

@@ -111,6 +111,16 @@ impl WeightsFile {
         self.header.info(name).map(|i| i.shape.as_slice())
     }
 
+    /// Whether a tensor holds floating-point values (f16, bf16, f32, f64), if the file has it.
+    pub fn holds_floats(&self, name: &str) -> Option<bool> {
+        self.header.info(name).map(|i| {
+            matches!(
+                i.dtype,
+                StDtype::F16 | StDtype::BF16 | StDtype::F32 | StDtype::F64
+            )
+        })
+    }
+
     /// A tensor's values as f64 (exact for every float and integer dtype up to 32 bits).
     pub fn read_f64(&self, name: &str) -> Result<Vec<f64>> {
         let info = self

@@ -140,13 +140,14 @@ pub fn plain_entries(params: &[Parameter], buffers: &[Buffer]) -> Vec<StateEntry
 
 /// Loads every entry from `file`, strictly: each required entry must be in the file with the
 /// right shape, and every tensor of the file must belong to an entry. Nothing changes unless
-/// everything fits; otherwise one error names the file and lists the missing, unexpected and
-/// mis-shaped keys. With `check_shapes` false only names are compared (the caller could not
+/// everything fits; otherwise one error names the file and lists the missing, unexpected,
+/// mis-shaped and mis-typed (integers for a float tensor or the reverse) keys. With `check_shapes` false only names are compared (the caller could not
 /// read the model's widths because a key that gives one is missing). Float tensors are
 /// converted to each entry's dtype (an f16 file loads into an f32 model).
 pub fn load_strict(entries: &[StateEntry], file: &WeightsFile, check_shapes: bool) -> Result<()> {
     let mut missing = Vec::new();
     let mut misshaped = Vec::new();
+    let mut mistyped = Vec::new();
     let mut claimed = BTreeSet::new();
     for e in entries {
         let name = e.name();
@@ -159,6 +160,11 @@ pub fn load_strict(entries: &[StateEntry], file: &WeightsFile, check_shapes: boo
                 if check_shapes && got != want.as_slice() {
                     misshaped.push(format!("{name} (file {got:?}, model {want:?})"));
                 }
+                let float = e.value().dtype().is_float();
+                if file.holds_floats(name) != Some(float) {
+                    let want = if float { "floats" } else { "integers" };
+                    mistyped.push(format!("{name} (the model holds {want})"));
+                }
             }
         }
     }
@@ -167,12 +173,14 @@ pub fn load_strict(entries: &[StateEntry], file: &WeightsFile, check_shapes: boo
         .into_iter()
         .filter(|n| !claimed.contains(n))
         .collect();
-    if !(missing.is_empty() && unexpected.is_empty() && misshaped.is_empty()) {
+    let problems = [&missing, &unexpected, &misshaped, &mistyped];
+    if problems.iter().any(|list| !list.is_empty()) {
         let mut parts = Vec::new();
         for (what, list) in [
             ("missing keys", &missing),
             ("unexpected keys", &unexpected),
             ("mis-shaped keys", &misshaped),
+            ("mis-typed keys", &mistyped),
         ] {
             if !list.is_empty() {
                 parts.push(format!("{what} ({}): {}", list.len(), shorten(list)));
