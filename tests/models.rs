@@ -11,10 +11,10 @@ use common::{assert_close, seed};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use vpr_engine::autograd::{autocast, backward, tape_len};
+use vpr_engine::autograd::{autocast, backward, gradcheck, tape_len};
 use vpr_engine::io::weights::WeightsFile;
 use vpr_engine::models::{self, CosPlaceNet, InputSize};
-use vpr_engine::nn::{BatchNorm2d, Conv2d, Module};
+use vpr_engine::nn::{l2_normalize, BatchNorm2d, Conv2d, GeM, Module};
 use vpr_engine::ops::conv::Conv2dOptions;
 use vpr_engine::{DType, Device, Tensor};
 
@@ -588,4 +588,33 @@ fn train_mode_under_bf16_autocast() {
         assert_eq!(g.dtype(), DType::F32, "{}", p.name());
         assert!(values(&g).iter().all(|v| v.is_finite()), "{}", p.name());
     }
+}
+
+#[test]
+fn layer_gradients_match_finite_differences() {
+    let s = seed("layer_gradients_match_finite_differences");
+    let cpu = Device::Cpu;
+    let check = |what: &str, f: &dyn Fn(&[Tensor]) -> vpr_engine::Result<Tensor>, x: Tensor| {
+        let report = gradcheck(f, &[x], 1e-2, s).unwrap();
+        assert!(
+            report.max_error <= 1e-3,
+            "{what}: {} ({}); VPR_TEST_SEED={s}",
+            report.max_error,
+            report.worst
+        );
+    };
+    let bn = BatchNorm2d::new("bn", 3, &cpu).unwrap();
+    let w = Tensor::rand_uniform(&[3], 0.5, 1.5, s.wrapping_add(1), DType::F32, &cpu).unwrap();
+    bn.weight.set(w).unwrap();
+    bn.set_train(true);
+    let x = Tensor::randn(&[2, 3, 5, 3], 0.0, 1.0, s.wrapping_add(2), DType::F32, &cpu).unwrap();
+    check("batchnorm (train)", &|t| bn.forward(&t[0]), x.clone());
+    bn.set_train(false);
+    check("batchnorm (eval)", &|t| bn.forward(&t[0]), x.clone());
+
+    let gem = GeM::new("p", 2.7, 1e-6, &cpu).unwrap();
+    let positive =
+        Tensor::rand_uniform(&[2, 3, 5, 4], 0.1, 1.0, s.wrapping_add(3), DType::F32, &cpu).unwrap();
+    check("gem", &|t| gem.forward(&t[0]), positive);
+    check("l2_normalize", &|t| l2_normalize(&t[0], -1), x);
 }
