@@ -281,3 +281,50 @@ fn bad_shapes_are_clear_errors() {
 fn every_conformance_case_passes_on_the_gpus() {
     common::assert_conformance(vpr_engine::ops::conv::conformance, "conv conformance");
 }
+
+#[test]
+fn matches_pytorch_fixtures() {
+    let f = common::fixture_tensors("conv_ops.safetensors");
+    let mut names: Vec<&str> = f
+        .keys()
+        .filter_map(|k| k.strip_prefix("conv.")?.strip_suffix(".opts"))
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 8, "conv cases in the fixture");
+    let tensor = |key: String| {
+        let (shape, v) = &f[&key];
+        Tensor::from_f64(v, shape, DType::F32, &Device::Cpu)
+            .unwrap()
+            .requires_grad()
+    };
+    for name in names {
+        let k = |part: &str| format!("conv.{name}.{part}");
+        let o: Vec<usize> = f[&k("opts")].1.iter().map(|&v| v as usize).collect();
+        let opts = Conv2dOptions {
+            stride: [o[0], o[1]],
+            padding: [o[2], o[3]],
+            dilation: [o[4], o[5]],
+            groups: o[6],
+        };
+        let (x, w, b) = (tensor(k("x")), tensor(k("w")), tensor(k("b")));
+        let y = x.conv2d(&w, Some(&b), opts).unwrap();
+        let check = |got: &Tensor, part: &str| {
+            let (shape, want) = &f[&k(part)];
+            assert_eq!(got.shape(), shape.as_slice(), "{name} {part}");
+            assert_close(
+                &got.to_f64_vec().unwrap(),
+                want,
+                1e-5,
+                &format!("{name} {part}"),
+                0,
+            );
+        };
+        check(&y, "y");
+        let dy = tensor(k("dy")).detach();
+        let loss = y.mul(&dy).unwrap().sum_all().unwrap();
+        let grads = vpr_engine::autograd::backward(&loss).unwrap();
+        check(grads.get(&x).unwrap(), "dx");
+        check(grads.get(&w).unwrap(), "dw");
+        check(grads.get(&b).unwrap(), "db");
+    }
+}
