@@ -337,11 +337,15 @@ fn check_operands(
     Ok(geom)
 }
 
-/// Contiguous f32 CPU data of `t` (converted from f16/bf16).
-fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.to_dtype(DType::F32)?.contiguous()?;
+/// `t` as a dense f32 CPU tensor: itself when it already is one (no copy), else converted.
+fn dense_f32(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)?.contiguous()
+}
+
+/// The elements of a dense f32 CPU tensor.
+fn f32_data(t: &Tensor) -> Result<&[f32]> {
     match t.storage() {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(v[t.layout().offset()..][..t.numel()].to_vec()),
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[t.layout().offset()..][..t.numel()]),
         _ => dtype_err!(
             "conv2d: expected f32 CPU data, got {} on {}",
             t.dtype(),
@@ -373,14 +377,14 @@ fn conv_forward(
     if !x.device().is_cpu() {
         return gpu::conv_forward(x, w, bias, residual, relu, geom);
     }
-    let (xv, wv) = (cpu_f32(x)?, cpu_f32(w)?);
-    let bv = bias.map(cpu_f32).transpose()?;
-    let rv = residual.map(cpu_f32).transpose()?;
+    let (xt, wt) = (dense_f32(x)?, dense_f32(w)?);
+    let bt = bias.map(dense_f32).transpose()?;
+    let rt = residual.map(dense_f32).transpose()?;
     let out = cpu::conv_forward(
-        &xv,
-        &wv,
-        bv.as_deref(),
-        rv.as_deref(),
+        f32_data(&xt)?,
+        f32_data(&wt)?,
+        bt.as_ref().map(f32_data).transpose()?,
+        rt.as_ref().map(f32_data).transpose()?,
         relu,
         geom,
         x.dtype(),
@@ -393,7 +397,12 @@ fn conv_dgrad(g: &Tensor, w: &Tensor, geom: &ConvGeom) -> Result<Tensor> {
     if !g.device().is_cpu() {
         return gpu::conv_dgrad(g, w, geom);
     }
-    let dx = cpu::conv_dgrad(&cpu_f32(g)?, &cpu_f32(w)?, geom, g.dtype());
+    let dx = cpu::conv_dgrad(
+        f32_data(&dense_f32(g)?)?,
+        f32_data(&dense_f32(w)?)?,
+        geom,
+        g.dtype(),
+    );
     cpu_result(dx, &[geom.n, geom.h, geom.w, geom.c], g.dtype())
 }
 
@@ -402,7 +411,7 @@ fn conv_wgrad(x: &Tensor, g: &Tensor, geom: &ConvGeom) -> Result<Tensor> {
     if !g.device().is_cpu() {
         return gpu::conv_wgrad(x, g, geom);
     }
-    let dw = cpu::conv_wgrad(&cpu_f32(x)?, &cpu_f32(g)?, geom);
+    let dw = cpu::conv_wgrad(f32_data(&dense_f32(x)?)?, f32_data(&dense_f32(g)?)?, geom);
     cpu_result(dw, &[geom.o, geom.kh, geom.kw, geom.cg()], g.dtype())
 }
 
