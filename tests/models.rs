@@ -619,3 +619,50 @@ fn layer_gradients_match_finite_differences() {
     // norms bounded away from 0, where central differences with step 1e-2 stay accurate
     check("l2_normalize", &|t| l2_normalize(&t[0], -1), positive);
 }
+
+#[test]
+fn a_trained_network_saves_and_loads_back() {
+    let model = "cnn_cosplace_resnet18";
+    let expected = Expected::open(model);
+    let net = CosPlaceNet::load(&fixture(model), &Device::Cpu).unwrap();
+    // a train-mode forward changes the running statistics; a changed weight stands for a step
+    net.set_train(true);
+    net.forward(&expected.get("train.input", &Device::Cpu))
+        .unwrap();
+    net.set_train(false);
+    let w = &net.parameters()[0];
+    w.set(w.tensor().mul_scalar(0.5).unwrap()).unwrap();
+    let path = std::env::temp_dir().join(format!(
+        "vpr-models-{}-saved.safetensors",
+        std::process::id()
+    ));
+    net.save(&path).unwrap();
+    let back = CosPlaceNet::load(&path, &Device::Cpu).unwrap();
+    for (a, b) in net.parameters().iter().zip(back.parameters()) {
+        assert_eq!(a.name(), b.name());
+        assert_eq!(values(&a.tensor()), values(&b.tensor()), "{}", a.name());
+    }
+    for (a, b) in net.buffers().iter().zip(back.buffers()) {
+        assert_eq!(a.name(), b.name());
+        assert_eq!(values(&a.tensor()), values(&b.tensor()), "{}", a.name());
+    }
+    let file = WeightsFile::open(&path).unwrap();
+    let original = WeightsFile::open(&fixture(model)).unwrap();
+    assert_eq!(file.metadata(), original.metadata());
+    // the official layout: OIHW convolutions and the counters PyTorch keeps
+    assert_eq!(file.shape("backbone.0.weight"), Some(&[4, 3, 7, 7][..]));
+    assert_eq!(
+        file.read_f64("backbone.1.num_batches_tracked").unwrap(),
+        [1.0]
+    );
+    let x = expected.get("input.1", &Device::Cpu);
+    let inference = models::load(&path, &Device::Cpu).unwrap();
+    assert_close(
+        &values(&inference.descriptors(&x).unwrap()),
+        &values(&net.forward(&x).unwrap()),
+        1e-6,
+        "saved model",
+        0,
+    );
+    std::fs::remove_file(path).unwrap();
+}

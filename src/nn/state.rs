@@ -1,6 +1,7 @@
 //! State dicts: buffers (tensors a module keeps but does not train, such as BatchNorm's running
 //! statistics) and strict loading of parameters and buffers by their official PyTorch names from
-//! a converted weight file.
+//! a converted weight file; [`StateEntry::file_value`] gives each back in the file's layout for
+//! saving.
 
 use crate::autograd::{no_grad, Parameter};
 use crate::dtype::DType;
@@ -115,6 +116,14 @@ impl StateEntry {
             }
         }
         Tensor::from_f64(&values, current.shape(), current.dtype(), current.device())
+    }
+
+    /// The value as the file stores it (a convolution weight back in OIHW).
+    pub fn file_value(&self) -> Result<Tensor> {
+        match &self.slot {
+            Slot::ConvWeight(p) => p.tensor().detach().permute(&[0, 3, 1, 2])?.contiguous(),
+            _ => Ok(self.value().detach()),
+        }
     }
 
     fn store(&self, value: Tensor) -> Result<()> {
