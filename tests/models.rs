@@ -666,3 +666,47 @@ fn a_trained_network_saves_and_loads_back() {
     );
     std::fs::remove_file(path).unwrap();
 }
+
+#[test]
+fn input_size_rules_are_read_from_metadata() {
+    let cases = [
+        (
+            "resize:480x640",
+            InputSize::Resize {
+                height: 480,
+                width: 640,
+            },
+        ),
+        (
+            "fixed:224x224",
+            InputSize::Fixed {
+                height: 224,
+                width: 224,
+            },
+        ),
+        ("multiple:14", InputSize::Multiple(14)),
+    ];
+    for (i, (text, want)) in cases.into_iter().enumerate() {
+        let path = rewrite("cnn_cosplace_vgg16", &format!("size{i}"), |_, meta| {
+            meta.insert("vpr.input.size".into(), text.into());
+            meta.insert("vpr.input.std".into(), "0.00392156862745098,0.5,1".into());
+        });
+        let m = models::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(m.input().size, want, "{text}");
+        assert_eq!(m.input().std, [1.0 / 255.0, 0.5, 1.0]);
+        std::fs::remove_file(path).unwrap();
+    }
+    for (key, bad) in [
+        ("vpr.input.mean", "0.5,0.5"),
+        ("vpr.input.std", "0.2,0,0.2"),
+        ("vpr.input.size", "multiple:0"),
+        ("vpr.input.size", "crop:224"),
+    ] {
+        let path = rewrite("cnn_cosplace_vgg16", "bad-input", |_, meta| {
+            meta.insert(key.into(), bad.into());
+        });
+        let e = load_error(&path);
+        assert!(e.contains(bad), "{key}={bad}: {e}");
+        std::fs::remove_file(path).unwrap();
+    }
+}
