@@ -131,30 +131,64 @@ fn rows_per_chunk(cols: usize, total: usize) -> usize {
 
 /// The im2col rows `first..first + rows` of `x` into `col` (`rows x groups * K`, zero padding).
 fn im2col(x: &[f32], g: &ConvGeom, first: usize, col: &mut [f32]) {
-    let (cg, ktot) = (g.cg(), g.groups * g.k());
+    let ktot = g.groups * g.k();
     par_rows(col, ktot, |row0, chunk| {
         for (i, row) in chunk.chunks_mut(ktot).enumerate() {
             let r = first + row0 + i;
             let (n, oh, ow) = (r / (g.oh * g.ow), (r / g.ow) % g.oh, r % g.ow);
-            let mut dst = row.chunks_mut(cg);
-            for group in 0..g.groups {
-                for kh in 0..g.kh {
-                    let ih = (oh * g.stride[0] + kh * g.dil[0]).checked_sub(g.pad[0]);
-                    for kw in 0..g.kw {
-                        let iw = (ow * g.stride[1] + kw * g.dil[1]).checked_sub(g.pad[1]);
-                        let out = dst.next().expect("im2col row holds groups * K values");
-                        match (ih, iw) {
-                            (Some(ih), Some(iw)) if ih < g.h && iw < g.w => {
-                                let at = ((n * g.h + ih) * g.w + iw) * g.c + group * cg;
-                                out.copy_from_slice(&x[at..at + cg]);
-                            }
-                            _ => out.fill(0.0),
-                        }
-                    }
-                }
+            if g.groups == 1 && g.dil[1] == 1 {
+                im2col_row_runs(x, g, (n, oh, ow), row);
+            } else {
+                im2col_row(x, g, (n, oh, ow), row);
             }
         }
     });
+}
+
+/// One im2col row, `C/groups` channels at a time.
+fn im2col_row(x: &[f32], g: &ConvGeom, (n, oh, ow): (usize, usize, usize), row: &mut [f32]) {
+    let cg = g.cg();
+    let mut dst = row.chunks_mut(cg);
+    for group in 0..g.groups {
+        for kh in 0..g.kh {
+            let ih = (oh * g.stride[0] + kh * g.dil[0]).checked_sub(g.pad[0]);
+            for kw in 0..g.kw {
+                let iw = (ow * g.stride[1] + kw * g.dil[1]).checked_sub(g.pad[1]);
+                let out = dst.next().expect("im2col row holds groups * K values");
+                match (ih, iw) {
+                    (Some(ih), Some(iw)) if ih < g.h && iw < g.w => {
+                        let at = ((n * g.h + ih) * g.w + iw) * g.c + group * cg;
+                        out.copy_from_slice(&x[at..at + cg]);
+                    }
+                    _ => out.fill(0.0),
+                }
+            }
+        }
+    }
+}
+
+/// One im2col row of a one-group convolution with no dilation along W: the taps of a kernel row
+/// that fall inside the input are one contiguous run of `x` (a single copy of up to KW * C
+/// values, which matters for the 3-channel stem), the ones in the padding zeros.
+fn im2col_row_runs(x: &[f32], g: &ConvGeom, (n, oh, ow): (usize, usize, usize), row: &mut [f32]) {
+    let c = g.c;
+    // taps kw in lo..hi read iw = ow * stride - pad + kw inside [0, W)
+    let start = (ow * g.stride[1]) as isize - g.pad[1] as isize;
+    let lo = (-start).clamp(0, g.kw as isize) as usize;
+    let hi = (g.w as isize - start).clamp(lo as isize, g.kw as isize) as usize;
+    for (kh, out) in row.chunks_mut(g.kw * c).enumerate() {
+        let ih = (oh * g.stride[0] + kh * g.dil[0]).checked_sub(g.pad[0]);
+        match ih {
+            Some(ih) if ih < g.h && hi > lo => {
+                let iw = (start + lo as isize) as usize;
+                let at = ((n * g.h + ih) * g.w + iw) * c;
+                out[..lo * c].fill(0.0);
+                out[lo * c..hi * c].copy_from_slice(&x[at..at + (hi - lo) * c]);
+                out[hi * c..].fill(0.0);
+            }
+            _ => out.fill(0.0),
+        }
+    }
 }
 
 /// `relu(out + bias + residual)` in place, `out` being `rows x O` starting at output row `first`.
