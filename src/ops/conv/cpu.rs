@@ -111,6 +111,25 @@ fn gemm_f32(
     }
 }
 
+thread_local! {
+    /// The im2col matrix (or its gradient) of this thread's last convolution, kept for the next
+    /// one: a fresh buffer of several MB costs a page fault per 4 KB on first touch, about as
+    /// long as filling it. About `COL_BUDGET` floats per thread, or one image's dgrad matrix
+    /// where that is larger.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a scratch buffer of `len` floats (stale contents: `f` must write before reading).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
 /// Rounds GEMM results to `dtype` (nothing to do for f32), in place.
 fn round_to(v: &mut [f32], dtype: DType) {
     match dtype {
@@ -249,13 +268,14 @@ pub fn conv_forward(
         product(x, m, &mut out);
     } else {
         let chunk = rows_per_chunk(ktot, m);
-        let mut col = vec![0f32; chunk * ktot];
-        for (ci, dst) in out.chunks_mut(chunk * o).enumerate() {
-            let rows = dst.len() / o;
-            let col = &mut col[..rows * ktot];
-            im2col(x, g, ci * chunk, col);
-            product(col, rows, dst);
-        }
+        with_scratch(chunk * ktot, |col| {
+            for (ci, dst) in out.chunks_mut(chunk * o).enumerate() {
+                let rows = dst.len() / o;
+                let col = &mut col[..rows * ktot];
+                im2col(x, g, ci * chunk, col);
+                product(col, rows, dst);
+            }
+        });
     }
     round_to(&mut out, dtype);
     epilogue(&mut out, o, bias, residual, relu);
@@ -287,28 +307,29 @@ pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom, dtype: DType) -> Vec<f32>
     // whole images at a time: col2im needs every output pixel that reads an input pixel
     let pixels = g.oh * g.ow;
     let images = (COL_BUDGET / (pixels * ktot).max(1)).clamp(1, g.n.max(1));
-    let mut dcol = vec![0f32; images * pixels * ktot];
     let image_len = g.h * g.w * g.c;
-    for (chunk, dx_chunk) in dx.chunks_mut(images * image_len).enumerate() {
-        let n0 = chunk * images;
-        let rows = dx_chunk.len() / image_len * pixels;
-        let dcol = &mut dcol[..rows * ktot];
-        let dy_chunk = &dy[n0 * pixels * o..][..rows * o];
-        for group in 0..g.groups {
-            gemm_f32(
-                (rows, k, og),
-                dcol,
-                Mat::new(group * k, ktot, 1),
-                false,
-                dy_chunk,
-                Mat::new(group * og, o, 1),
-                w,
-                Mat::new(group * og * k, k, 1),
-            );
+    with_scratch(images * pixels * ktot, |dcol| {
+        for (chunk, dx_chunk) in dx.chunks_mut(images * image_len).enumerate() {
+            let n0 = chunk * images;
+            let rows = dx_chunk.len() / image_len * pixels;
+            let dcol = &mut dcol[..rows * ktot];
+            let dy_chunk = &dy[n0 * pixels * o..][..rows * o];
+            for group in 0..g.groups {
+                gemm_f32(
+                    (rows, k, og),
+                    dcol,
+                    Mat::new(group * k, ktot, 1),
+                    false,
+                    dy_chunk,
+                    Mat::new(group * og, o, 1),
+                    w,
+                    Mat::new(group * og * k, k, 1),
+                );
+            }
+            round_to(dcol, dtype);
+            col2im(dcol, g, dx_chunk);
         }
-        round_to(dcol, dtype);
-        col2im(dcol, g, dx_chunk);
-    }
+    });
     dx
 }
 
@@ -374,12 +395,13 @@ pub fn conv_wgrad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
         return dw;
     }
     let chunk = rows_per_chunk(ktot, m);
-    let mut col = vec![0f32; chunk.min(m) * ktot];
-    for first in (0..m).step_by(chunk) {
-        let rows = chunk.min(m - first);
-        let col = &mut col[..rows * ktot];
-        im2col(x, g, first, col);
-        product(col, &dy[first * o..][..rows * o], rows, &mut dw, first > 0);
-    }
+    with_scratch(chunk.min(m) * ktot, |col| {
+        for first in (0..m).step_by(chunk) {
+            let rows = chunk.min(m - first);
+            let col = &mut col[..rows * ktot];
+            im2col(x, g, first, col);
+            product(col, &dy[first * o..][..rows * o], rows, &mut dw, first > 0);
+        }
+    });
     dw
 }
