@@ -1,9 +1,10 @@
 //! CosPlace / EigenPlaces models against PyTorch: tiny networks with torchvision's exact layouts
 //! (ResNet-18 BasicBlocks, ResNet-50 Bottlenecks, VGG16), converted by `convert`, with the
 //! descriptors, gradients and BatchNorm running statistics PyTorch computed
-//! (tests/fixtures/cnn_*.safetensors, written by tools/fixtures/cnn_models.py). Also strict
-//! loading errors, f16/bf16 files, freezing, the tape staying empty during inference, and
-//! BatchNorm folding.
+//! in float64 (tests/fixtures/cnn_*.safetensors, written by tools/fixtures/cnn_models.py), on the
+//! CPU and the GPUs (virtual, and CUDA when present). Also strict-loading errors, metadata rules,
+//! f16/bf16 files, freezing, bf16 autocast, the tape staying empty during inference, BatchNorm
+//! folding, layer gradients against finite differences, and saving a trained network.
 
 mod common;
 
