@@ -557,6 +557,13 @@ fn descriptors_and_gradients_on_gpu_devices() {
             worst = worst.max(err);
         }
         eprintln!("{model} train mode on {device}: worst gradient error {worst:.1e}");
+        for b in net.buffers() {
+            if !b.name().ends_with("num_batches_tracked") {
+                let want = expected.values(&format!("after.{}", b.name()));
+                let what = format!("{} on {device}", b.name());
+                assert_close(&values(&b.tensor()), &want, 1e-5, &what, 0);
+            }
+        }
     }
 }
 
