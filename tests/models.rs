@@ -405,6 +405,30 @@ fn files_that_are_not_cosplace_are_refused() {
     assert!(e.contains("backbone.4.0.conv3.weight"), "{e}");
     std::fs::remove_file(&path).unwrap();
 
+    let path = rewrite(model, "huge-dim", |_, meta| {
+        meta.insert("vpr.dim".into(), "1000000000000".into());
+    });
+    let e = load_error(&path);
+    assert!(
+        e.contains("vpr.dim 1000000000000 is not a descriptor size"),
+        "{e}"
+    );
+    std::fs::remove_file(&path).unwrap();
+
+    // a width beyond any real layer is refused before anything that wide is allocated
+    let path = rewrite(model, "huge-width", |tensors, _| {
+        tensors.insert(
+            "backbone.4.0.conv1.weight".into(),
+            f32_entry(&[70_000, 1, 1, 1], &vec![0.0; 70_000]),
+        );
+    });
+    let e = load_error(&path);
+    assert!(
+        e.contains("tensor 'backbone.4.0.conv1.weight' has 70000 along axis 0"),
+        "{e}"
+    );
+    std::fs::remove_file(&path).unwrap();
+
     let path = rewrite(model, "bad-size", |_, meta| {
         meta.insert("vpr.input.size".into(), "resize:0x5".into());
     });

@@ -12,7 +12,7 @@
 
 use super::resnet::{FoldedResNet, ResNet};
 use super::vgg::Vgg16;
-use super::{arch, InputSpec, PlaceModel, Shapes};
+use super::{arch, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
 use crate::autograd::{no_grad, Parameter};
 use crate::device::Device;
 use crate::dtype::DType;
@@ -58,6 +58,7 @@ impl CosPlaceNet {
         CosPlaceNet::from_file(&WeightsFile::open(path)?, device)
     }
 
+    /// [`CosPlaceNet::load`] from an open file.
     pub fn from_file(file: &WeightsFile, device: &Device) -> Result<CosPlaceNet> {
         let system = arch(file)?;
         if !matches!(system, "cosplace" | "eigenplaces") {
@@ -74,6 +75,11 @@ impl CosPlaceNet {
         let name = file.require("vpr.backbone")?;
         let truncate = file.require("vpr.backbone.truncate")?;
         let dim: usize = file.require_parsed("vpr.dim")?;
+        if dim == 0 || dim > MAX_WIDTH {
+            return Err(file.error(format!(
+                "vpr.dim {dim} is not a descriptor size (1 to {MAX_WIDTH})"
+            )));
+        }
         let shapes = Shapes::new(file);
         let backbone = match (name, truncate) {
             ("vgg16", "conv5_3") => Backbone::Vgg16(Vgg16::from_shapes("backbone.", &shapes, device)?),

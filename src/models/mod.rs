@@ -147,7 +147,7 @@ pub(crate) struct Shapes<'a> {
     too_wide: RefCell<Option<String>>,
 }
 
-/// The widest layer accepted (official models reach 2048).
+/// The widest layer (and largest descriptor) accepted; official models reach 4096.
 const MAX_WIDTH: usize = 1 << 16;
 
 impl<'a> Shapes<'a> {
