@@ -118,6 +118,8 @@ const FAMILIES: &[(&str, Family)] = &[
     ("matmul", crate::ops::matmul::conformance),
     ("reduce", crate::ops::reduce::conformance),
     ("softmax", crate::ops::softmax::conformance),
+    ("conv", crate::ops::conv::conformance),
+    ("pool", crate::ops::pool::conformance),
     ("loss", crate::ops::loss::conformance),
     ("optim", crate::train::optim::conformance),
 ];

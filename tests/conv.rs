@@ -142,8 +142,7 @@ fn cpu_matches_f64_reference() {
                 case.opts,
             );
             assert_eq!(got.shape(), shape, "{}", case.what);
-            // sums of up to a few hundred products of magnitude <= 1: relative to max(|y|, 1)
-            let tol = dtype.tolerance() * 4.0;
+            let tol = dtype.tolerance();
             let what = format!("cpu {dtype} {}", case.what);
             assert_close(&got.to_f64_vec().unwrap(), &want, tol, &what, s);
         }
@@ -276,4 +275,115 @@ fn bad_shapes_are_clear_errors() {
         t(&[1, 9, 9, 3]).conv2d(&t(&[4, 3, 3, 3]), None, o.stride(0)),
         "stride",
     );
+}
+
+#[test]
+fn every_conformance_case_passes_on_the_gpus() {
+    common::assert_conformance(vpr_engine::ops::conv::conformance, "conv conformance");
+}
+
+#[test]
+fn matches_pytorch_fixtures() {
+    let f = common::fixture_tensors("conv_ops.safetensors");
+    let mut names: Vec<&str> = f
+        .keys()
+        .filter_map(|k| k.strip_prefix("conv.")?.strip_suffix(".opts"))
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 8, "conv cases in the fixture");
+    let tensor = |key: String| {
+        let (shape, v) = &f[&key];
+        Tensor::from_f64(v, shape, DType::F32, &Device::Cpu)
+            .unwrap()
+            .requires_grad()
+    };
+    for name in names {
+        let k = |part: &str| format!("conv.{name}.{part}");
+        let o: Vec<usize> = f[&k("opts")].1.iter().map(|&v| v as usize).collect();
+        let opts = Conv2dOptions {
+            stride: [o[0], o[1]],
+            padding: [o[2], o[3]],
+            dilation: [o[4], o[5]],
+            groups: o[6],
+        };
+        let (x, w, b) = (tensor(k("x")), tensor(k("w")), tensor(k("b")));
+        let y = x.conv2d(&w, Some(&b), opts).unwrap();
+        let check = |got: &Tensor, part: &str| {
+            let (shape, want) = &f[&k(part)];
+            assert_eq!(got.shape(), shape.as_slice(), "{name} {part}");
+            assert_close(
+                &got.to_f64_vec().unwrap(),
+                want,
+                1e-5,
+                &format!("{name} {part}"),
+                0,
+            );
+        };
+        check(&y, "y");
+        let dy = tensor(k("dy")).detach();
+        let loss = y.mul(&dy).unwrap().sum_all().unwrap();
+        let grads = vpr_engine::autograd::backward(&loss).unwrap();
+        check(grads.get(&x).unwrap(), "dx");
+        check(grads.get(&w).unwrap(), "dw");
+        check(grads.get(&b).unwrap(), "db");
+    }
+}
+
+/// Output and the gradients of x, w, bias and residual of a fused convolution on `device`.
+fn fused_with_grads(inputs: &[Tensor; 4], opts: Conv2dOptions, device: &Device) -> Vec<Tensor> {
+    let leaves: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_device(device).unwrap().requires_grad())
+        .collect();
+    let y = leaves[0]
+        .conv2d_fused(&leaves[1], Some(&leaves[2]), Some(&leaves[3]), true, opts)
+        .unwrap();
+    let loss = y.mul(&y).unwrap().sum_all().unwrap();
+    let grads = vpr_engine::autograd::backward(&loss).unwrap();
+    std::iter::once(y.to_device(&Device::Cpu).unwrap())
+        .chain(
+            leaves
+                .iter()
+                .map(|l| grads.get(l).unwrap().to_device(&Device::Cpu).unwrap()),
+        )
+        .collect()
+}
+
+#[test]
+fn gpu_autograd_matches_cpu() {
+    let s = seed("conv_gpu_autograd_matches_cpu");
+    for device in common::gpu_devices() {
+        for (j, case) in cases().iter().enumerate() {
+            let k = s + 10 * j as u64;
+            let x = rand(&case.x, -1.0, 1.0, k, DType::F32);
+            let w = rand(&case.w, -1.0, 1.0, k + 1, DType::F32);
+            let b = rand(&[case.w[0]], -1.0, 1.0, k + 2, DType::F32);
+            let out = x.conv2d(&w, None, case.opts).unwrap();
+            let r = rand(out.shape(), -1.0, 1.0, k + 3, DType::F32);
+            let inputs = [x, w, b, r];
+            let want = fused_with_grads(&inputs, case.opts, &Device::Cpu);
+            let got = fused_with_grads(&inputs, case.opts, &device);
+            for (i, part) in ["y", "dx", "dw", "db", "dresidual"].iter().enumerate() {
+                let what = format!("{device} {} {part}", case.what);
+                common::assert_tensor_close(&got[i], &want[i], 1e-5, &what, s);
+            }
+        }
+    }
+}
+
+#[test]
+fn autocast_runs_in_bf16_with_f32_master_gradients() {
+    let s = seed("conv_autocast");
+    let case = &cases()[1];
+    let x = rand(&case.x, -1.0, 1.0, s, DType::F32).requires_grad();
+    let w = rand(&case.w, -1.0, 1.0, s + 1, DType::F32).requires_grad();
+    let y = vpr_engine::autograd::autocast(DType::BF16, || x.conv2d(&w, None, case.opts)).unwrap();
+    assert_eq!(y.dtype(), DType::BF16);
+    let want = x.conv2d(&w, None, case.opts).unwrap();
+    common::assert_tensor_close(&y, &want, DType::BF16.tolerance(), "autocast forward", s);
+    let grads = vpr_engine::autograd::backward(&y.to_dtype(DType::F32).unwrap().sum_all().unwrap())
+        .unwrap();
+    for t in [&x, &w] {
+        assert_eq!(grads.get(t).unwrap().dtype(), DType::F32);
+    }
 }

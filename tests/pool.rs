@@ -159,3 +159,42 @@ fn bad_shapes_are_clear_errors() {
     );
     expect(t(&[1, 4, 4, 3]).max_pool2d(2, 0, 0), "stride");
 }
+
+#[test]
+fn every_conformance_case_passes_on_the_gpus() {
+    common::assert_conformance(vpr_engine::ops::pool::conformance, "pool conformance");
+}
+
+#[test]
+fn matches_pytorch_fixtures() {
+    let f = common::fixture_tensors("conv_ops.safetensors");
+    let mut names: Vec<&str> = f
+        .keys()
+        .filter_map(|k| k.strip_prefix("pool.")?.strip_suffix(".opts"))
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "pool cases in the fixture");
+    for name in names {
+        let k = |part: &str| format!("pool.{name}.{part}");
+        let o: Vec<usize> = f[&k("opts")].1.iter().map(|&v| v as usize).collect();
+        let tensor = |part: &str| {
+            let (shape, v) = &f[&k(part)];
+            Tensor::from_f64(v, shape, DType::F32, &Device::Cpu).unwrap()
+        };
+        let x = tensor("x").requires_grad();
+        let y = x.max_pool2d(o[0], o[1], o[2]).unwrap();
+        let loss = y.mul(&tensor("dy")).unwrap().sum_all().unwrap();
+        let grads = autograd::backward(&loss).unwrap();
+        for (got, part) in [(&y, "y"), (grads.get(&x).unwrap(), "dx")] {
+            let (shape, want) = &f[&k(part)];
+            assert_eq!(got.shape(), shape.as_slice(), "{name} {part}");
+            assert_close(
+                &got.to_f64_vec().unwrap(),
+                want,
+                1e-5,
+                &format!("{name} {part}"),
+                0,
+            );
+        }
+    }
+}

@@ -3,13 +3,16 @@
 //! `vpr.backbone`, ...; see tools/convert/README.md). Tensors are read by name and converted to
 //! the dtype the caller asks for (f16, bf16, f32 and f64 files all load into an f32 model);
 //! nothing is copied until a tensor is read. Every error names the file.
+//!
+//! [`write_weights`] writes such a file (a trained model), through a temporary file renamed into
+//! place, so a crash never leaves half a file under the final name.
 
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use half::{bf16, f16};
-use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors};
+use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors, TensorView};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -111,6 +114,16 @@ impl WeightsFile {
         self.header.info(name).map(|i| i.shape.as_slice())
     }
 
+    /// Whether a tensor holds floating-point values (f16, bf16, f32, f64), if the file has it.
+    pub fn holds_floats(&self, name: &str) -> Option<bool> {
+        self.header.info(name).map(|i| {
+            matches!(
+                i.dtype,
+                StDtype::F16 | StDtype::BF16 | StDtype::F32 | StDtype::F64
+            )
+        })
+    }
+
     /// A tensor's values as f64 (exact for every float and integer dtype up to 32 bits).
     pub fn read_f64(&self, name: &str) -> Result<Vec<f64>> {
         let info = self
@@ -146,6 +159,67 @@ impl WeightsFile {
         let shape = self.shape(name).unwrap_or_default().to_vec();
         Tensor::from_f64(&values, &shape, dtype, device)
     }
+}
+
+/// Writes `tensors` (f32, or i64 counters; any device) under their names with `metadata`
+/// as a safetensors file at `path`: a temporary file in the same folder, synced, then renamed.
+pub fn write_weights(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let shown = path.display().to_string();
+    let err = |message: String| Error::Format {
+        path: shown.clone(),
+        message,
+    };
+    let mut data = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let (dtype, bytes) = match t.dtype() {
+            DType::I64 => (
+                StDtype::I64,
+                bytemuck::cast_slice(&t.to_vec::<i64>()?).to_vec(),
+            ),
+            _ => {
+                let v = t.to_dtype(DType::F32)?.to_vec::<f32>()?;
+                (StDtype::F32, bytemuck::cast_slice(&v).to_vec())
+            }
+        };
+        data.push((name, dtype, t.shape().to_vec(), bytes));
+    }
+    let views = data
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.to_string(), v))
+                .map_err(|e| err(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| err("not a file path".into()))?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    let io_err = |p: &Path, source| Error::Io {
+        path: p.display().to_string(),
+        source,
+    };
+    let meta = metadata.clone().into_iter().collect();
+    let write = || -> Result<()> {
+        safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(source) => io_err(&tmp, source),
+            e => err(e.to_string()),
+        })?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 impl std::fmt::Debug for WeightsFile {

@@ -12,15 +12,16 @@
 
 use super::resnet::{FoldedResNet, ResNet};
 use super::vgg::Vgg16;
-use super::{arch, InputSpec, PlaceModel, Shapes};
+use super::{arch, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
 use crate::autograd::{no_grad, Parameter};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
-use crate::io::weights::WeightsFile;
+use crate::io::weights::{write_weights, WeightsFile};
 use crate::nn::{flatten, l2_normalize, load_strict, Buffer, GeM, Linear, Module, StateEntry};
 use crate::tape::autocast_to_f32;
 use crate::tensor::Tensor;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 enum Backbone {
@@ -46,6 +47,8 @@ pub struct CosPlaceNet {
     input: InputSpec,
     dim: usize,
     device: Device,
+    /// The `__metadata__` of the file it was loaded from, written back by `save`.
+    metadata: BTreeMap<String, String>,
 }
 
 impl CosPlaceNet {
@@ -55,6 +58,7 @@ impl CosPlaceNet {
         CosPlaceNet::from_file(&WeightsFile::open(path)?, device)
     }
 
+    /// [`CosPlaceNet::load`] from an open file.
     pub fn from_file(file: &WeightsFile, device: &Device) -> Result<CosPlaceNet> {
         let system = arch(file)?;
         if !matches!(system, "cosplace" | "eigenplaces") {
@@ -71,6 +75,11 @@ impl CosPlaceNet {
         let name = file.require("vpr.backbone")?;
         let truncate = file.require("vpr.backbone.truncate")?;
         let dim: usize = file.require_parsed("vpr.dim")?;
+        if dim == 0 || dim > MAX_WIDTH {
+            return Err(file.error(format!(
+                "vpr.dim {dim} is not a descriptor size (1 to {MAX_WIDTH})"
+            )));
+        }
         let shapes = Shapes::new(file);
         let backbone = match (name, truncate) {
             ("vgg16", "conv5_3") => Backbone::Vgg16(Vgg16::from_shapes("backbone.", &shapes, device)?),
@@ -109,6 +118,7 @@ impl CosPlaceNet {
             input: InputSpec::from_file(file)?,
             dim,
             device: device.clone(),
+            metadata: file.metadata().clone(),
         };
         load_strict(&net.state_entries(), file, widths_known)?;
         Ok(net)
@@ -132,6 +142,19 @@ impl CosPlaceNet {
             Backbone::ResNet(r) => r.freeze_cosplace(),
             Backbone::Vgg16(v) => v.freeze_cosplace(),
         }
+    }
+
+    /// Writes the network as the converted file it was loaded from (official names and layouts,
+    /// BatchNorm running statistics and counters, the same metadata), so that [`super::load`]
+    /// and `--weights` read a trained model back.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors = no_grad(|| {
+            self.state_entries()
+                .iter()
+                .map(|e| Ok((e.name().to_string(), e.file_value()?)))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        write_weights(path, &tensors, &self.metadata)
     }
 
     /// `cosplace resnet50 -> 2048`.

@@ -62,7 +62,10 @@ impl InputSpec {
         };
         let (mean, std) = (triple("vpr.input.mean")?, triple("vpr.input.std")?);
         if std.iter().any(|&s| !(s > 0.0 && s.is_finite())) {
-            return Err(file.error(format!("vpr.input.std {std:?} is not positive")));
+            return Err(file.error(format!(
+                "metadata entry 'vpr.input.std' = '{}' has a value that is not positive",
+                file.require("vpr.input.std")?
+            )));
         }
         let size_text = file.require("vpr.input.size")?;
         let bad = || {
@@ -144,7 +147,7 @@ pub(crate) struct Shapes<'a> {
     too_wide: RefCell<Option<String>>,
 }
 
-/// The widest layer accepted (official models reach 2048).
+/// The widest layer (and largest descriptor) accepted; official models reach 4096.
 const MAX_WIDTH: usize = 1 << 16;
 
 impl<'a> Shapes<'a> {

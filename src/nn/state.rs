@@ -1,6 +1,7 @@
 //! State dicts: buffers (tensors a module keeps but does not train, such as BatchNorm's running
 //! statistics) and strict loading of parameters and buffers by their official PyTorch names from
-//! a converted weight file.
+//! a converted weight file; [`StateEntry::file_value`] gives each back in the file's layout for
+//! saving.
 
 use crate::autograd::{no_grad, Parameter};
 use crate::dtype::DType;
@@ -117,6 +118,14 @@ impl StateEntry {
         Tensor::from_f64(&values, current.shape(), current.dtype(), current.device())
     }
 
+    /// The value as the file stores it (a convolution weight back in OIHW).
+    pub fn file_value(&self) -> Result<Tensor> {
+        match &self.slot {
+            Slot::ConvWeight(p) => p.tensor().detach().permute(&[0, 3, 1, 2])?.contiguous(),
+            _ => Ok(self.value().detach()),
+        }
+    }
+
     fn store(&self, value: Tensor) -> Result<()> {
         match &self.slot {
             Slot::Parameter(p) | Slot::ConvWeight(p) => p.set(value),
@@ -140,13 +149,14 @@ pub fn plain_entries(params: &[Parameter], buffers: &[Buffer]) -> Vec<StateEntry
 
 /// Loads every entry from `file`, strictly: each required entry must be in the file with the
 /// right shape, and every tensor of the file must belong to an entry. Nothing changes unless
-/// everything fits; otherwise one error names the file and lists the missing, unexpected and
-/// mis-shaped keys. With `check_shapes` false only names are compared (the caller could not
+/// everything fits; otherwise one error names the file and lists the missing, unexpected,
+/// mis-shaped and mis-typed (integers for a float tensor or the reverse) keys. With `check_shapes` false only names are compared (the caller could not
 /// read the model's widths because a key that gives one is missing). Float tensors are
 /// converted to each entry's dtype (an f16 file loads into an f32 model).
 pub fn load_strict(entries: &[StateEntry], file: &WeightsFile, check_shapes: bool) -> Result<()> {
     let mut missing = Vec::new();
     let mut misshaped = Vec::new();
+    let mut mistyped = Vec::new();
     let mut claimed = BTreeSet::new();
     for e in entries {
         let name = e.name();
@@ -159,6 +169,11 @@ pub fn load_strict(entries: &[StateEntry], file: &WeightsFile, check_shapes: boo
                 if check_shapes && got != want.as_slice() {
                     misshaped.push(format!("{name} (file {got:?}, model {want:?})"));
                 }
+                let float = e.value().dtype().is_float();
+                if file.holds_floats(name) != Some(float) {
+                    let want = if float { "floats" } else { "integers" };
+                    mistyped.push(format!("{name} (the model holds {want})"));
+                }
             }
         }
     }
@@ -167,12 +182,14 @@ pub fn load_strict(entries: &[StateEntry], file: &WeightsFile, check_shapes: boo
         .into_iter()
         .filter(|n| !claimed.contains(n))
         .collect();
-    if !(missing.is_empty() && unexpected.is_empty() && misshaped.is_empty()) {
+    let problems = [&missing, &unexpected, &misshaped, &mistyped];
+    if problems.iter().any(|list| !list.is_empty()) {
         let mut parts = Vec::new();
         for (what, list) in [
             ("missing keys", &missing),
             ("unexpected keys", &unexpected),
             ("mis-shaped keys", &misshaped),
+            ("mis-typed keys", &mistyped),
         ] {
             if !list.is_empty() {
                 parts.push(format!("{what} ({}): {}", list.len(), shorten(list)));

@@ -178,3 +178,31 @@ fn install_nvrtc_wheel() {
         tools.display()
     );
 }
+
+/// Every tensor of a committed fixture under tests/fixtures/ as (shape, values in f64); f32 and
+/// int64 tensors only.
+pub fn fixture_tensors(file: &str) -> std::collections::HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(file);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view.data();
+            let values = match view.dtype() {
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::I64 => data
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("{}: {name} is {other:?}", path.display()),
+            };
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}

@@ -3,8 +3,13 @@
 //! a GEMM (wgrad). A 1x1 stride-1 unpadded convolution uses the input as the im2col matrix.
 //! Large batches are processed in chunks of output rows so that the im2col matrix stays near
 //! `COL_BUDGET` floats.
+//!
+//! For f16/bf16 (converted to f32 by the caller) the GEMM results are rounded to the dtype before
+//! the epilogue or col2im, where the GPU's GEMM stores them in the dtype: the same rounding points
+//! as the kernels, so the CPU is their twin.
 
 use super::ConvGeom;
+use crate::dtype::DType;
 use gemm::Parallelism;
 
 /// Floats of im2col (or its gradient) built at a time.
@@ -106,6 +111,38 @@ fn gemm_f32(
     }
 }
 
+thread_local! {
+    /// The im2col matrix (or its gradient) of this thread's last convolution, kept for the next
+    /// one: a fresh buffer of several MB costs a page fault per 4 KB on first touch, about as
+    /// long as filling it. About `COL_BUDGET` floats per thread, or one image's dgrad matrix
+    /// where that is larger.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a scratch buffer of `len` floats (stale contents: `f` must write before reading).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
+/// Rounds GEMM results to `dtype` (nothing to do for f32), in place.
+fn round_to(v: &mut [f32], dtype: DType) {
+    match dtype {
+        DType::F16 => v
+            .iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        DType::BF16 => v
+            .iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        _ => {}
+    }
+}
+
 /// Output rows per chunk so that `cols` floats per row stay near `COL_BUDGET`.
 fn rows_per_chunk(cols: usize, total: usize) -> usize {
     (COL_BUDGET / cols.max(1)).max(64).min(total.max(1))
@@ -113,30 +150,64 @@ fn rows_per_chunk(cols: usize, total: usize) -> usize {
 
 /// The im2col rows `first..first + rows` of `x` into `col` (`rows x groups * K`, zero padding).
 fn im2col(x: &[f32], g: &ConvGeom, first: usize, col: &mut [f32]) {
-    let (cg, ktot) = (g.cg(), g.groups * g.k());
+    let ktot = g.groups * g.k();
     par_rows(col, ktot, |row0, chunk| {
         for (i, row) in chunk.chunks_mut(ktot).enumerate() {
             let r = first + row0 + i;
             let (n, oh, ow) = (r / (g.oh * g.ow), (r / g.ow) % g.oh, r % g.ow);
-            let mut dst = row.chunks_mut(cg);
-            for group in 0..g.groups {
-                for kh in 0..g.kh {
-                    let ih = (oh * g.stride[0] + kh * g.dil[0]).checked_sub(g.pad[0]);
-                    for kw in 0..g.kw {
-                        let iw = (ow * g.stride[1] + kw * g.dil[1]).checked_sub(g.pad[1]);
-                        let out = dst.next().expect("im2col row holds groups * K values");
-                        match (ih, iw) {
-                            (Some(ih), Some(iw)) if ih < g.h && iw < g.w => {
-                                let at = ((n * g.h + ih) * g.w + iw) * g.c + group * cg;
-                                out.copy_from_slice(&x[at..at + cg]);
-                            }
-                            _ => out.fill(0.0),
-                        }
-                    }
-                }
+            if g.groups == 1 && g.dil[1] == 1 {
+                im2col_row_runs(x, g, (n, oh, ow), row);
+            } else {
+                im2col_row(x, g, (n, oh, ow), row);
             }
         }
     });
+}
+
+/// One im2col row, `C/groups` channels at a time.
+fn im2col_row(x: &[f32], g: &ConvGeom, (n, oh, ow): (usize, usize, usize), row: &mut [f32]) {
+    let cg = g.cg();
+    let mut dst = row.chunks_mut(cg);
+    for group in 0..g.groups {
+        for kh in 0..g.kh {
+            let ih = (oh * g.stride[0] + kh * g.dil[0]).checked_sub(g.pad[0]);
+            for kw in 0..g.kw {
+                let iw = (ow * g.stride[1] + kw * g.dil[1]).checked_sub(g.pad[1]);
+                let out = dst.next().expect("im2col row holds groups * K values");
+                match (ih, iw) {
+                    (Some(ih), Some(iw)) if ih < g.h && iw < g.w => {
+                        let at = ((n * g.h + ih) * g.w + iw) * g.c + group * cg;
+                        out.copy_from_slice(&x[at..at + cg]);
+                    }
+                    _ => out.fill(0.0),
+                }
+            }
+        }
+    }
+}
+
+/// One im2col row of a one-group convolution with no dilation along W: the taps of a kernel row
+/// that fall inside the input are one contiguous run of `x` (a single copy of up to KW * C
+/// values, which matters for the 3-channel stem), the ones in the padding zeros.
+fn im2col_row_runs(x: &[f32], g: &ConvGeom, (n, oh, ow): (usize, usize, usize), row: &mut [f32]) {
+    let c = g.c;
+    // taps kw in lo..hi read iw = ow * stride - pad + kw inside [0, W)
+    let start = (ow * g.stride[1]) as isize - g.pad[1] as isize;
+    let lo = (-start).clamp(0, g.kw as isize) as usize;
+    let hi = (g.w as isize - start).clamp(lo as isize, g.kw as isize) as usize;
+    for (kh, out) in row.chunks_mut(g.kw * c).enumerate() {
+        let ih = (oh * g.stride[0] + kh * g.dil[0]).checked_sub(g.pad[0]);
+        match ih {
+            Some(ih) if ih < g.h && hi > lo => {
+                let iw = (start + lo as isize) as usize;
+                let at = ((n * g.h + ih) * g.w + iw) * c;
+                out[..lo * c].fill(0.0);
+                out[lo * c..hi * c].copy_from_slice(&x[at..at + (hi - lo) * c]);
+                out[hi * c..].fill(0.0);
+            }
+            _ => out.fill(0.0),
+        }
+    }
 }
 
 /// `relu(out + bias + residual)` in place, `out` being `rows x O` starting at output row `first`.
@@ -173,6 +244,7 @@ pub fn conv_forward(
     residual: Option<&[f32]>,
     relu: bool,
     g: &ConvGeom,
+    dtype: DType,
 ) -> Vec<f32> {
     let (m, o, og, k) = (g.m(), g.o, g.og(), g.k());
     let ktot = g.groups * k;
@@ -196,20 +268,22 @@ pub fn conv_forward(
         product(x, m, &mut out);
     } else {
         let chunk = rows_per_chunk(ktot, m);
-        let mut col = vec![0f32; chunk * ktot];
-        for (ci, dst) in out.chunks_mut(chunk * o).enumerate() {
-            let rows = dst.len() / o;
-            let col = &mut col[..rows * ktot];
-            im2col(x, g, ci * chunk, col);
-            product(col, rows, dst);
-        }
+        with_scratch(chunk * ktot, |col| {
+            for (ci, dst) in out.chunks_mut(chunk * o).enumerate() {
+                let rows = dst.len() / o;
+                let col = &mut col[..rows * ktot];
+                im2col(x, g, ci * chunk, col);
+                product(col, rows, dst);
+            }
+        });
     }
+    round_to(&mut out, dtype);
     epilogue(&mut out, o, bias, residual, relu);
     out
 }
 
 /// The input gradient `[N, H, W, C]` from the output gradient `dy [M, O]`.
-pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
+pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom, dtype: DType) -> Vec<f32> {
     let (o, og, cg, k) = (g.o, g.og(), g.cg(), g.k());
     let ktot = g.groups * k;
     let mut dx = vec![0f32; g.n * g.h * g.w * g.c];
@@ -227,32 +301,35 @@ pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
                 Mat::new(group * og * cg, cg, 1),
             );
         }
+        round_to(&mut dx, dtype);
         return dx;
     }
     // whole images at a time: col2im needs every output pixel that reads an input pixel
     let pixels = g.oh * g.ow;
     let images = (COL_BUDGET / (pixels * ktot).max(1)).clamp(1, g.n.max(1));
-    let mut dcol = vec![0f32; images * pixels * ktot];
     let image_len = g.h * g.w * g.c;
-    for (chunk, dx_chunk) in dx.chunks_mut(images * image_len).enumerate() {
-        let n0 = chunk * images;
-        let rows = dx_chunk.len() / image_len * pixels;
-        let dcol = &mut dcol[..rows * ktot];
-        let dy_chunk = &dy[n0 * pixels * o..][..rows * o];
-        for group in 0..g.groups {
-            gemm_f32(
-                (rows, k, og),
-                dcol,
-                Mat::new(group * k, ktot, 1),
-                false,
-                dy_chunk,
-                Mat::new(group * og, o, 1),
-                w,
-                Mat::new(group * og * k, k, 1),
-            );
+    with_scratch(images * pixels * ktot, |dcol| {
+        for (chunk, dx_chunk) in dx.chunks_mut(images * image_len).enumerate() {
+            let n0 = chunk * images;
+            let rows = dx_chunk.len() / image_len * pixels;
+            let dcol = &mut dcol[..rows * ktot];
+            let dy_chunk = &dy[n0 * pixels * o..][..rows * o];
+            for group in 0..g.groups {
+                gemm_f32(
+                    (rows, k, og),
+                    dcol,
+                    Mat::new(group * k, ktot, 1),
+                    false,
+                    dy_chunk,
+                    Mat::new(group * og, o, 1),
+                    w,
+                    Mat::new(group * og * k, k, 1),
+                );
+            }
+            round_to(dcol, dtype);
+            col2im(dcol, g, dx_chunk);
         }
-        col2im(dcol, g, dx_chunk);
-    }
+    });
     dx
 }
 
@@ -318,12 +395,13 @@ pub fn conv_wgrad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
         return dw;
     }
     let chunk = rows_per_chunk(ktot, m);
-    let mut col = vec![0f32; chunk.min(m) * ktot];
-    for first in (0..m).step_by(chunk) {
-        let rows = chunk.min(m - first);
-        let col = &mut col[..rows * ktot];
-        im2col(x, g, first, col);
-        product(col, &dy[first * o..][..rows * o], rows, &mut dw, first > 0);
-    }
+    with_scratch(chunk.min(m) * ktot, |col| {
+        for first in (0..m).step_by(chunk) {
+            let rows = chunk.min(m - first);
+            let col = &mut col[..rows * ktot];
+            im2col(x, g, first, col);
+            product(col, &dy[first * o..][..rows * o], rows, &mut dw, first > 0);
+        }
+    });
     dw
 }

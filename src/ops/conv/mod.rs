@@ -17,14 +17,20 @@
 //! (output pixel, kh, kw) positions that read it: a gather, with no atomics on the GPU).
 //!
 //! On the CPU f32 runs through the `gemm` crate (f16/bf16 in f32, rounded once); im2col, col2im
-//! and the epilogue are multi-threaded. GPUs are not supported yet.
+//! and the epilogue are multi-threaded. On GPUs (kernels/conv.cu) the im2col, epilogue and col2im
+//! kernels surround batched GEMMs (a batch entry per group) through `Tensor::matmul`, so f16/bf16
+//! run on the tensor-core families (mma.sync, wgmma); the GEMM rounds to the dtype before the
+//! epilogue adds in f32. A true implicit-GEMM tensor-core kernel, which would not write the im2col
+//! matrix to memory and would apply the epilogue in registers, is a follow-up; so is splitting a
+//! large batch into chunks on GPUs (the CPU bounds its im2col matrix that way).
 //!
 //! Inside an `autocast` scope the convolution runs in the autocast dtype, as matmul does.
 
 mod cpu;
+mod gpu;
 
 use crate::dtype::DType;
-use crate::error::{dtype_err, shape_err, Error, Result};
+use crate::error::{dtype_err, shape_err, Result};
 use crate::layout::Layout;
 use crate::ops::elementwise::UnaryOp;
 use crate::tape;
@@ -262,7 +268,12 @@ impl Tensor {
             if has_bias {
                 grads.push(
                     needs[next]
-                        .then(|| gm.reshape(&[geom.m(), geom.o])?.sum(0, false))
+                        .then(|| {
+                            // (a sum inside autocast would come back in f32)
+                            gm.reshape(&[geom.m(), geom.o])?
+                                .sum(0, false)?
+                                .to_dtype(gm.dtype())
+                        })
                         .transpose()?,
                 );
                 next += 1;
@@ -326,11 +337,15 @@ fn check_operands(
     Ok(geom)
 }
 
-/// Contiguous f32 CPU data of `t` (converted from f16/bf16).
-fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.to_dtype(DType::F32)?.contiguous()?;
+/// `t` as a dense f32 CPU tensor: itself when it already is one (no copy), else converted.
+fn dense_f32(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)?.contiguous()
+}
+
+/// The elements of a dense f32 CPU tensor.
+fn f32_data(t: &Tensor) -> Result<&[f32]> {
     match t.storage() {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(v[t.layout().offset()..][..t.numel()].to_vec()),
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[t.layout().offset()..][..t.numel()]),
         _ => dtype_err!(
             "conv2d: expected f32 CPU data, got {} on {}",
             t.dtype(),
@@ -350,12 +365,6 @@ fn cpu_result(v: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Tensor> {
     .to_dtype(dtype)
 }
 
-fn gpu_not_yet(op: &str) -> Error {
-    Error::Device(format!(
-        "{op} is not implemented on GPUs yet (only on the cpu)"
-    ))
-}
-
 /// The forward, recording nothing.
 fn conv_forward(
     x: &Tensor,
@@ -366,29 +375,254 @@ fn conv_forward(
     geom: &ConvGeom,
 ) -> Result<Tensor> {
     if !x.device().is_cpu() {
-        return Err(gpu_not_yet("conv2d"));
+        return gpu::conv_forward(x, w, bias, residual, relu, geom);
     }
-    let (xv, wv) = (cpu_f32(x)?, cpu_f32(w)?);
-    let bv = bias.map(cpu_f32).transpose()?;
-    let rv = residual.map(cpu_f32).transpose()?;
-    let out = cpu::conv_forward(&xv, &wv, bv.as_deref(), rv.as_deref(), relu, geom);
+    let (xt, wt) = (dense_f32(x)?, dense_f32(w)?);
+    let bt = bias.map(dense_f32).transpose()?;
+    let rt = residual.map(dense_f32).transpose()?;
+    let out = cpu::conv_forward(
+        f32_data(&xt)?,
+        f32_data(&wt)?,
+        bt.as_ref().map(f32_data).transpose()?,
+        rt.as_ref().map(f32_data).transpose()?,
+        relu,
+        geom,
+        x.dtype(),
+    );
     cpu_result(out, &geom.out_shape(), x.dtype())
 }
 
 /// The input's gradient from the (masked) output gradient `g`.
 fn conv_dgrad(g: &Tensor, w: &Tensor, geom: &ConvGeom) -> Result<Tensor> {
     if !g.device().is_cpu() {
-        return Err(gpu_not_yet("conv2d backward"));
+        return gpu::conv_dgrad(g, w, geom);
     }
-    let dx = cpu::conv_dgrad(&cpu_f32(g)?, &cpu_f32(w)?, geom);
+    let dx = cpu::conv_dgrad(
+        f32_data(&dense_f32(g)?)?,
+        f32_data(&dense_f32(w)?)?,
+        geom,
+        g.dtype(),
+    );
     cpu_result(dx, &[geom.n, geom.h, geom.w, geom.c], g.dtype())
 }
 
 /// The weights' gradient from the input and the (masked) output gradient `g`.
 fn conv_wgrad(x: &Tensor, g: &Tensor, geom: &ConvGeom) -> Result<Tensor> {
     if !g.device().is_cpu() {
-        return Err(gpu_not_yet("conv2d backward"));
+        return gpu::conv_wgrad(x, g, geom);
     }
-    let dw = cpu::conv_wgrad(&cpu_f32(x)?, &cpu_f32(g)?, geom);
+    let dw = cpu::conv_wgrad(f32_data(&dense_f32(x)?)?, f32_data(&dense_f32(g)?)?, geom);
     cpu_result(dw, &[geom.o, geom.kh, geom.kw, geom.cg()], g.dtype())
+}
+
+/// Conformance cases: odd sizes, stride 2 on odd input, padding, dilation 2, groups 2, depthwise
+/// (and with a channel multiplier), batch 1, the 7x7/2 RGB stem, 1x1 (no im2col) and 1x1/2, and
+/// GEMM sizes that are no multiple of any tile; the forward with bias, residual and ReLU, dgrad
+/// and wgrad each a row. f16/bf16 run on the device's default GEMM family and, where it has
+/// wgmma, on mma.sync too.
+pub fn conformance(
+    device: &crate::device::Device,
+    seed: u64,
+) -> Result<Vec<crate::check::CheckRow>> {
+    use crate::check::compare;
+    use crate::device::Device;
+    use crate::ops::matmul::{with_tensor_core_path, TensorCorePath};
+    let o = |stride: usize, pad: usize, dil: usize, groups: usize| {
+        Conv2dOptions::new()
+            .stride(stride)
+            .padding(pad)
+            .dilation(dil)
+            .groups(groups)
+    };
+    // (what, x, weight, options, bias, residual, relu)
+    type Case = (
+        &'static str,
+        [usize; 4],
+        [usize; 4],
+        Conv2dOptions,
+        bool,
+        bool,
+        bool,
+    );
+    let cases: [Case; 10] = [
+        (
+            "3x3",
+            [2, 7, 9, 3],
+            [5, 3, 3, 3],
+            o(1, 1, 1, 1),
+            true,
+            false,
+            false,
+        ),
+        (
+            "3x3/2 odd",
+            [1, 9, 7, 4],
+            [6, 3, 3, 4],
+            o(2, 1, 1, 1),
+            true,
+            true,
+            true,
+        ),
+        (
+            "dilation 2",
+            [1, 8, 9, 4],
+            [6, 3, 3, 4],
+            o(1, 2, 2, 1),
+            false,
+            false,
+            true,
+        ),
+        (
+            "groups 2",
+            [1, 7, 6, 4],
+            [6, 3, 3, 2],
+            o(1, 1, 1, 2),
+            true,
+            false,
+            true,
+        ),
+        (
+            "depthwise",
+            [2, 6, 5, 5],
+            [5, 3, 3, 1],
+            o(1, 1, 1, 5),
+            true,
+            false,
+            false,
+        ),
+        (
+            "depthwise x2 /2",
+            [1, 7, 7, 3],
+            [6, 3, 3, 1],
+            o(2, 1, 1, 3),
+            false,
+            true,
+            false,
+        ),
+        (
+            "7x7/2 stem",
+            [1, 15, 13, 3],
+            [8, 7, 7, 3],
+            o(2, 3, 1, 1),
+            true,
+            false,
+            true,
+        ),
+        (
+            "1x1",
+            [2, 5, 7, 6],
+            [9, 1, 1, 6],
+            o(1, 0, 1, 1),
+            true,
+            true,
+            true,
+        ),
+        (
+            "1x1/2",
+            [1, 7, 7, 6],
+            [8, 1, 1, 6],
+            o(2, 0, 1, 1),
+            false,
+            false,
+            false,
+        ),
+        (
+            "tails",
+            [1, 11, 13, 19],
+            [35, 3, 3, 19],
+            o(1, 1, 1, 1),
+            true,
+            true,
+            true,
+        ),
+    ];
+    let has_wgmma = device
+        .gpu()
+        .is_some_and(|g| crate::ops::matmul::tensor_core_paths(g, DType::BF16).len() > 1);
+    let mut rows = Vec::new();
+    for (di, &dtype) in DType::FLOATS.iter().enumerate() {
+        let mut families = vec![(None, "")];
+        if dtype != DType::F32 && has_wgmma {
+            families.push((Some(TensorCorePath::MmaSync), " mma.sync"));
+        }
+        for (ci, &(what, xs, ws, opts, has_bias, has_res, relu)) in cases.iter().enumerate() {
+            let geom = ConvGeom::new(&xs, &ws, &opts)?;
+            let s = seed.wrapping_add(100 * (di * 16 + ci) as u64);
+            let rand = |shape: &[usize], k: u64| {
+                Tensor::rand_uniform(shape, -1.0, 1.0, s + k, dtype, &Device::Cpu)
+            };
+            let (x, w, b) = (rand(&xs, 0)?, rand(&ws, 1)?, rand(&[ws[0]], 2)?);
+            let r = rand(&geom.out_shape(), 3)?;
+            let dy = rand(&geom.out_shape(), 4)?;
+            let bias = has_bias.then_some(&b);
+            let res = has_res.then_some(&r);
+            let dev = |t: &Tensor| t.to_device(device);
+            let shape = [xs.as_slice(), ws.as_slice()].concat();
+            let (fwd, dgrad, wgrad) = if geom.pointwise() {
+                (
+                    format!("conv_epilogue_{dtype}"),
+                    format!("conv_col2im_{dtype}"),
+                    format!("gemm (conv wgrad {dtype})"),
+                )
+            } else {
+                (
+                    format!("conv_im2col_{dtype}+conv_epilogue_{dtype}"),
+                    format!("conv_col2im_{dtype}"),
+                    format!("conv_im2col_{dtype}"),
+                )
+            };
+            for &(path, family) in &families {
+                let on_family = |f: &dyn Fn() -> Result<Tensor>| match path {
+                    Some(p) => with_tensor_core_path(p, f),
+                    None => f(),
+                };
+                let label = |kernel: &str, part: &str| {
+                    format!(
+                        "{kernel} ({what}{}{part}{family})",
+                        if part.is_empty() { "" } else { ", " }
+                    )
+                };
+                let got = on_family(&|| {
+                    let (bd, rd) = (bias.map(dev).transpose()?, res.map(dev).transpose()?);
+                    conv_forward(&dev(&x)?, &dev(&w)?, bd.as_ref(), rd.as_ref(), relu, &geom)
+                });
+                let want = conv_forward(&x, &w, bias, res, relu, &geom);
+                let epi = [(has_bias, "bias"), (has_res, "residual"), (relu, "relu")]
+                    .iter()
+                    .filter(|(on, _)| *on)
+                    .map(|(_, n)| *n)
+                    .collect::<Vec<_>>()
+                    .join("+");
+                rows.push(compare(
+                    &label(&fwd, &epi),
+                    dtype,
+                    &shape,
+                    got,
+                    want,
+                    dtype.tolerance(),
+                ));
+                let got = on_family(&|| conv_dgrad(&dev(&dy)?, &dev(&w)?, &geom));
+                let want = conv_dgrad(&dy, &w, &geom);
+                rows.push(compare(
+                    &label(&dgrad, "dgrad"),
+                    dtype,
+                    &shape,
+                    got,
+                    want,
+                    dtype.tolerance(),
+                ));
+                let got = on_family(&|| conv_wgrad(&dev(&x)?, &dev(&dy)?, &geom));
+                let want = conv_wgrad(&x, &dy, &geom);
+                rows.push(compare(
+                    &label(&wgrad, "wgrad"),
+                    dtype,
+                    &shape,
+                    got,
+                    want,
+                    dtype.tolerance(),
+                ));
+            }
+        }
+    }
+    Ok(rows)
 }
