@@ -2,7 +2,8 @@
 //! then one pass for bias, residual and ReLU; backward as a GEMM and a col2im gather (dgrad) and
 //! a GEMM (wgrad). A 1x1 stride-1 unpadded convolution uses the input as the im2col matrix.
 //! Large batches are processed in chunks of output rows so that the im2col matrix stays near
-//! `COL_BUDGET` floats.
+//! `COL_BUDGET` floats; that matrix lives in a per-thread scratch buffer reused across calls.
+//! GEMMs of few rows (late layers at batch 1) split their columns over the threads themselves.
 //!
 //! For f16/bf16 (converted to f32 by the caller) the GEMM results are rounded to the dtype before
 //! the epilogue or col2im, where the GPU's GEMM stores them in the dtype: the same rounding points
@@ -286,7 +287,7 @@ fn im2col_row_runs(x: &[f32], g: &ConvGeom, (n, oh, ow): (usize, usize, usize), 
     }
 }
 
-/// `relu(out + bias + residual)` in place, `out` being `rows x O` starting at output row `first`.
+/// `relu(out + bias + residual)` in place, `out` being the whole `M x O` output.
 fn epilogue(out: &mut [f32], o: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, relu: bool) {
     if bias.is_none() && residual.is_none() && !relu {
         return;
