@@ -2,7 +2,8 @@
 //! then one pass for bias, residual and ReLU; backward as a GEMM and a col2im gather (dgrad) and
 //! a GEMM (wgrad). A 1x1 stride-1 unpadded convolution uses the input as the im2col matrix.
 //! Large batches are processed in chunks of output rows so that the im2col matrix stays near
-//! `COL_BUDGET` floats.
+//! `COL_BUDGET` floats; that matrix lives in a per-thread scratch buffer reused across calls.
+//! GEMMs of few rows (late layers at batch 1) split their columns over the threads themselves.
 //!
 //! For f16/bf16 (converted to f32 by the caller) the GEMM results are rounded to the dtype before
 //! the epilogue or col2im, where the GPU's GEMM stores them in the dtype: the same rounding points
@@ -84,14 +85,86 @@ fn gemm_f32(
         }
         return;
     }
-    // SAFETY: the assertion above checked that every element the three matrices address lies
-    // inside its slice; dst is borrowed mutably, so nothing else reads or writes it meanwhile.
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    if m > SPLIT_N_MAX_M || threads == 1 || n < SPLIT_N_MIN_COLS * threads {
+        // SAFETY: the assertion above checked that every element the three matrices address
+        // lies inside its slice; dst is borrowed mutably, so nothing else touches it meanwhile.
+        unsafe {
+            gemm_raw(
+                (m, n, k),
+                dst.as_mut_ptr(),
+                d,
+                accumulate,
+                lhs,
+                a,
+                rhs,
+                b,
+                true,
+            )
+        };
+        return;
+    }
+    // Few rows (late layers at batch 1): the crate's own split leaves a core idle, so give each
+    // thread a block of columns (output channels) and the weights that go with it.
+    let per = n.div_ceil(threads).next_multiple_of(16);
+    let dst_addr = dst.as_mut_ptr() as usize;
+    std::thread::scope(|scope| {
+        for j0 in (0..n).step_by(per) {
+            let cols = per.min(n - j0);
+            scope.spawn(move || {
+                let d = Mat::new(d.offset + j0 * d.cs, d.rs, d.cs);
+                let b = Mat::new(b.offset + j0 * b.cs, b.rs, b.cs);
+                // SAFETY: as above, every address lies inside its slice; the threads write
+                // disjoint column blocks of dst (columns j0..j0 + cols each), and dst stays
+                // borrowed mutably by this function until the scope has joined them.
+                unsafe {
+                    gemm_raw(
+                        (m, cols, k),
+                        dst_addr as *mut f32,
+                        d,
+                        accumulate,
+                        lhs,
+                        a,
+                        rhs,
+                        b,
+                        false,
+                    )
+                };
+            });
+        }
+    });
+}
+
+/// Rows up to which `gemm_f32` splits the columns over threads itself.
+const SPLIT_N_MAX_M: usize = 256;
+/// Columns per thread at least, for that split.
+const SPLIT_N_MIN_COLS: usize = 32;
+
+/// The `gemm` crate's call for `gemm_f32`, on `dst` (the start of the destination slice),
+/// multi-threaded by the crate when `parallel`.
+///
+/// # Safety
+/// Every element the three matrices address must lie inside `dst`'s allocation, `lhs` and
+/// `rhs`, and nothing else may access the addressed part of `dst` during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    d: Mat,
+    accumulate: bool,
+    lhs: &[f32],
+    a: Mat,
+    rhs: &[f32],
+    b: Mat,
+    parallel: bool,
+) {
+    // SAFETY: the caller guarantees the bounds and exclusive access.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr().add(d.offset),
+            dst.add(d.offset),
             d.cs as isize,
             d.rs as isize,
             accumulate,
@@ -106,7 +179,11 @@ fn gemm_f32(
             false,
             false,
             false,
-            Parallelism::Rayon(0),
+            if parallel {
+                Parallelism::Rayon(0)
+            } else {
+                Parallelism::None
+            },
         )
     }
 }
@@ -210,7 +287,7 @@ fn im2col_row_runs(x: &[f32], g: &ConvGeom, (n, oh, ow): (usize, usize, usize), 
     }
 }
 
-/// `relu(out + bias + residual)` in place, `out` being `rows x O` starting at output row `first`.
+/// `relu(out + bias + residual)` in place, `out` being the whole `M x O` output.
 fn epilogue(out: &mut [f32], o: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, relu: bool) {
     if bias.is_none() && residual.is_none() && !relu {
         return;

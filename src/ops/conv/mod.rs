@@ -11,13 +11,16 @@
 //! needs no im2col at all: channels-last, the input itself is `col`.
 //!
 //! Backward, with `gm` the output gradient through the ReLU mask (`out > 0`, which is where the
-//! pre-activation was > 0): the bias gets `gm` summed over `M`, the residual `gm`, the weights
+//! pre-activation was > 0; the elementwise `relu_backward` kernel applied to the output): the bias gets `gm` summed over `M`, the residual `gm`, the weights
 //! `wgrad[group] = gm[:, group]^T @ col[:, group]` and the input the col2im of
 //! `dcol[:, group] = gm[:, group] @ w[group]` (every input element sums the `dcol` entries of the
 //! (output pixel, kh, kw) positions that read it: a gather, with no atomics on the GPU).
 //!
-//! On the CPU f32 runs through the `gemm` crate (f16/bf16 in f32, rounded once); im2col, col2im
-//! and the epilogue are multi-threaded. On GPUs (kernels/conv.cu) the im2col, epilogue and col2im
+//! On the CPU f32 runs through the `gemm` crate (its AVX-512 kernels where the CPU has them);
+//! im2col, col2im and the epilogue are multi-threaded; f16/bf16 compute in f32 and round where
+//! the GPU does (the GEMM's result, then the output). Depthwise and other many-group convolutions
+//! run a small GEMM per group there, correct but slow (no model in the engine needs them fast
+//! yet). On GPUs (kernels/conv.cu) the im2col, epilogue and col2im
 //! kernels surround batched GEMMs (a batch entry per group) through `Tensor::matmul`, so f16/bf16
 //! run on the tensor-core families (mma.sync, wgmma); the GEMM rounds to the dtype before the
 //! epilogue adds in f32. A true implicit-GEMM tensor-core kernel, which would not write the im2col

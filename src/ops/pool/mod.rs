@@ -77,8 +77,13 @@ impl Tensor {
         let geom = PoolGeom::new(self.shape(), kernel, stride, padding)?;
         self.dtype().require_float("max_pool2d")?;
         let (out, idx) = tape::no_grad(|| max_pool_forward(self, &geom))?;
+        let dtype = self.dtype();
         Ok(tape::record(out, &[self], move |g, _| {
-            Ok(vec![Some(max_pool_backward(&idx, g, &geom)?)])
+            Ok(vec![Some(max_pool_backward(
+                &idx,
+                &g.to_dtype(dtype)?,
+                &geom,
+            )?)])
         }))
     }
 }
