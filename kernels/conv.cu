@@ -27,6 +27,7 @@
 struct ConvShape {
   long long n, h, w, c, o, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw, groups;
 };
+EMU_ABI_LAYOUT(ConvShape, n, h, w, c, o, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw, groups);
 
 template <class T>
 __device__ void conv_im2col(const T* __restrict__ x, T* __restrict__ col, ConvShape s) {

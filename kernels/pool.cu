@@ -14,6 +14,7 @@
 struct PoolShape {
   long long n, h, w, c, kernel, stride, pad, oh, ow;
 };
+EMU_ABI_LAYOUT(PoolShape, n, h, w, c, kernel, stride, pad, oh, ow);
 
 template <class T>
 __device__ void max_pool(const T* __restrict__ x, T* __restrict__ y, int* __restrict__ idx, PoolShape s) {

@@ -116,6 +116,10 @@ mod tests {
             mirror!(crate::ops::matmul::gpu::GemmParams = "GemmParams":
                 m, n, k, lda, ldb, ldc_m, ldc_n, batch_rank, batch_shape, batch_a, batch_b,
                 batch_c, z0, alpha, beta),
+            mirror!(crate::ops::conv::gpu::ConvShape = "ConvShape":
+                n, h, w, c, o, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw, groups),
+            mirror!(crate::ops::pool::gpu::PoolShape = "PoolShape":
+                n, h, w, c, kernel, stride, pad, oh, ow),
             mirror!(crate::train::optim::gpu::AdamScalars = "AdamScalars":
                 decay, l2, beta1_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps),
             mirror!(crate::device::vgpu::Dim3 = "emu::Dim3": x, y, z),

@@ -13,23 +13,23 @@ use crate::tensor::{Storage, Tensor};
 /// Mirrors `struct ConvShape` in kernels/conv.cu.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ConvShape {
-    n: i64,
-    h: i64,
-    w: i64,
-    c: i64,
-    o: i64,
-    kh: i64,
-    kw: i64,
-    oh: i64,
-    ow: i64,
-    sh: i64,
-    sw: i64,
-    ph: i64,
-    pw: i64,
-    dh: i64,
-    dw: i64,
-    groups: i64,
+pub(crate) struct ConvShape {
+    pub(crate) n: i64,
+    pub(crate) h: i64,
+    pub(crate) w: i64,
+    pub(crate) c: i64,
+    pub(crate) o: i64,
+    pub(crate) kh: i64,
+    pub(crate) kw: i64,
+    pub(crate) oh: i64,
+    pub(crate) ow: i64,
+    pub(crate) sh: i64,
+    pub(crate) sw: i64,
+    pub(crate) ph: i64,
+    pub(crate) pw: i64,
+    pub(crate) dh: i64,
+    pub(crate) dw: i64,
+    pub(crate) groups: i64,
 }
 
 impl ConvShape {

@@ -30,7 +30,7 @@
 //! Inside an `autocast` scope the convolution runs in the autocast dtype, as matmul does.
 
 mod cpu;
-mod gpu;
+pub(crate) mod gpu;
 
 use crate::dtype::DType;
 use crate::error::{dtype_err, shape_err, Result};

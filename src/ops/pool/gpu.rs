@@ -9,16 +9,16 @@ use crate::ops::{LINEAR_MAX_BLOCKS, LINEAR_THREADS};
 /// Mirrors `struct PoolShape` in kernels/pool.cu.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct PoolShape {
-    n: i64,
-    h: i64,
-    w: i64,
-    c: i64,
-    kernel: i64,
-    stride: i64,
-    pad: i64,
-    oh: i64,
-    ow: i64,
+pub(crate) struct PoolShape {
+    pub(crate) n: i64,
+    pub(crate) h: i64,
+    pub(crate) w: i64,
+    pub(crate) c: i64,
+    pub(crate) kernel: i64,
+    pub(crate) stride: i64,
+    pub(crate) pad: i64,
+    pub(crate) oh: i64,
+    pub(crate) ow: i64,
 }
 
 impl PoolShape {

@@ -9,7 +9,7 @@
 //! window that picked it (on the CPU a scatter per image, on GPUs a gather per input element: kernels/pool.cu).
 
 mod cpu;
-mod gpu;
+pub(crate) mod gpu;
 
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
