@@ -80,6 +80,11 @@ run)
     VPR_NVRTC=$(ls /usr/local/cuda/lib64/libnvrtc.so.1[0-9]* 2>/dev/null | head -n 1 || true)
     export VPR_NVRTC
   fi
+  # cuDNN for the conv_gpu bench: PyTorch's wheel ships it outside the loader path
+  cudnn_lib=$(python3 -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))' 2>/dev/null || true)
+  if [ -n "$cudnn_lib" ] && [ -d "$cudnn_lib" ]; then
+    export LD_LIBRARY_PATH="$cudnn_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
   export VPR_REQUIRE_GPU=1
   logs=${OUT:-gpu-logs}
   mkdir -p "$logs"
