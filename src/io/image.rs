@@ -4,8 +4,10 @@
 //! float tensor. Everything here is channels-last: pixels `[H, W, 3]`, row-major.
 
 use super::io_error;
+use super::jpeg::{self, JpegError};
 use crate::error::{Error, Result};
 use ::image::{DynamicImage, ImageReader};
+use std::io::Cursor;
 use std::path::Path;
 
 /// An 8-bit RGB image, pixels `[height, width, 3]` row-major.
@@ -25,13 +27,28 @@ pub struct ImageF32 {
 }
 
 /// Reads a JPEG or PNG file (the format is told by its contents, as PIL does) as 8-bit RGB.
+/// Baseline JPEGs are decoded by [`jpeg::decode`], pixel for pixel as PIL decodes them; the
+/// JPEGs it leaves out (progressive, arithmetic-coded, CMYK, 12-bit ...) and PNGs by the
+/// `image` crate, whose JPEG pixels are close to PIL's but not identical.
 pub fn decode(path: &Path) -> Result<Rgb8> {
     let format_err = |message: String| Error::Format {
         path: path.display().to_string(),
         message,
     };
-    let decoded = ImageReader::open(path)
-        .map_err(|source| io_error(path, source))?
+    let bytes = std::fs::read(path).map_err(|source| io_error(path, source))?;
+    // the JPEG signature PIL and the image crate look for
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        match jpeg::decode(&bytes) {
+            Ok(image) => return Ok(image),
+            Err(JpegError::Corrupt(reason)) => {
+                return Err(format_err(format!(
+                    "cannot decode the image: corrupt JPEG: {reason}"
+                )))
+            }
+            Err(JpegError::Unsupported(_)) => {}
+        }
+    }
+    let decoded = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|source| io_error(path, source))?
         .decode()

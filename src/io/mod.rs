@@ -4,6 +4,7 @@
 //! is renamed into place, so a reader never sees half a file.
 
 pub mod image;
+pub mod jpeg;
 pub mod npy;
 pub mod weights;
 
