@@ -118,9 +118,16 @@ fn jpegs_decode_as_pil_converts_them_to_rgb() {
     }
 }
 
-/// tests/fixtures/jpeg/ (tools/fixtures/jpeg.py): each JPEG's name, bytes, and PIL's decode
-/// `[H, W, 3]`.
-fn jpeg_fixtures() -> Vec<(String, Vec<u8>, Vec<usize>, Vec<u8>)> {
+/// A JPEG of tests/fixtures/jpeg/ (tools/fixtures/jpeg.py) and PIL's decode of it.
+struct JpegFixture {
+    name: String,
+    bytes: Vec<u8>,
+    /// `[H, W, 3]`
+    shape: Vec<usize>,
+    pil: Vec<u8>,
+}
+
+fn jpeg_fixtures() -> Vec<JpegFixture> {
     let dir = fixtures().join("jpeg");
     let bytes = std::fs::read(dir.join("pil.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -130,10 +137,15 @@ fn jpeg_fixtures() -> Vec<(String, Vec<u8>, Vec<usize>, Vec<u8>)> {
         .map(|(name, t)| {
             assert_eq!(t.dtype(), Dtype::U8, "{name}");
             let file = std::fs::read(dir.join(format!("{name}.jpg"))).unwrap();
-            (name, file, t.shape().to_vec(), t.data().to_vec())
+            JpegFixture {
+                name,
+                bytes: file,
+                shape: t.shape().to_vec(),
+                pil: t.data().to_vec(),
+            }
         })
         .collect();
-    cases.sort_by(|a, b| a.0.cmp(&b.0));
+    cases.sort_by(|a, b| a.name.cmp(&b.name));
     cases
 }
 
@@ -144,7 +156,13 @@ const NOT_BASELINE: [&str; 2] = ["64x48_q75_420_progressive", "40x24_411"];
 fn baseline_jpegs_decode_exactly_as_pil() {
     let dir = fixtures().join("jpeg");
     let mut checked = Vec::new();
-    for (name, bytes, shape, want) in jpeg_fixtures() {
+    for JpegFixture {
+        name,
+        bytes,
+        shape,
+        pil: want,
+    } in jpeg_fixtures()
+    {
         if NOT_BASELINE.contains(&name.as_str()) {
             continue;
         }
@@ -182,7 +200,13 @@ const JPEG_MAX_LEVELS: i32 = 4;
 #[test]
 fn jpegs_outside_baseline_fall_back_to_the_image_crate() {
     let dir = fixtures().join("jpeg");
-    for (name, bytes, shape, want) in jpeg_fixtures() {
+    for JpegFixture {
+        name,
+        bytes,
+        shape,
+        pil: want,
+    } in jpeg_fixtures()
+    {
         if !NOT_BASELINE.contains(&name.as_str()) {
             continue;
         }

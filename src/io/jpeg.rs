@@ -91,7 +91,7 @@ pub fn decode(data: &[u8]) -> Parse<Rgb8> {
             0xC2 | 0xC6 => return unsupported("progressive coding"),
             0xC3 | 0xC7 => return unsupported("lossless coding"),
             0xC5 | 0xDE | 0xDF => return unsupported("hierarchical coding"),
-            0xC9..=0xCB | 0xCD..=0xCF | 0xCC => return unsupported("arithmetic coding"),
+            0xC9..=0xCF => return unsupported("arithmetic coding"),
             0xC4 => state.read_huffman_tables(&mut seg)?,
             0xDB => state.read_quantisation_tables(&mut seg)?,
             0xDD => {
