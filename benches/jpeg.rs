@@ -36,7 +36,7 @@ fn photo(height: usize, width: usize) -> Vec<u8> {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        (state % 41) as f64 - 20.0
+        (state % 13) as f64 - 6.0
     };
     let mut pixels = Vec::with_capacity(height * width * 3);
     for y in 0..height {
@@ -54,7 +54,10 @@ fn photo(height: usize, width: usize) -> Vec<u8> {
 }
 
 fn main() {
-    println!("{:>10} {:>9} {:>12} {:>12}", "size", "bytes", "io::jpeg", "image crate");
+    println!(
+        "{:>10} {:>9} {:>12} {:>12}",
+        "size", "bytes", "io::jpeg", "image crate"
+    );
     for (height, width) in [(512, 512), (480, 640), (1080, 1920)] {
         let mut file = Vec::new();
         JpegEncoder::new_with_quality(&mut file, 90)

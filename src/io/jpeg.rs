@@ -594,6 +594,22 @@ fn decode_block(
     let mut k = 1;
     while k < 64 {
         reader.refill();
+        let fast = s.ac_table.fast_ac[reader.peek_lookup_bits()];
+        if fast != 0 {
+            reader.bits((fast & 0xFF) as u32);
+            k += ((fast >> 8) & 15) as usize;
+            if k > 63 {
+                return corrupt(format!(
+                    "a block with more than 64 coefficients near byte {}",
+                    reader.pos
+                ));
+            }
+            let natural = ZIGZAG[k];
+            coefficients[natural] = (fast >> 16) * s.quant[natural] as i32;
+            dc_only = false;
+            k += 1;
+            continue;
+        }
         let run_size = reader.symbol(s.ac_table)?;
         let (run, size) = ((run_size >> 4) as usize, (run_size & 15) as u32);
         if size == 0 {
@@ -684,10 +700,15 @@ impl<'a> BitReader<'a> {
         value
     }
 
+    /// The next `LOOKUP_BITS` bits, without taking them.
+    fn peek_lookup_bits(&self) -> usize {
+        (self.buffer >> (64 - LOOKUP_BITS)) as usize
+    }
+
     /// The next Huffman-coded symbol.
     fn symbol(&mut self, table: &Huffman) -> Parse<u8> {
         let peek = (self.buffer >> 48) as u32;
-        let entry = table.lookup[(peek >> (16 - LOOKUP_BITS)) as usize];
+        let entry = table.lookup[self.peek_lookup_bits()];
         if entry != 0 {
             self.bits((entry >> 8) as u32);
             return Ok(entry as u8);
@@ -742,6 +763,9 @@ const LOOKUP_BITS: u32 = 9;
 struct Huffman {
     /// By the next `LOOKUP_BITS` bits: `length << 8 | symbol`, or 0 for a longer code.
     lookup: [u16; 1 << LOOKUP_BITS],
+    /// For AC tables, by the next `LOOKUP_BITS` bits when they hold a whole nonzero
+    /// coefficient, code and value: `value << 16 | run << 8 | bits taken`; else 0.
+    fast_ac: [i32; 1 << LOOKUP_BITS],
     /// The largest code of each length (-1 when none).
     max_code: [i32; 17],
     /// Index into `symbols` of a code of each length, less that code.
@@ -753,6 +777,7 @@ impl Huffman {
     fn new(counts: &[u8; 16], symbols: &[u8]) -> Parse<Huffman> {
         let mut table = Huffman {
             lookup: [0; 1 << LOOKUP_BITS],
+            fast_ac: [0; 1 << LOOKUP_BITS],
             max_code: [-1; 17],
             value_offset: [0; 17],
             symbols: [0; 256],
@@ -780,6 +805,15 @@ impl Huffman {
                 table.max_code[length as usize] = code - 1;
             }
             code <<= 1;
+        }
+        for (bits, &entry) in table.lookup.iter().enumerate() {
+            let (length, run_size) = ((entry >> 8) as u32, entry & 0xFF);
+            let (run, size) = ((run_size >> 4) as i32, (run_size & 15) as u32);
+            if entry != 0 && size != 0 && length + size <= LOOKUP_BITS {
+                let field = (bits as u32 >> (LOOKUP_BITS - length - size)) & ((1 << size) - 1);
+                let value = extend(field, size);
+                table.fast_ac[bits] = value << 16 | run << 8 | (length + size) as i32;
+            }
         }
         Ok(table)
     }
