@@ -1,6 +1,6 @@
 //! `cargo bench --bench jpeg`: decoding speed of our PIL-exact JPEG decoder (`io::jpeg`) against
 //! the `image` crate's (zune-jpeg), both to interleaved 8-bit RGB, on photo-like baseline JPEGs
-//! the image crate's encoder writes (quality 90) at typical dataset sizes. Times are medians of
+//! the image crate's encoder writes (quality 90, 4:4:4) at typical dataset sizes. Times are medians of
 //! several runs after warm-up, on one thread.
 
 use image::codecs::jpeg::JpegEncoder;

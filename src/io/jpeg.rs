@@ -18,9 +18,10 @@
 //!      files), grey repeated into R, G and B as `convert("RGB")` does.
 //!
 //! Valid files that use what is not implemented here (progressive or arithmetic coding,
-//! lossless or hierarchical modes, 12-bit samples, CMYK, sampling ratios other than 1 and 2)
-//! are [`JpegError::Unsupported`]; `io::image::decode` hands those to the `image` crate, whose
-//! pixels are close to PIL's but not identical. Anything malformed or cut short is
+//! lossless or hierarchical modes, 12-bit samples, CMYK, sampling ratios other than 1 and 2,
+//! Motion-JPEG frames without Huffman tables) are [`JpegError::Unsupported`];
+//! `io::image::decode` hands those to the `image` crate, whose pixels are close to PIL's but
+//! not identical. Anything malformed or cut short is
 //! [`JpegError::Corrupt`], never a panic; frames over 2^28 pixels are refused before anything
 //! is allocated for them.
 
@@ -439,7 +440,8 @@ impl State {
             let dc_table = self.dc_tables.get(dc).and_then(Option::as_ref);
             let ac_table = self.ac_tables.get(ac).and_then(Option::as_ref);
             let (Some(dc_table), Some(ac_table)) = (dc_table, ac_table) else {
-                return corrupt(format!(
+                // libjpeg-turbo then uses the standard tables, as Motion-JPEG frames expect
+                return unsupported(format!(
                     "component {id} uses Huffman tables DC {dc} and AC {ac}, not both defined"
                 ));
             };
