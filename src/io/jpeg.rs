@@ -21,9 +21,12 @@
 //! lossless or hierarchical modes, 12-bit samples, CMYK, sampling ratios other than 1 and 2,
 //! Motion-JPEG frames without Huffman tables) are [`JpegError::Unsupported`];
 //! `io::image::decode` hands those to the `image` crate, whose pixels are close to PIL's but
-//! not identical. Anything malformed or cut short is
-//! [`JpegError::Corrupt`], never a panic; frames over 2^28 pixels are refused before anything
-//! is allocated for them.
+//! not identical. Anything malformed or cut short is [`JpegError::Corrupt`], never a panic;
+//! frames over 2^28 pixels are refused before anything is allocated for them.
+//!
+//! tests/image.rs compares the output with PIL's, value for value, on JPEGs that
+//! tools/fixtures/jpeg.py writes with PIL and with a small encoder of its own for the layouts
+//! PIL does not write (4:4:0, one scan per component, mixed sampling factors).
 
 use super::image::Rgb8;
 use std::fmt;
