@@ -174,6 +174,60 @@ fn fused_matches_unfused_ops() {
     }
 }
 
+/// Convolutions with enough output rows (over 512) and im2col columns that the CPU forward
+/// splits the rows over threads in several tiles each, the last one short; forward only (too
+/// large for finite differences).
+#[test]
+fn many_rows_match_reference_and_unfused() {
+    let s = seed("many_rows_match_reference_and_unfused");
+    let c = |what, x, w, opts| Case { what, x, w, opts };
+    let cases = [
+        c(
+            "3x3 many rows",
+            [2, 23, 29, 64],
+            [9, 3, 3, 64],
+            opts(1, 1, 1, 1),
+        ),
+        c(
+            "3x3 groups 2 many rows",
+            [1, 41, 37, 48],
+            [6, 3, 3, 24],
+            opts(1, 1, 1, 2),
+        ),
+    ];
+    for (j, case) in cases.iter().enumerate() {
+        let k = s + 10 * j as u64;
+        let x = rand(&case.x, -1.0, 1.0, k, DType::F32);
+        let w = rand(&case.w, -1.0, 1.0, k + 1, DType::F32);
+        let b = rand(&[case.w[0]], -1.0, 1.0, k + 2, DType::F32);
+        let plain = x.conv2d(&w, Some(&b), case.opts).unwrap();
+        let (want, shape) = reference(
+            &x.to_f64_vec().unwrap(),
+            case.x,
+            &w.to_f64_vec().unwrap(),
+            case.w,
+            Some(&b.to_f64_vec().unwrap()),
+            case.opts,
+        );
+        assert_eq!(plain.shape(), shape, "{}", case.what);
+        let tol = DType::F32.tolerance();
+        assert_close(&plain.to_f64_vec().unwrap(), &want, tol, case.what, s);
+        let r = rand(plain.shape(), -1.0, 1.0, k + 3, DType::F32);
+        let fused = x
+            .conv2d_fused(&w, Some(&b), Some(&r), true, case.opts)
+            .unwrap();
+        let unfused = plain.add(&r).unwrap().relu().unwrap();
+        let what = format!("fused {}", case.what);
+        assert_close(
+            &fused.to_f64_vec().unwrap(),
+            &unfused.to_f64_vec().unwrap(),
+            1e-6,
+            &what,
+            s,
+        );
+    }
+}
+
 type Op = Box<dyn Fn(&[Tensor]) -> vpr_engine::Result<Tensor>>;
 
 /// Values in ±[lo, hi] with random signs.

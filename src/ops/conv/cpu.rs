@@ -1,9 +1,12 @@
 //! CPU convolution in f32: im2col (multi-threaded) and a GEMM per group through the `gemm` crate,
 //! then one pass for bias, residual and ReLU; backward as a GEMM and a col2im gather (dgrad) and
 //! a GEMM (wgrad). A 1x1 stride-1 unpadded convolution uses the input as the im2col matrix.
-//! Large batches are processed in chunks of output rows so that the im2col matrix stays near
-//! `COL_BUDGET` floats; that matrix lives in a per-thread scratch buffer reused across calls.
-//! GEMMs of few rows (late layers at batch 1) split their columns over the threads themselves.
+//! The forward pass of a convolution with many output rows gives each thread a run of rows and
+//! works through it in tiles: the im2col block of a tile (`TILE_BUDGET` floats), its GEMM on that
+//! thread, then bias, residual and ReLU while the tile is still in the core's cache. Backward
+//! passes build im2col (or its gradient) in chunks of output rows near `COL_BUDGET` floats.
+//! These matrices live in a per-thread scratch buffer reused across calls. GEMMs of few rows
+//! (late layers at batch 1) split their columns over the threads themselves.
 //!
 //! For f16/bf16 (converted to f32 by the caller) the GEMM results are rounded to the dtype before
 //! the epilogue or col2im, where the GPU's GEMM stores them in the dtype: the same rounding points
@@ -56,6 +59,13 @@ impl Mat {
     }
 }
 
+/// Whether a GEMM may use every core or runs on the calling thread (inside our own split).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Threads {
+    All,
+    One,
+}
+
 /// `dst (m x n) = [dst +] lhs (m x k) @ rhs (k x n)` through the `gemm` crate.
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32(
@@ -67,6 +77,7 @@ fn gemm_f32(
     a: Mat,
     rhs: &[f32],
     b: Mat,
+    threads: Threads,
 ) {
     assert!(
         d.fits(m, n, dst.len()) && a.fits(m, k, lhs.len()) && b.fits(k, n, rhs.len()),
@@ -85,7 +96,10 @@ fn gemm_f32(
         }
         return;
     }
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let threads = match threads {
+        Threads::All => std::thread::available_parallelism().map_or(1, |t| t.get()),
+        Threads::One => 1,
+    };
     if m > SPLIT_N_MAX_M || threads == 1 || n < SPLIT_N_MIN_COLS * threads {
         // SAFETY: the assertion above checked that every element the three matrices address
         // lies inside its slice; dst is borrowed mutably, so nothing else touches it meanwhile.
@@ -99,7 +113,7 @@ fn gemm_f32(
                 a,
                 rhs,
                 b,
-                true,
+                threads > 1,
             )
         };
         return;
@@ -225,20 +239,25 @@ fn rows_per_chunk(cols: usize, total: usize) -> usize {
     (COL_BUDGET / cols.max(1)).max(64).min(total.max(1))
 }
 
-/// The im2col rows `first..first + rows` of `x` into `col` (`rows x groups * K`, zero padding).
+/// The im2col rows `first..first + rows` of `x` into `col` (`rows x groups * K`, zero padding),
+/// on several threads when `col` is large.
 fn im2col(x: &[f32], g: &ConvGeom, first: usize, col: &mut [f32]) {
-    let ktot = g.groups * g.k();
-    par_rows(col, ktot, |row0, chunk| {
-        for (i, row) in chunk.chunks_mut(ktot).enumerate() {
-            let r = first + row0 + i;
-            let (n, oh, ow) = (r / (g.oh * g.ow), (r / g.ow) % g.oh, r % g.ow);
-            if g.groups == 1 && g.dil[1] == 1 {
-                im2col_row_runs(x, g, (n, oh, ow), row);
-            } else {
-                im2col_row(x, g, (n, oh, ow), row);
-            }
-        }
+    par_rows(col, g.groups * g.k(), |row0, chunk| {
+        im2col_serial(x, g, first + row0, chunk)
     });
+}
+
+/// `im2col` on the calling thread.
+fn im2col_serial(x: &[f32], g: &ConvGeom, first: usize, col: &mut [f32]) {
+    for (i, row) in col.chunks_mut(g.groups * g.k()).enumerate() {
+        let r = first + i;
+        let (n, oh, ow) = (r / (g.oh * g.ow), (r / g.ow) % g.oh, r % g.ow);
+        if g.groups == 1 && g.dil[1] == 1 {
+            im2col_row_runs(x, g, (n, oh, ow), row);
+        } else {
+            im2col_row(x, g, (n, oh, ow), row);
+        }
+    }
 }
 
 /// One im2col row, `C/groups` channels at a time.
@@ -287,31 +306,31 @@ fn im2col_row_runs(x: &[f32], g: &ConvGeom, (n, oh, ow): (usize, usize, usize), 
     }
 }
 
-/// `relu(out + bias + residual)` in place, `out` being the whole `M x O` output.
+/// `relu(out + bias + residual)` in place on rows of `o` outputs, `residual` holding the same
+/// rows as `out`.
 fn epilogue(out: &mut [f32], o: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, relu: bool) {
-    if bias.is_none() && residual.is_none() && !relu {
-        return;
-    }
-    par_rows(out, o, |row0, chunk| {
-        for (i, row) in chunk.chunks_mut(o).enumerate() {
-            if let Some(b) = bias {
-                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-            }
-            if let Some(res) = residual {
-                let r = &res[(row0 + i) * o..][..o];
-                row.iter_mut().zip(r).for_each(|(v, r)| *v += r);
-            }
-            if relu {
-                // max(v, 0) that keeps NaN, as the relu op does
-                row.iter_mut().for_each(|v| {
-                    if *v < 0.0 {
-                        *v = 0.0
-                    }
-                });
-            }
+    for (i, row) in out.chunks_mut(o).enumerate() {
+        if let Some(b) = bias {
+            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
         }
-    });
+        if let Some(res) = residual {
+            let r = &res[i * o..][..o];
+            row.iter_mut().zip(r).for_each(|(v, r)| *v += r);
+        }
+        if relu {
+            // max(v, 0) that keeps NaN, as the relu op does
+            row.iter_mut().for_each(|v| {
+                if *v < 0.0 {
+                    *v = 0.0
+                }
+            });
+        }
+    }
 }
+
+/// Floats of im2col per tile of output rows in the row-tiled forward: small enough that a tile's
+/// block stays in the core's L2 cache from being written to being multiplied.
+const TILE_BUDGET: usize = 1 << 18;
 
 /// `relu(conv(x, w) + bias + residual)`, all dense f32 (x NHWC, w OHWI, residual like the output).
 pub fn conv_forward(
@@ -327,7 +346,7 @@ pub fn conv_forward(
     let ktot = g.groups * k;
     let mut out = vec![0f32; m * o];
     // out[:, group] = col[:, group] @ w[group]^T, w[group] read as K x Og with strides (1, K)
-    let product = |col: &[f32], rows: usize, dst: &mut [f32]| {
+    let product = |col: &[f32], rows: usize, dst: &mut [f32], threads: Threads| {
         for group in 0..g.groups {
             gemm_f32(
                 (rows, og, k),
@@ -338,24 +357,63 @@ pub fn conv_forward(
                 Mat::new(group * k, ktot, 1),
                 w,
                 Mat::new(group * og * k, 1, k),
+                threads,
             );
         }
     };
-    if g.pointwise() {
-        product(x, m, &mut out);
-    } else {
-        let chunk = rows_per_chunk(ktot, m);
-        with_scratch(chunk * ktot, |col| {
-            for (ci, dst) in out.chunks_mut(chunk * o).enumerate() {
-                let rows = dst.len() / o;
-                let col = &mut col[..rows * ktot];
-                im2col(x, g, ci * chunk, col);
-                product(col, rows, dst);
+    // rows `first..` of the output (`dst`): im2col of those rows (unless the input is the im2col
+    // matrix) into `col`, the GEMM, rounding and epilogue, all while the rows are in cache
+    let rows_done = |first: usize, dst: &mut [f32], col: &mut [f32], threads: Threads| {
+        let rows = dst.len() / o;
+        let lhs = if g.pointwise() {
+            &x[first * ktot..][..rows * ktot]
+        } else {
+            let col = &mut col[..rows * ktot];
+            match threads {
+                Threads::All => im2col(x, g, first, col),
+                Threads::One => im2col_serial(x, g, first, col),
+            }
+            &*col
+        };
+        product(lhs, rows, dst, threads);
+        let residual = residual.map(|r| &r[first * o..][..rows * o]);
+        let finish = |row0: usize, chunk: &mut [f32]| {
+            round_to(chunk, dtype);
+            let residual = residual.map(|r| &r[row0 * o..][..chunk.len()]);
+            epilogue(chunk, o, bias, residual, relu);
+        };
+        match threads {
+            Threads::All => par_rows(dst, o, finish),
+            Threads::One => finish(0, dst),
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if g.pointwise() || m <= SPLIT_N_MAX_M * cores {
+        // a 1x1 convolution (the input is the im2col matrix: the crate's own split of the whole
+        // GEMM measured faster than tiles), or few rows (late layers at batch 1): one im2col
+        // over the threads, then a GEMM that splits the output channels where the rows are few
+        let col_len = if g.pointwise() { 0 } else { m * ktot };
+        with_scratch(col_len, |col| rows_done(0, &mut out, col, Threads::All));
+        return out;
+    }
+    // many rows: each thread takes a run of rows and works through it a tile at a time
+    let tile = (TILE_BUDGET / ktot.max(1)).clamp(16, m);
+    let per = m.div_ceil(cores).next_multiple_of(tile);
+    let col_len = if g.pointwise() { 0 } else { tile * ktot };
+    with_scratch(cores * col_len, |scratch| {
+        let mut cols = scratch.chunks_mut(col_len.max(1));
+        std::thread::scope(|s| {
+            for (t, dst) in out.chunks_mut(per * o).enumerate() {
+                let col = cols.next().unwrap_or_default();
+                let rows_done = &rows_done;
+                s.spawn(move || {
+                    for (i, dst) in dst.chunks_mut(tile * o).enumerate() {
+                        rows_done(t * per + i * tile, dst, col, Threads::One);
+                    }
+                });
             }
         });
-    }
-    round_to(&mut out, dtype);
-    epilogue(&mut out, o, bias, residual, relu);
+    });
     out
 }
 
@@ -376,6 +434,7 @@ pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom, dtype: DType) -> Vec<f32>
                 Mat::new(group * og, o, 1),
                 w,
                 Mat::new(group * og * cg, cg, 1),
+                Threads::All,
             );
         }
         round_to(&mut dx, dtype);
@@ -401,6 +460,7 @@ pub fn conv_dgrad(dy: &[f32], w: &[f32], g: &ConvGeom, dtype: DType) -> Vec<f32>
                     Mat::new(group * og, o, 1),
                     w,
                     Mat::new(group * og * k, k, 1),
+                    Threads::All,
                 );
             }
             round_to(dcol, dtype);
@@ -464,6 +524,7 @@ pub fn conv_wgrad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                 Mat::new(group * og, 1, o),
                 col,
                 Mat::new(group * k, ktot, 1),
+                Threads::All,
             );
         }
     };
