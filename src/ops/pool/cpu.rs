@@ -24,6 +24,8 @@ fn window(o: usize, g: &PoolGeom, len: usize) -> std::ops::Range<usize> {
 
 fn forward_rows<T: Element>(x: &[T], g: &PoolGeom, row0: usize, out: &mut [T], idx: &mut [i32]) {
     let row_len = g.ow * g.c;
+    let mut best = vec![0f32; g.c];
+    let mut at = vec![0i32; g.c];
     for (i, (orow, irow)) in out
         .chunks_mut(row_len)
         .zip(idx.chunks_mut(row_len))
@@ -31,22 +33,35 @@ fn forward_rows<T: Element>(x: &[T], g: &PoolGeom, row0: usize, out: &mut [T], i
     {
         let (n, oh) = ((row0 + i) / g.oh, (row0 + i) % g.oh);
         for ow in 0..g.ow {
-            for c in 0..g.c {
-                let (mut best, mut at) = (f32::NEG_INFINITY, None);
-                for ih in window(oh, g, g.h) {
-                    for iw in window(ow, g, g.w) {
-                        let v = x[((n * g.h + ih) * g.w + iw) * g.c + c].to_f32();
-                        // the first largest wins, as does every NaN (the last one is kept), as
-                        // in PyTorch's CPU kernel
-                        if at.is_none() || v > best || v.is_nan() {
-                            best = v;
-                            at = Some(ih * g.w + iw);
-                        }
+            // the window's positions in order, each a run of C channels; every channel keeps
+            // its first largest value, and every NaN wins (the last one is kept), as in PyTorch's
+            // CPU kernel. Selects over the contiguous channels, not branches, so the loop
+            // vectorises.
+            let mut first = true;
+            for ih in window(oh, g, g.h) {
+                for iw in window(ow, g, g.w) {
+                    let pos = (ih * g.w + iw) as i32;
+                    let run = &x[((n * g.h + ih) * g.w + iw) * g.c..][..g.c];
+                    if first {
+                        best.iter_mut().zip(run).for_each(|(b, v)| *b = v.to_f32());
+                        at.fill(pos);
+                        first = false;
+                        continue;
+                    }
+                    for ((b, a), v) in best.iter_mut().zip(at.iter_mut()).zip(run) {
+                        let v = v.to_f32();
+                        let better = v > *b || v.is_nan();
+                        *b = if better { v } else { *b };
+                        *a = if better { pos } else { *a };
                     }
                 }
-                orow[ow * g.c + c] = T::from_f32(best);
-                irow[ow * g.c + c] = at.expect("every window covers an input element") as i32;
             }
+            assert!(!first, "every window covers an input element");
+            let (o, ix) = (&mut orow[ow * g.c..][..g.c], &mut irow[ow * g.c..][..g.c]);
+            o.iter_mut()
+                .zip(&best)
+                .for_each(|(o, &b)| *o = T::from_f32(b));
+            ix.copy_from_slice(&at);
         }
     }
 }
