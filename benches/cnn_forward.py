@@ -2,7 +2,8 @@
 
     python benches/cnn_forward.py forward BACKBONE DIM BATCH HEIGHT WIDTH THREADS STEPS
         times the eval-mode forward of a CosPlace network (torchvision backbone children[:-2],
-        L2 over channels, GeM, Linear, L2) and prints `ms_per_batch=<x>`.
+        L2 over channels, GeM, Linear, L2), median of STEPS, in PyTorch's default layout (NCHW)
+        and in channels-last, and prints `ms_per_batch=<nchw>,<channels_last>`.
     python benches/cnn_forward.py extract BACKBONE DIM IMAGE_DIR BATCH THREADS
         runs CosPlace-style extraction over IMAGE_DIR with a DataLoader (PIL decode, ToTensor,
         Normalize in THREADS worker processes) and prints `images_per_second=<x>`.
@@ -62,16 +63,21 @@ def main():
         batch, height, width, threads, steps = map(int, sys.argv[4:9])
         torch.set_num_threads(threads)
         x = torch.randn(batch, 3, height, width)
-        with torch.inference_mode():
-            for _ in range(2):
-                model(x)
-            times = []
-            for _ in range(steps):
-                t = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - t)
-        times.sort()
-        print(f"ms_per_batch={1000 * times[len(times) // 2]:.3f}")
+        results = []
+        for layout in (torch.contiguous_format, torch.channels_last):
+            model = model.to(memory_format=layout)
+            xl = x.contiguous(memory_format=layout)
+            with torch.inference_mode():
+                for _ in range(2):
+                    model(xl)
+                times = []
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    model(xl)
+                    times.append(time.perf_counter() - t)
+            times.sort()
+            results.append(1000 * times[len(times) // 2])
+        print(f"ms_per_batch={results[0]:.3f},{results[1]:.3f}")
     else:
         root, batch, threads = sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
         torch.set_num_threads(threads)
