@@ -132,7 +132,7 @@ fn manifest_shapes(name: &str) -> Vec<(String, Vec<usize>)> {
 
 #[test]
 fn manifests_have_the_key_counts_of_the_instantiated_official_models() {
-    // Counts from instantiating the official classes (shared/reference/vpr-systems.md 1.2, 3.3).
+    // Counts from instantiating the official model classes (PyTorch, weights=None).
     for (name, keys) in [
         ("cosplace_resnet18_512", 123),
         ("cosplace_resnet50_2048", 321),
