@@ -7,6 +7,7 @@
 //! [`write_weights`] writes such a file (a trained model), through a temporary file renamed into
 //! place, so a crash never leaves half a file under the final name.
 
+use super::AtomicFile;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -195,31 +196,12 @@ pub fn write_weights(
                 .map_err(|e| err(format!("tensor {name}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| err("not a file path".into()))?
-        .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    let io_err = |p: &Path, source| Error::Io {
-        path: p.display().to_string(),
-        source,
-    };
     let meta = metadata.clone().into_iter().collect();
-    let write = || -> Result<()> {
-        safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(source) => io_err(&tmp, source),
-            e => err(e.to_string()),
-        })?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io_err(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
-    };
-    let result = write();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let bytes =
+        safetensors::tensor::serialize(views, Some(meta)).map_err(|e| err(e.to_string()))?;
+    let mut file = AtomicFile::create(path)?;
+    file.write_bytes(&bytes)?;
+    file.commit()
 }
 
 impl std::fmt::Debug for WeightsFile {
