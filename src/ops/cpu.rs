@@ -7,17 +7,28 @@ const MIN_PER_THREAD: usize = 1 << 15;
 /// Fills `out` by calling `fill(start, chunk)` on consecutive chunks, on several threads when
 /// `out` is large enough.
 pub(crate) fn parallel_fill<T: Send>(out: &mut [T], fill: impl Fn(usize, &mut [T]) + Sync) {
+    parallel_rows(out, 1, fill)
+}
+
+/// `parallel_fill` over whole rows of `row_len` elements: `fill(first_row, rows)` on consecutive
+/// runs of rows.
+pub(crate) fn parallel_rows<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    fill: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let rows = out.len().checked_div(row_len).unwrap_or(0);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = cores.min(out.len() / MIN_PER_THREAD).max(1);
+    let threads = cores.min(out.len() / MIN_PER_THREAD).min(rows).max(1);
     if threads == 1 {
         fill(0, out);
         return;
     }
-    let chunk = out.len().div_ceil(threads);
+    let per = rows.div_ceil(threads);
     std::thread::scope(|s| {
-        for (i, c) in out.chunks_mut(chunk).enumerate() {
+        for (i, c) in out.chunks_mut(per * row_len).enumerate() {
             let fill = &fill;
-            s.spawn(move || fill(i * chunk, c));
+            s.spawn(move || fill(i * per, c));
         }
     });
 }

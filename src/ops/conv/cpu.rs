@@ -14,32 +14,11 @@
 
 use super::ConvGeom;
 use crate::dtype::DType;
+use crate::ops::cpu::parallel_rows;
 use gemm::Parallelism;
 
 /// Floats of im2col (or its gradient) built at a time.
 const COL_BUDGET: usize = 1 << 22;
-/// Floats below which a row-parallel loop runs on one thread.
-const PARALLEL_MIN: usize = 1 << 15;
-
-/// Calls `f(first_row, rows)` on consecutive runs of whole rows of `out` (rows of `row_len`
-/// floats), on several threads when `out` is large.
-fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let rows = out.len().checked_div(row_len).unwrap_or(0);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = cores.min(out.len() / PARALLEL_MIN).min(rows).max(1);
-    if threads == 1 {
-        f(0, out);
-        return;
-    }
-    let per = rows.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (i, chunk) in out.chunks_mut(per * row_len).enumerate() {
-            let f = &f;
-            s.spawn(move || f(i * per, chunk));
-        }
-    });
-}
-
 /// A matrix inside a slice: its first element and its row and column strides.
 #[derive(Clone, Copy)]
 struct Mat {
@@ -242,7 +221,7 @@ fn rows_per_chunk(cols: usize, total: usize) -> usize {
 /// The im2col rows `first..first + rows` of `x` into `col` (`rows x groups * K`, zero padding),
 /// on several threads when `col` is large.
 fn im2col(x: &[f32], g: &ConvGeom, first: usize, col: &mut [f32]) {
-    par_rows(col, g.groups * g.k(), |row0, chunk| {
+    parallel_rows(col, g.groups * g.k(), |row0, chunk| {
         im2col_serial(x, g, first + row0, chunk)
     });
 }
@@ -381,7 +360,7 @@ pub fn conv_forward(
             epilogue(chunk, o, bias, residual, relu);
         };
         match threads {
-            Threads::All => par_rows(dst, o, finish),
+            Threads::All => parallel_rows(dst, o, finish),
             Threads::One => finish(0, dst),
         }
     };
@@ -479,7 +458,7 @@ fn col2im(dcol: &[f32], g: &ConvGeom, dx: &mut [f32]) {
         (shifted % g.stride[axis] == 0 && shifted / g.stride[axis] < out_len)
             .then_some(shifted / g.stride[axis])
     };
-    par_rows(dx, row_len, |row0, chunk| {
+    parallel_rows(dx, row_len, |row0, chunk| {
         for (i, row) in chunk.chunks_mut(row_len).enumerate() {
             let (n, ih) = ((row0 + i) / g.h, (row0 + i) % g.h);
             for kh in 0..g.kh {
