@@ -198,3 +198,42 @@ fn matches_pytorch_fixtures() {
         }
     }
 }
+
+#[test]
+fn a_batch_split_over_threads_equals_each_image_alone() {
+    // [4, 32, 32, 32] is large enough to be split over threads by image (forward and backward);
+    // each image alone is one unit of work, so it runs on one thread
+    let s = seed("pool_batch_split_over_threads");
+    let shape = [4, 32, 32, 32];
+    let x = distinct(&shape, s).requires_grad();
+    let g = Tensor::randn(&[4, 16, 16, 32], 0.0, 1.0, s + 1, DType::F32, &Device::Cpu).unwrap();
+    let y = x.max_pool2d(3, 2, 1).unwrap();
+    let dx = autograd::backward_with(&y, g.clone()).unwrap();
+    let (y, dx) = (
+        y.to_f64_vec().unwrap(),
+        dx.get(&x).unwrap().to_f64_vec().unwrap(),
+    );
+    let (per_in, per_out) = (32 * 32 * 32, 16 * 16 * 32);
+    for n in 0..4 {
+        let xi = x
+            .detach()
+            .narrow(0, n, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .requires_grad();
+        let yi = xi.max_pool2d(3, 2, 1).unwrap();
+        let gi = g.narrow(0, n, 1).unwrap().contiguous().unwrap();
+        let dxi = autograd::backward_with(&yi, gi).unwrap();
+        let what = format!("image {n}");
+        assert_close(
+            &y[n * per_out..][..per_out],
+            &yi.to_f64_vec().unwrap(),
+            0.0,
+            &what,
+            s,
+        );
+        let dxi = dxi.get(&xi).unwrap().to_f64_vec().unwrap();
+        assert_close(&dx[n * per_in..][..per_in], &dxi, 0.0, &what, s);
+    }
+}
