@@ -5,6 +5,7 @@
 use super::PoolGeom;
 use crate::dtype::Element;
 use crate::error::{dtype_err, Result};
+use crate::ops::cpu::parallel_rows;
 use crate::tensor::{with_cpu_float_storage, CpuStorage, IntoCpuStorage};
 
 /// Output elements below which one thread does everything.
@@ -112,21 +113,11 @@ fn backward_images<T: Element>(idx: &[i32], dy: &[T], g: &PoolGeom, dx: &mut [T]
 fn backward_typed<T: IntoCpuStorage>(idx: &[i32], dy: &[T], g: &PoolGeom) -> CpuStorage {
     let (in_len, out_len) = (g.h * g.w * g.c, g.oh * g.ow * g.c);
     let mut dx = vec![T::from_f32(0.0); g.n * in_len];
-    let threads = threads_for(g.n * in_len, g.n);
-    if threads == 1 {
-        backward_images(idx, dy, g, &mut dx);
-    } else {
-        let per = g.n.div_ceil(threads);
-        std::thread::scope(|s| {
-            for ((d, ix), gy) in dx
-                .chunks_mut(per * in_len)
-                .zip(idx.chunks(per * out_len))
-                .zip(dy.chunks(per * out_len))
-            {
-                s.spawn(move || backward_images(ix, gy, g, d));
-            }
-        });
-    }
+    // images on threads: each gathers its own input gradient
+    parallel_rows(&mut dx, in_len, |n0, d| {
+        let images = (n0 * out_len)..((n0 + d.len() / in_len) * out_len);
+        backward_images(&idx[images.clone()], &dy[images], g, d)
+    });
     T::into_storage(dx)
 }
 
