@@ -265,15 +265,13 @@ pub fn save_recall_curve(
         let (x, y) = points[n - 1];
         disc(&mut picture, x, y, MARKER_RADIUS, MARKER);
     }
-    let mut taken = Vec::new();
     for &n in &highlight {
         let (x, y) = points[n - 1];
         let label = format!("R@{n} {:.1}", recalls[n - 1]);
         let (w, h) = (text_width(&label, LABEL_SCALE), text_height(LABEL_SCALE));
-        let (lx, ly) = place_label(x, y, w, h, &taken);
-        fill_rect(&mut picture, lx - 3, ly - 3, w + 6, h + 6, WHITE);
-        text(&mut picture, lx, ly, LABEL_SCALE, &label, INK);
-        taken.push((lx, ly, w, h));
+        let (left, top) = place_label(&picture, x, y, w, h);
+        fill_rect(&mut picture, left - 2, top - 2, w + 4, h + 4, WHITE);
+        text(&mut picture, left, top, LABEL_SCALE, &label, INK);
     }
     write_png(&picture, out)
 }
@@ -285,7 +283,7 @@ fn draw_title(picture: &mut RgbImage, title: &str) {
         .find(|&s| text_width(title, s) <= CURVE_WIDTH - 2 * GAP)
         .unwrap_or(1);
     let x = ((CURVE_WIDTH - text_width(title, scale)) / 2).max(GAP);
-    text(picture, x, 20, scale, title, INK);
+    text(picture, x, 12, scale, title, INK);
 }
 
 /// Grid lines, the two axes, their ticks and numbers, and the axis names.
@@ -322,57 +320,71 @@ fn draw_axes(picture: &mut RgbImage, plot: &PlotGeometry) {
     text(
         picture,
         GAP,
-        PLOT_TOP - 30,
+        PLOT_TOP - 26,
         LABEL_SCALE,
         "RECALL@N (%)",
         INK,
     );
 }
 
-/// Top-left corner for a `w` x `h` label of the marker at (x, y), clear of the labels already
-/// placed (`taken`, as x, y, w, h). A rising curve leaves the plot empty below it to the right
-/// of a point and above it to the left, so a label goes below and to the right of its marker
-/// (moved down past other labels), or above and to the left (moved up) where it would leave the
-/// plot on the right; the other vertical direction is the fallback.
-fn place_label(x: i64, y: i64, w: i64, h: i64, taken: &[(i64, i64, i64, i64)]) -> (i64, i64) {
+/// Top-left corner for a `w` x `h` label of the marker at (x, y): the place nearest the marker
+/// where the label and a margin around it stay inside the plot and cover nothing drawn so far
+/// but background and grid lines (neither the curve, nor a marker, nor another label), at
+/// least `OFFSET` pixels from the marker's centre. Among places equally near, a label diagonal
+/// to its marker comes before one beside or under it, and below right of the marker (a rising
+/// curve leaves the plot empty there) before above left, above right and below left.
+/// Below right, held inside the plot, when the plot has no free place.
+fn place_label(picture: &RgbImage, x: i64, y: i64, w: i64, h: i64) -> (i64, i64) {
     const OFFSET: i64 = 10;
-    const CLEARANCE: i64 = 6;
-    let fits_right = x + OFFSET + w <= PLOT_LEFT + PLOT_WIDTH;
-    let left = if fits_right {
-        x + OFFSET
-    } else {
-        x - OFFSET - w
-    };
-    let free = |top: &i64| {
-        !taken.iter().any(|&(tx, ty, tw, th)| {
-            left < tx + tw + CLEARANCE
-                && tx < left + w + CLEARANCE
-                && *top < ty + th + CLEARANCE
-                && ty < top + h + CLEARANCE
+    const MARGIN: i64 = 4;
+    let blank = |&(left, top): &(i64, i64)| {
+        (top - MARGIN..top + h + MARGIN).all(|py| {
+            (left - MARGIN..left + w + MARGIN).all(|px| {
+                let p = *picture.get_pixel(px as u32, py as u32);
+                p == WHITE || p == GRID
+            })
         })
     };
-    let step = h + 2 * CLEARANCE;
-    let below = || {
-        (0..)
-            .map(|k| y + OFFSET + k * step)
-            .take_while(|top| top + h <= PLOT_TOP + PLOT_HEIGHT)
-            .find(free)
-    };
-    let above = || {
-        (0..)
-            .map(|k| y - OFFSET - h - k * step)
-            .take_while(|top| *top >= PLOT_TOP)
-            .find(free)
-    };
-    let top = if fits_right {
-        below().or_else(above)
-    } else {
-        above().or_else(below)
-    };
-    (
-        left,
-        top.unwrap_or((y + OFFSET).min(PLOT_TOP + PLOT_HEIGHT - h)),
-    )
+    // every place inside the plot on a 2-pixel grid through the preferred one
+    let grid =
+        |through: i64, low: i64, high: i64| (low + (through - low).rem_euclid(2)..=high).step_by(2);
+    let lefts = grid(
+        x + OFFSET,
+        PLOT_LEFT + MARGIN,
+        PLOT_LEFT + PLOT_WIDTH - MARGIN - w,
+    );
+    // (distance from the marker, how far from diagonal, side, left, top), sorted by preference
+    let mut places: Vec<(i64, i64, u8, i64, i64)> = Vec::new();
+    for top in grid(
+        y + OFFSET,
+        PLOT_TOP + MARGIN,
+        PLOT_TOP + PLOT_HEIGHT - MARGIN - h,
+    ) {
+        for left in lefts.clone() {
+            let gap_x = (left - x).max(x - (left + w)).max(0);
+            let gap_y = (top - y).max(y - (top + h)).max(0);
+            let gap = gap_x.max(gap_y);
+            let (right, below) = (2 * left + w >= 2 * x, 2 * top + h >= 2 * y);
+            let side = match (right, below) {
+                (true, true) => 0,
+                (false, false) => 1,
+                (true, false) => 2,
+                (false, true) => 3,
+            };
+            if gap >= OFFSET {
+                places.push((gap, (gap_x - gap_y).abs(), side, left, top));
+            }
+        }
+    }
+    places.sort_unstable();
+    places
+        .into_iter()
+        .map(|(_, _, _, left, top)| (left, top))
+        .find(blank)
+        .unwrap_or((
+            (x + OFFSET).clamp(PLOT_LEFT, PLOT_LEFT + PLOT_WIDTH - w),
+            (y + OFFSET).clamp(PLOT_TOP, PLOT_TOP + PLOT_HEIGHT - h),
+        ))
 }
 
 /// Encodes `picture` as PNG in memory, then writes it to `out` through [`AtomicFile`].

@@ -484,32 +484,131 @@ fn recall_curve_ticks_are_one_two_five_per_decade_and_the_last_n() {
     assert!(!ticks(30).1.contains(&30));
 }
 
-/// Labels of markers at nearly the same place are stacked apart, inside the plot.
+/// A label goes below right of its marker on an empty plot, above left when something is drawn
+/// there or the plot ends on the right, further away when both are taken, and stays inside the
+/// plot even when the plot has no free place.
 #[test]
-fn recall_curve_labels_of_nearby_markers_do_not_overlap() {
+fn recall_curve_labels_go_where_nothing_is_drawn() {
     let (w, h) = (
         text_width("R@20 99.9", LABEL_SCALE),
         text_height(LABEL_SCALE),
     );
-    for (x, y) in [(200, 300), (985, 75), (95, 565)] {
-        let mut taken: Vec<(i64, i64, i64, i64)> = Vec::new();
-        for k in 0..4 {
-            let (lx, ly) = place_label(x + k, y - k, w, h, &taken);
-            for &(tx, ty, _, _) in &taken {
-                let apart = lx >= tx + w || tx >= lx + w || ly >= ty + h || ty >= ly + h;
-                assert!(
-                    apart,
-                    "label {k} of ({x}, {y}) at ({lx}, {ly}) on one at ({tx}, {ty})"
-                );
-            }
-            assert!(
-                lx >= PLOT_LEFT - w && lx + w <= PLOT_LEFT + PLOT_WIDTH,
-                "x {lx}"
+    let mut picture = RgbImage::from_pixel(CURVE_WIDTH as u32, CURVE_HEIGHT as u32, WHITE);
+    fill_rect(&mut picture, PLOT_LEFT, 250, PLOT_WIDTH, 1, GRID);
+    assert_eq!(
+        place_label(&picture, 300, 240, w, h),
+        (310, 250),
+        "over a grid line"
+    );
+    assert_eq!(
+        place_label(&picture, 985, 300, w, h),
+        (975 - w, 290 - h),
+        "at the right"
+    );
+    assert_eq!(
+        place_label(&picture, 985, 75, w, h),
+        (975 - w, 85),
+        "top right"
+    );
+    assert_eq!(
+        place_label(&picture, 95, 565, w, h),
+        (105, 555 - h),
+        "bottom left"
+    );
+
+    // the four places next to a marker at (300, 300), taken one after the other by a dot at
+    // their centre
+    disc(&mut picture, 300, 300, MARKER_RADIUS, MARKER);
+    let places = [
+        (310, 310),
+        (290 - w, 290 - h),
+        (310, 290 - h),
+        (290 - w, 310),
+    ];
+    for (i, taken) in [CURVE, INK, MARKER, CURVE].into_iter().enumerate() {
+        assert_eq!(
+            place_label(&picture, 300, 300, w, h),
+            places[i],
+            "place {i}"
+        );
+        let (x, y) = places[i];
+        fill_rect(&mut picture, x + w / 2, y + h / 2, 3, 3, taken);
+    }
+    // with those four taken, another place, on nothing drawn
+    let (left, top) = place_label(&picture, 300, 300, w, h);
+    let drawn = (top - 4..top + h + 4)
+        .flat_map(|y| (left - 4..left + w + 4).map(move |x| (x, y)))
+        .filter(|&(x, y)| ![WHITE, GRID].contains(picture.get_pixel(x as u32, y as u32)))
+        .count();
+    assert_eq!(drawn, 0, "a label at ({left}, {top}) on a drawn pixel");
+    assert!(!places.contains(&(left, top)), "({left}, {top}) was taken");
+
+    fill_rect(&mut picture, 0, 0, CURVE_WIDTH, CURVE_HEIGHT, CURVE);
+    assert_eq!(place_label(&picture, 985, 565, w, h), (990 - w, 570 - h));
+}
+
+/// Every pixel of the curve away from the markers is still the curve's once the markers are
+/// labelled: no label covers the curve.
+fn assert_labels_leave_the_curve_whole(recalls: &[f64], highlight: &[usize], seed: u64) {
+    let dir = scratch_dir("curve-labels");
+    let (plain, marked) = (dir.join("plain.png"), dir.join("marked.png"));
+    save_recall_curve(recalls, &[], "t", &plain).unwrap();
+    save_recall_curve(recalls, highlight, "t", &marked).unwrap();
+    let (plain, marked) = (read_png(&plain), read_png(&marked));
+    let markers: Vec<(i64, i64)> = highlight
+        .iter()
+        .map(|&n| expected_point(n, recalls[n - 1], recalls.len()))
+        .collect();
+    let mut curve_pixels = 0;
+    for (x, y, p) in plain.enumerate_pixels() {
+        let near_marker = markers.iter().any(|&(mx, my)| {
+            (mx - x as i64).abs() <= MARKER_RADIUS + 1 && (my - y as i64).abs() <= MARKER_RADIUS + 1
+        });
+        if *p == CURVE && !near_marker {
+            curve_pixels += 1;
+            assert_eq!(
+                *marked.get_pixel(x, y),
+                CURVE,
+                "({x}, {y}) covered (seed {seed})"
             );
-            assert!(ly >= PLOT_TOP && ly + h <= PLOT_TOP + PLOT_HEIGHT, "y {ly}");
-            taken.push((lx, ly, w, h));
         }
     }
+    assert!(curve_pixels > 100, "{curve_pixels} curve pixels");
+    for &n in highlight {
+        let label = format!("R@{n} {:.1}", recalls[n - 1]);
+        assert!(
+            shows_text(&marked, &label, LABEL_SCALE),
+            "no {label:?} (seed {seed})"
+        );
+    }
+}
+
+/// Labels leave the curve whole: a curve near 100 % at its right end (no room above the last
+/// marker, none to its right), one flat at 0 % (none below), Ns next to each other.
+#[test]
+fn recall_curve_labels_leave_the_curve_whole() {
+    let seed = seed("curve_labels");
+    let saturating: Vec<f64> = (1..=1000)
+        .map(|n| {
+            100.0 - 40.0 * (-(n as f64 - 1.0) / 30.0).exp() - 10.0 * (-(n as f64) / 300.0).exp()
+        })
+        .collect();
+    assert_labels_leave_the_curve_whole(&saturating, &[1, 5, 10, 20, 100, 1000], seed);
+    let mut rng = Rng(seed);
+    let flat_then_rising: Vec<f64> = (0..50)
+        .map(|i| {
+            if i < 40 {
+                0.0
+            } else {
+                rng.below(1000) as f64 / 10.0
+            }
+        })
+        .scan(0.0, |max: &mut f64, r| {
+            *max = max.max(r);
+            Some(*max)
+        })
+        .collect();
+    assert_labels_leave_the_curve_whole(&flat_then_rising, &[1, 2, 3, 4, 5, 10, 45, 50], seed);
 }
 
 /// No recalls, a recall that is not a percentage, a highlight outside the curve: an error
