@@ -70,13 +70,16 @@ fn tile_origin(index: usize) -> (i64, i64) {
 /// One PNG at `out`: the query, then its predictions left to right (rank 1 first), each image
 /// scaled to fit a square tile with its aspect kept (white padding on the short side), framed
 /// green when [`Mark::Positive`], red when [`Mark::Negative`] and grey when [`Mark::Query`],
-/// under a caption: "QUERY", then "1 POSITIVE", "2 NEGATIVE", ... Every image is read before
-/// anything is written, so an unreadable one (an error naming its path) leaves no file.
+/// under a caption: "QUERY", then "1 POSITIVE", "2 NEGATIVE", ... (a prediction marked
+/// [`Mark::Query`] gets its rank alone). Every image is read before anything is written, so an
+/// unreadable one (an error naming its path) leaves no file.
 pub fn save_prediction_picture(
     query: &Path,
     predictions: &[(&Path, Mark)],
     out: &Path,
 ) -> Result<()> {
+    let inner = TILE - 2 * FRAME;
+    // each image shrunk as soon as it is read, so that only one is held at full size
     let tiles: Vec<(Rgb8, Mark, String)> = std::iter::once((query, Mark::Query))
         .chain(predictions.iter().copied())
         .enumerate()
@@ -87,20 +90,19 @@ pub fn save_prediction_picture(
                 (rank, Mark::Negative) => format!("{rank} NEGATIVE"),
                 (rank, Mark::Query) => rank.to_string(),
             };
-            Ok((io_image::decode(path)?, mark, caption))
+            let fitted = fit_in_square(&io_image::decode(path)?, inner as usize);
+            Ok((fitted, mark, caption))
         })
         .collect::<Result<_>>()?;
 
     let (width, height) = prediction_picture_size(tiles.len());
     let mut picture = RgbImage::from_pixel(width as u32, height as u32, WHITE);
-    let inner = TILE - 2 * FRAME;
-    for (index, (image, mark, caption)) in tiles.iter().enumerate() {
+    for (index, (fitted, mark, caption)) in tiles.iter().enumerate() {
         let (x, y) = tile_origin(index);
         frame(&mut picture, x, y, TILE, TILE, FRAME, mark.frame_colour());
-        let fitted = fit_in_square(image, inner as usize);
         let image_x = x + FRAME + (inner - fitted.width as i64) / 2;
         let image_y = y + FRAME + (inner - fitted.height as i64) / 2;
-        paste(&mut picture, &fitted, image_x, image_y);
+        paste(&mut picture, fitted, image_x, image_y);
         let caption_x = x + (TILE - text_width(caption, CAPTION_SCALE)) / 2;
         let caption_y = y - (CAPTION_HEIGHT + text_height(CAPTION_SCALE)) / 2;
         text(
@@ -116,7 +118,8 @@ pub fn save_prediction_picture(
 }
 
 /// `image` resized so that its long side is `side` pixels and its aspect is kept, with
-/// torchvision's anti-aliased bilinear filter (an area average when shrinking).
+/// torchvision's anti-aliased bilinear filter (a triangle filter widened by the shrink factor,
+/// so that every source pixel counts).
 fn fit_in_square(image: &Rgb8, side: usize) -> Rgb8 {
     let scale = side as f64 / image.width.max(image.height) as f64;
     let scaled = |n: usize| ((n as f64 * scale).round() as usize).clamp(1, side);

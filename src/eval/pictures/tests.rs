@@ -170,21 +170,38 @@ fn prediction_picture_puts_each_image_in_its_framed_and_captioned_tile() {
             "tile {index}: ink above the caption band"
         );
     }
-    let caption = |index: usize| {
+    // each caption says what it should, in its own band
+    let captions = [
+        "QUERY",
+        "1 POSITIVE",
+        "2 NEGATIVE",
+        "3 NEGATIVE",
+        "4 POSITIVE",
+    ];
+    for (index, caption) in captions.iter().enumerate() {
         let (x, y) = tile_origin(index);
-        image::imageops::crop_imm(&picture, x as u32, (y - CAPTION_HEIGHT) as u32, 384, 40)
-            .to_image()
-    };
-    assert_ne!(
-        caption(1),
-        caption(2),
-        "a positive's caption is a negative's"
-    );
-    assert_ne!(
-        caption(1),
-        caption(4),
-        "ranks 1 and 4 have the same caption"
-    );
+        let band = image::imageops::crop_imm(
+            &picture,
+            x as u32,
+            (y - CAPTION_HEIGHT) as u32,
+            TILE as u32,
+            CAPTION_HEIGHT as u32,
+        )
+        .to_image();
+        assert!(
+            shows_text(&band, caption, CAPTION_SCALE),
+            "tile {index}: no {caption:?}"
+        );
+        let other = if caption.contains("POSITIVE") {
+            "NEGATIVE"
+        } else {
+            "POSITIVE"
+        };
+        assert!(
+            !shows_text(&band, other, CAPTION_SCALE),
+            "tile {index}: {other:?}"
+        );
+    }
 
     let at = |index: usize, dx: i64, dy: i64| {
         let (x, y) = tile_origin(index);
@@ -429,11 +446,15 @@ fn recall_curve_of_a_thousand_points_marks_and_labels_the_highlights() {
     }
     for &n in &highlight {
         let (x, y) = expected_point(n, recalls[n - 1], 1000);
-        assert_eq!(
-            *picture.get_pixel(x as u32, y as u32),
-            MARKER,
-            "R@{n} marker"
-        );
+        // a disc: its centre and four points 5 pixels from it, and nothing of it 8 from it
+        for (dx, dy) in [(0, 0), (-5, 0), (5, 0), (0, -5), (0, 5)] {
+            let p = *picture.get_pixel((x + dx) as u32, (y + dy) as u32);
+            assert_eq!(p, MARKER, "R@{n} marker at ({dx}, {dy}) from its centre");
+        }
+        for (dx, dy) in [(-8, 0), (0, -8), (0, 8)] {
+            let p = *picture.get_pixel((x + dx).min(1023) as u32, (y + dy) as u32);
+            assert_ne!(p, MARKER, "R@{n} marker at ({dx}, {dy}) from its centre");
+        }
         let label = format!("R@{n} {:.1}", recalls[n - 1]);
         assert!(
             shows_text(&picture, &label, LABEL_SCALE),
