@@ -2,5 +2,6 @@
 
 pub mod dataset;
 pub mod extract;
+pub mod pictures;
 pub mod predictions;
 pub mod recall;
