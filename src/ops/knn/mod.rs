@@ -272,21 +272,15 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
     use crate::check::compare;
     // (what, queries, k, chunk sizes in merge order, values)
     let cases: [(&str, usize, usize, &[usize], Values); 10] = [
-        ("odd", 7, 5, &[33], Values::Random),
+        ("odd sizes", 7, 5, &[33], Values::Random),
         ("n < k", 3, 20, &[7], Values::Random),
-        ("k 1", 5, 1, &[257, 1, 31], Values::Random),
-        ("k 1024", 2, 1024, &[1500, 700], Values::Random),
-        ("k 100", 3, 100, &[5000], Values::Random),
-        (
-            "partly filled, then full",
-            4,
-            64,
-            &[30, 77, 1],
-            Values::Random,
-        ),
+        ("three chunks", 5, 1, &[257, 1, 31], Values::Random),
+        ("full, then full", 2, 1024, &[1500, 700], Values::Random),
+        ("long chunk", 3, 100, &[5000], Values::Random),
+        ("partial, then full", 4, 64, &[30, 77, 1], Values::Random),
         ("ties", 6, 50, &[300, 41], Values::Ties),
-        ("ties k 1024", 2, 1024, &[900, 3000], Values::Ties),
-        ("ties k 1", 3, 1, &[100, 100], Values::Ties),
+        ("ties", 2, 1024, &[900, 3000], Values::Ties),
+        ("ties", 3, 1, &[100, 100], Values::Ties),
         ("nan, inf", 5, 16, &[9, 200], Values::Special),
     ];
     let mut rows = Vec::new();
