@@ -218,6 +218,7 @@ extern "C" __global__ void __launch_bounds__(256) knn_merge_f32(const float* __r
       out_dist[row * k + j] = empty ? KNN_POS_INF : knn_distance_of(key);
       out_idx[row * k + j] = empty ? -1 : (pos < uk ? r.old_idx[pos] : merged + (long long)(pos - uk));
     }
-    __syncthreads();  // the next row reuses the shared arrays
+    // No barrier here: the next row writes `hist` (last read before this row's gather) first, and
+    // `sel` only after barriers every thread must reach once it has written this row out.
   }
 }

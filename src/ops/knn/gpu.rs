@@ -6,11 +6,12 @@ use crate::error::Result;
 /// The kernel's block size (its `__launch_bounds__`).
 const THREADS: u32 = 256;
 /// Blocks at most; the kernel loops over the rows beyond them.
-const MAX_BLOCKS: usize = 16384;
+pub const MAX_BLOCKS: usize = 16384;
 
 /// One merge of the dense `ip` [queries, n], `qn` [queries] and `dn` [n] into the dense lists
 /// `old_dist` / `old_idx` [queries, k] (queries, n >= 1; the caller checked k and n against the
-/// kernel's limits); returns the new distances (f32) and indices (i64).
+/// kernel's limits), a block per row up to `max_blocks` blocks; returns the new distances (f32)
+/// and indices (i64).
 #[allow(clippy::too_many_arguments)]
 pub fn merge(
     old_dist: &GpuBuffer,
@@ -22,6 +23,7 @@ pub fn merge(
     k: usize,
     n: usize,
     merged: usize,
+    max_blocks: usize,
 ) -> Result<(GpuBuffer, GpuBuffer)> {
     let gpu = ip.gpu();
     let dist = gpu.alloc(queries * k * 4)?;
@@ -39,7 +41,7 @@ pub fn merge(
         .push(n as i64)
         .push(merged as i64);
     let cfg = LaunchConfig {
-        grid: (queries.min(MAX_BLOCKS) as u32, 1, 1),
+        grid: (queries.min(max_blocks) as u32, 1, 1),
         block: (THREADS, 1, 1),
         shared_bytes: 0,
     };

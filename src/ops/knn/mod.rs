@@ -5,10 +5,10 @@
 //! lists (kernels/knn.cu; the CPU twin in cpu.rs is also the CPU search).
 //!
 //! The order is total: ascending distance, exact ties to the lower database index, NaN distances
-//! after +inf, and an empty slot (+inf, index -1) after every real candidate, so that a real
-//! candidate at +inf or NaN still fills a slot. The device and the CPU give the same lists bit for
-//! bit (a NaN distance comes out as a NaN of the kernel's choosing, the same on both). Inference
-//! only: nothing is recorded for autograd.
+//! after +inf, and an empty slot (index -1, distance +inf; a negative index is what marks it)
+//! after every real candidate, so that a real candidate at +inf or NaN still fills a slot. The
+//! device and the CPU give the same lists bit for bit (a NaN distance comes out as one NaN, the
+//! same on both). Inference only: nothing is recorded for autograd.
 
 mod cpu;
 mod gpu;
@@ -17,6 +17,7 @@ use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{dtype_err, shape_err, Error, Result};
 use crate::layout::Layout;
+use crate::ops::copy::check_extent;
 use crate::tape;
 use crate::tensor::{IntoCpuStorage, Storage, Tensor};
 
@@ -74,10 +75,18 @@ impl Neighbours {
         query_norms: &Tensor,
         chunk_norms: &Tensor,
     ) -> Result<Neighbours> {
-        tape::no_grad(|| self.merge_chunk_impl(ip, query_norms, chunk_norms))
+        tape::no_grad(|| self.merge_chunk_impl(ip, query_norms, chunk_norms, gpu::MAX_BLOCKS))
     }
 
-    fn merge_chunk_impl(&self, ip: &Tensor, qn: &Tensor, dn: &Tensor) -> Result<Neighbours> {
+    /// `merge_chunk` with at most `max_blocks` blocks on a GPU (fewer than the rows to check the
+    /// kernel's loop over rows).
+    fn merge_chunk_impl(
+        &self,
+        ip: &Tensor,
+        qn: &Tensor,
+        dn: &Tensor,
+        max_blocks: usize,
+    ) -> Result<Neighbours> {
         let what = format!(
             "knn merge_chunk of ip {:?} ({}), query_norms {:?} ({}), chunk_norms {:?} ({}) into \
              lists {:?} ({}) / {:?} ({})",
@@ -146,6 +155,9 @@ impl Neighbours {
         let [old_dist, old_idx, ip, qn, dn] =
             [&self.distances, &self.indices, ip, qn, dn].map(Tensor::contiguous);
         let (old_dist, old_idx, ip, qn, dn) = (old_dist?, old_idx?, ip?, qn?, dn?);
+        for t in [&old_dist, &old_idx, &ip, &qn, &dn] {
+            check_extent(t)?;
+        }
         let (distances, indices) = match (
             old_dist.storage(),
             old_idx.storage(),
@@ -184,7 +196,8 @@ impl Neighbours {
                 Storage::Gpu(qs),
                 Storage::Gpu(ds),
             ) => {
-                let (d, i) = gpu::merge(od, oi, ips, qs, ds, queries, k, n, self.merged)?;
+                let (d, i) =
+                    gpu::merge(od, oi, ips, qs, ds, queries, k, n, self.merged, max_blocks)?;
                 (Storage::Gpu(d), Storage::Gpu(i))
             }
             _ => unreachable!("every input was checked to be on the lists' device"),
@@ -270,21 +283,37 @@ fn chunk_values(
 /// lists, exact ties, and NaN and infinities.
 pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
     use crate::check::compare;
-    // (what, queries, k, chunk sizes in merge order, values)
-    let cases: [(&str, usize, usize, &[usize], Values); 10] = [
-        ("odd sizes", 7, 5, &[33], Values::Random),
-        ("n < k", 3, 20, &[7], Values::Random),
-        ("three chunks", 5, 1, &[257, 1, 31], Values::Random),
-        ("full, then full", 2, 1024, &[1500, 700], Values::Random),
-        ("long chunk", 3, 100, &[5000], Values::Random),
-        ("partial, then full", 4, 64, &[30, 77, 1], Values::Random),
-        ("ties", 6, 50, &[300, 41], Values::Ties),
-        ("ties", 2, 1024, &[900, 3000], Values::Ties),
-        ("ties", 3, 1, &[100, 100], Values::Ties),
-        ("nan, inf", 5, 16, &[9, 200], Values::Special),
+    const ALL: usize = gpu::MAX_BLOCKS;
+    // (what, queries, k, chunk sizes in merge order, values, blocks at most)
+    let cases: [(&str, usize, usize, &[usize], Values, usize); 11] = [
+        ("odd sizes", 7, 5, &[33], Values::Random, ALL),
+        ("n < k", 3, 20, &[7], Values::Random, ALL),
+        ("three chunks", 5, 1, &[257, 1, 31], Values::Random, ALL),
+        (
+            "full, then full",
+            2,
+            1024,
+            &[1500, 700],
+            Values::Random,
+            ALL,
+        ),
+        ("long chunk", 3, 100, &[5000], Values::Random, ALL),
+        (
+            "partial, then full",
+            4,
+            64,
+            &[30, 77, 1],
+            Values::Random,
+            ALL,
+        ),
+        ("ties", 6, 50, &[300, 41], Values::Ties, ALL),
+        ("ties", 2, 1024, &[900, 3000], Values::Ties, ALL),
+        ("ties", 3, 1, &[100, 100], Values::Ties, ALL),
+        ("nan, inf", 5, 16, &[9, 200], Values::Special, ALL),
+        ("9 rows, 2 blocks", 9, 12, &[5, 300], Values::Ties, 2),
     ];
     let mut rows = Vec::new();
-    for (c, &(what, queries, k, chunks, values)) in cases.iter().enumerate() {
+    for (c, &(what, queries, k, chunks, values, blocks)) in cases.iter().enumerate() {
         let mut want = Neighbours::empty(queries, k, &Device::Cpu)?;
         let mut got = Neighbours::empty(queries, k, device)?;
         for (j, &n) in chunks.iter().enumerate() {
@@ -297,7 +326,7 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
                     qn.to_device(device)?,
                     dn.to_device(device)?,
                 );
-                got.merge_chunk(&ip, &qn, &dn)
+                tape::no_grad(|| got.merge_chunk_impl(&ip, &qn, &dn, blocks))
             })();
             want = want.merge_chunk(&ip, &qn, &dn)?;
             let shape = [queries, n];
