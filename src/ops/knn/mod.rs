@@ -283,34 +283,22 @@ fn chunk_values(
 /// lists, exact ties, and NaN and infinities.
 pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
     use crate::check::compare;
+    use Values::{Random, Special, Ties};
     const ALL: usize = gpu::MAX_BLOCKS;
-    // (what, queries, k, chunk sizes in merge order, values, blocks at most)
-    let cases: [(&str, usize, usize, &[usize], Values, usize); 11] = [
-        ("odd sizes", 7, 5, &[33], Values::Random, ALL),
-        ("n < k", 3, 20, &[7], Values::Random, ALL),
-        ("three chunks", 5, 1, &[257, 1, 31], Values::Random, ALL),
-        (
-            "full, then full",
-            2,
-            1024,
-            &[1500, 700],
-            Values::Random,
-            ALL,
-        ),
-        ("long chunk", 3, 100, &[5000], Values::Random, ALL),
-        (
-            "partial, then full",
-            4,
-            64,
-            &[30, 77, 1],
-            Values::Random,
-            ALL,
-        ),
-        ("ties", 6, 50, &[300, 41], Values::Ties, ALL),
-        ("ties", 2, 1024, &[900, 3000], Values::Ties, ALL),
-        ("ties", 3, 1, &[100, 100], Values::Ties, ALL),
-        ("nan, inf", 5, 16, &[9, 200], Values::Special, ALL),
-        ("9 rows, 2 blocks", 9, 12, &[5, 300], Values::Ties, 2),
+    // what, queries, k, chunk sizes in merge order, values, blocks at most
+    type Case = (&'static str, usize, usize, &'static [usize], Values, usize);
+    let cases: [Case; 11] = [
+        ("odd sizes", 7, 5, &[33], Random, ALL),
+        ("n < k", 3, 20, &[7], Random, ALL),
+        ("three chunks", 5, 1, &[257, 1, 31], Random, ALL),
+        ("full, then full", 2, 1024, &[1500, 700], Random, ALL),
+        ("long chunk", 3, 100, &[5000], Random, ALL),
+        ("partial, then full", 4, 64, &[30, 77, 1], Random, ALL),
+        ("ties", 6, 50, &[300, 41], Ties, ALL),
+        ("ties", 2, 1024, &[900, 3000], Ties, ALL),
+        ("ties", 3, 1, &[100, 100], Ties, ALL),
+        ("nan, inf", 5, 16, &[9, 200], Special, ALL),
+        ("9 rows, 2 blocks", 9, 12, &[5, 300], Ties, 2),
     ];
     let mut rows = Vec::new();
     for (c, &(what, queries, k, chunks, values, blocks)) in cases.iter().enumerate() {
