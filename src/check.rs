@@ -120,6 +120,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("softmax", crate::ops::softmax::conformance),
     ("conv", crate::ops::conv::conformance),
     ("pool", crate::ops::pool::conformance),
+    ("knn", crate::ops::knn::conformance),
     ("loss", crate::ops::loss::conformance),
     ("optim", crate::train::optim::conformance),
 ];
