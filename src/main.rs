@@ -7,7 +7,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 use vpr_engine::device::kernels::KERNEL_MODULES;
 use vpr_engine::device::{cuda, Device};
+use vpr_engine::eval::dataset::EvalDataset;
 use vpr_engine::eval::extract::{self, ExtractOptions};
+use vpr_engine::eval::pictures::{self, Mark};
+use vpr_engine::eval::run::{self, Descriptors};
+use vpr_engine::eval::{predictions, recall};
+use vpr_engine::ops::knn::MAX_K;
 use vpr_engine::Error;
 
 #[derive(Parser)]
@@ -57,6 +62,66 @@ enum Command {
         #[arg(long, value_name = "HxW")]
         resize: Option<String>,
     },
+    /// Recall@N of a model (or of descriptors from any system) on a geo-tagged test set: exact
+    /// L2 nearest neighbours of each query among the database images, a prediction correct when
+    /// within --positive-dist-threshold metres (the protocol of the VPR tools). Prints
+    /// `R@1: x, R@5: x, R@10: x, R@20: x`; a summary goes to standard error.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A converted model (safetensors with vpr.* metadata) to extract the descriptors with.
+    #[arg(long, required_unless_present = "query_descriptors")]
+    weights: Option<PathBuf>,
+    /// Query descriptors instead of a model: a float32 [queries, dim] .npy, row i for the i-th
+    /// query image in sorted order (what `extract` writes).
+    #[arg(long, requires = "database_descriptors", conflicts_with = "weights")]
+    query_descriptors: Option<PathBuf>,
+    /// Database descriptors to go with --query-descriptors.
+    #[arg(long, requires = "query_descriptors")]
+    database_descriptors: Option<PathBuf>,
+    /// The test set: DIR/database and DIR/queries (or DIR/images/test/{database,queries}),
+    /// images named @east@north@zone@letter@lat@lon@...@.jpg (UTM metres).
+    #[arg(long, required_unless_present = "database_folder")]
+    dataset: Option<PathBuf>,
+    /// The database folder, instead of --dataset.
+    #[arg(long, requires = "queries_folder", conflicts_with = "dataset")]
+    database_folder: Option<PathBuf>,
+    /// The queries folder, with --database-folder.
+    #[arg(long, requires = "database_folder")]
+    queries_folder: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or vgpu (default: cuda when a GPU is usable, else cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// Most images per model call; only consecutive images of one size share a call.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// HEIGHTxWIDTH every image is resized to (e.g. 480x640), instead of the model's own
+    /// size rule.
+    #[arg(long, value_name = "HxW")]
+    resize: Option<String>,
+    /// A database image is a positive of a query within this many metres (inclusive).
+    #[arg(long, default_value_t = 25.0, allow_negative_numbers = true)]
+    positive_dist_threshold: f64,
+    /// The N of Recall@N, ascending (e.g. 1,5,10,20 or 1 5 10 20).
+    #[arg(long, num_args = 1.., value_delimiter = ',', default_values_t = [1, 5, 10, 20])]
+    recall_values: Vec<usize>,
+    /// A CSV of every query's top predictions (as many as the largest N): query, rank,
+    /// prediction, squared L2 distance, whether it is a positive.
+    #[arg(long, value_name = "FILE.csv")]
+    save_predictions: Option<PathBuf>,
+    /// A folder for pictures: a PNG per query of the query and its top 5 predictions (green
+    /// frames for positives, red for negatives) and recall.png, the Recall@N curve.
+    #[arg(long, value_name = "DIR")]
+    save_pictures: Option<PathBuf>,
+    /// How many queries get a picture (the first ones in order).
+    #[arg(long, default_value_t = 20, requires = "save_pictures")]
+    num_pictures: usize,
+    /// A folder to write the extracted descriptors to, as `extract` writes them
+    /// (queries.npy and database.npy with their .paths.txt), for a later --query-descriptors.
+    #[arg(long, value_name = "DIR", requires = "weights")]
+    save_descriptors: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -82,6 +147,7 @@ fn main() -> ExitCode {
             resize.as_deref(),
         )
         .map(|_| true),
+        Command::Eval(args) => eval(&mut out, &args).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -268,7 +334,7 @@ fn extract(
     };
     let start = Instant::now();
     let total = paths.len();
-    let mut bar = ProgressBar::new(total, std::io::stderr().is_terminal());
+    let mut bar = ProgressBar::new(total, "images", std::io::stderr().is_terminal());
     let result = extract::extract_descriptors(model.as_ref(), &paths, &options, &mut |done| {
         bar.update(done)
     });
@@ -288,19 +354,242 @@ fn extract(
     .map_err(stdout_err)
 }
 
-/// Images done, speed and time left on one line of standard error, redrawn at most ten times a
+/// An existing folder for FILE's parent, or an error naming `flag`.
+fn check_output_file(flag: &str, file: &Path) -> vpr_engine::Result<()> {
+    let folder = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() || file.is_dir() {
+        return Err(Error::Argument(format!(
+            "{flag} {}: not a file in an existing folder",
+            file.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the folder `dir` (and its parents) for `flag`'s outputs.
+fn create_output_folder(flag: &str, dir: &Path) -> vpr_engine::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: format!("{flag} {}", dir.display()),
+        source,
+    })
+}
+
+fn eval(out: &mut impl Write, args: &EvalArgs) -> vpr_engine::Result<()> {
+    // every argument is checked before a model is loaded or an image read
+    let resize = args.resize.as_deref().map(parse_resize).transpose()?;
+    if args.batch_size == 0 {
+        return Err(Error::Argument("--batch-size must be at least 1".into()));
+    }
+    let ns = &args.recall_values;
+    if ns.is_empty() || ns[0] == 0 || ns.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(Error::Argument(format!(
+            "--recall-values {ns:?}: need ascending values of at least 1"
+        )));
+    }
+    if ns[ns.len() - 1] > MAX_K {
+        return Err(Error::Argument(format!(
+            "--recall-values: the search keeps at most {MAX_K} predictions per query"
+        )));
+    }
+    let threshold = args.positive_dist_threshold;
+    if !(threshold.is_finite() && threshold >= 0.0) {
+        return Err(Error::Argument(format!(
+            "--positive-dist-threshold {threshold}: need a distance of 0 or more metres"
+        )));
+    }
+    if let Some(csv) = &args.save_predictions {
+        check_output_file("--save-predictions", csv)?;
+    }
+    let device = match &args.device {
+        Some(d) => Device::new(d)?,
+        None => Device::default_device(),
+    };
+    let dataset = match (&args.dataset, &args.database_folder, &args.queries_folder) {
+        (Some(dir), _, _) => EvalDataset::open(dir)?,
+        (None, Some(database), Some(queries)) => EvalDataset::from_folders(database, queries)?,
+        _ => unreachable!("clap requires --dataset or both folders"),
+    };
+    let model = args
+        .weights
+        .as_deref()
+        .map(|w| vpr_engine::models::load(w, &device))
+        .transpose()?;
+    let descriptors = match (&model, &args.query_descriptors, &args.database_descriptors) {
+        (Some(model), _, _) => Descriptors::Model {
+            model: model.as_ref(),
+            options: ExtractOptions {
+                resize,
+                ..ExtractOptions::new(args.batch_size)
+            },
+        },
+        (None, Some(queries), Some(database)) => Descriptors::Files {
+            queries: queries.clone(),
+            database: database.clone(),
+        },
+        _ => unreachable!("clap requires --weights or both descriptor files"),
+    };
+    for (flag, dir) in [
+        ("--save-pictures", &args.save_pictures),
+        ("--save-descriptors", &args.save_descriptors),
+    ] {
+        if let Some(dir) = dir {
+            create_output_folder(flag, dir)?;
+        }
+    }
+
+    let shown = std::io::stderr().is_terminal();
+    let mut bar: Option<(String, ProgressBar)> = None;
+    let result = run::evaluate(
+        &dataset,
+        descriptors,
+        &device,
+        threshold,
+        ns,
+        &mut |stage, done, total| {
+            if bar.as_ref().is_none_or(|(s, _)| s != stage) {
+                if let Some((_, old)) = &bar {
+                    old.finish();
+                }
+                let unit = if stage == "search" {
+                    "database rows searched".to_string()
+                } else {
+                    format!("{stage} images")
+                };
+                bar = Some((stage.to_string(), ProgressBar::new(total, &unit, shown)));
+            }
+            if let Some((_, b)) = &mut bar {
+                b.update(done);
+            }
+        },
+    );
+    if let Some((_, b)) = &bar {
+        b.finish();
+    }
+    let evaluation = result?;
+
+    if let (Some(dir), Some((queries, database))) = (&args.save_descriptors, &evaluation.extracted)
+    {
+        extract::write_outputs(&dir.join("queries.npy"), &dataset.queries, queries)?;
+        extract::write_outputs(&dir.join("database.npy"), &dataset.database, database)?;
+    }
+    if let Some(csv) = &args.save_predictions {
+        predictions::write_csv(
+            csv,
+            &dataset,
+            &evaluation.predictions,
+            &evaluation.positives,
+        )?;
+    }
+    if let Some(dir) = &args.save_pictures {
+        // the test set's name: its folder, or the folder holding its database folder
+        let root = args.dataset.clone().or_else(|| {
+            let database = args.database_folder.as_ref()?.canonicalize().ok()?;
+            database.parent().map(Path::to_path_buf)
+        });
+        let name = root
+            .and_then(|r| {
+                r.canonicalize()
+                    .ok()?
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| "the test set".into());
+        save_pictures(
+            dir,
+            args.num_pictures,
+            &dataset,
+            &evaluation,
+            model.as_deref(),
+            &name,
+            ns,
+        )?;
+    }
+
+    let line = recall::format_recalls(ns, &evaluation.recalls);
+    writeln!(out, "{line}").map_err(stdout_err)?;
+    let without = evaluation.positives.iter().filter(|p| p.is_empty()).count();
+    let images = dataset.queries.len() + dataset.database.len();
+    let source = match (&model, &args.query_descriptors, &args.database_descriptors) {
+        (Some(model), _, _) => format!(
+            "extracted by {} on {device} in {:.1} s ({:.1} images/s)",
+            model.describe(),
+            evaluation.extract_seconds,
+            images as f64 / evaluation.extract_seconds.max(1e-9)
+        ),
+        (_, Some(q), Some(d)) => format!("read from {} and {}", q.display(), d.display()),
+        _ => unreachable!("clap requires --weights or both descriptor files"),
+    };
+    eprintln!(
+        "{} queries ({without} without a positive within {threshold} m), {} database images\n\
+         descriptors {source}\n\
+         exact L2 search for the top {} on {device} in {:.2} s",
+        dataset.queries.len(),
+        dataset.database.len(),
+        evaluation.predictions.k,
+        evaluation.search_seconds
+    );
+    Ok(())
+}
+
+/// `--save-pictures`: the first `count` queries with their top 5 predictions, and the Recall@N
+/// curve up to the largest N.
+fn save_pictures(
+    dir: &Path,
+    count: usize,
+    dataset: &EvalDataset,
+    evaluation: &run::Evaluation,
+    model: Option<&dyn vpr_engine::models::PlaceModel>,
+    name: &str,
+    ns: &[usize],
+) -> vpr_engine::Result<()> {
+    let p = &evaluation.predictions;
+    let queries = count.min(p.queries());
+    let width = queries.saturating_sub(1).to_string().len().max(3);
+    for q in 0..queries {
+        let marked: Vec<(&Path, Mark)> = p
+            .row(q)
+            .iter()
+            .take(5)
+            .map(|&i| {
+                let positive = evaluation.positives[q].binary_search(&i).is_ok();
+                let mark = if positive {
+                    Mark::Positive
+                } else {
+                    Mark::Negative
+                };
+                (dataset.database[i].as_path(), mark)
+            })
+            .collect();
+        let file = dir.join(format!("query_{q:0width$}.png"));
+        pictures::save_prediction_picture(&dataset.queries[q], &marked, &file)?;
+    }
+    let curve = recall::recall_curve(p, &evaluation.positives)?;
+    let title = match model {
+        Some(m) => format!("{} on {name}: Recall@N", m.describe()),
+        None => format!("{name}: Recall@N"),
+    };
+    pictures::save_recall_curve(&curve, ns, &title, &dir.join("recall.png"))
+}
+
+/// Work done, speed and time left on one line of standard error, redrawn at most ten times a
 /// second; silent when standard error is not a terminal.
 struct ProgressBar {
     total: usize,
+    /// What is counted ("images", "database rows").
+    unit: String,
     shown: bool,
     start: Instant,
     last_draw: Option<Instant>,
 }
 
 impl ProgressBar {
-    fn new(total: usize, shown: bool) -> ProgressBar {
+    fn new(total: usize, unit: &str, shown: bool) -> ProgressBar {
         ProgressBar {
             total,
+            unit: unit.to_string(),
             shown,
             start: Instant::now(),
             last_draw: None,
@@ -321,10 +610,11 @@ impl ProgressBar {
         let width = 30;
         let filled = width * done / self.total.max(1);
         eprint!(
-            "\r[{}{}] {done}/{} images, {rate:.1} img/s, ETA {}:{:02}  ",
+            "\r[{}{}] {done}/{} {}, {rate:.1}/s, ETA {}:{:02}  ",
             "#".repeat(filled),
             " ".repeat(width - filled),
             self.total,
+            self.unit,
             left / 60,
             left % 60
         );

@@ -137,6 +137,9 @@ fn lists_images_recursively_in_python_sorted_order() {
         "a.png",
         "a-b.png",
         "B.JPG",
+        ".hidden.png",
+        ".cache/d.png",
+        "a/.e.jpg",
     ] {
         save_image(&dir.join(name), 4, 4, 1);
     }
@@ -149,7 +152,7 @@ fn lists_images_recursively_in_python_sorted_order() {
         .map(|p| p.strip_prefix(&dir).unwrap().display().to_string())
         .collect();
     // sorted(glob(...)) order: whole path strings by code point ('-' < '.' < '/' < 'B' < 'a'),
-    // not path components (which would put a/x.png before a-b.png)
+    // not path components (which would put a/x.png before a-b.png); glob skips hidden names
     assert_eq!(
         listed,
         [

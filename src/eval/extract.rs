@@ -48,8 +48,10 @@ fn is_image(path: &Path) -> bool {
 }
 
 /// Every image under `dir` (recursively, following symbolic links to files but not to
-/// folders), sorted as Python's `sorted()` sorts the path strings (byte order of UTF-8). An
-/// error if `dir` is not a folder or holds no image.
+/// folders), sorted as Python's `sorted()` sorts the path strings (byte order of UTF-8). Hidden
+/// files and folders (names starting with '.') are left out, as Python's `glob` leaves them out
+/// of the VPR tools' listings, so that row i is the same image as theirs. An error if `dir` is
+/// not a folder or holds no image.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let meta = std::fs::metadata(dir).map_err(|source| Error::Io {
         path: dir.display().to_string(),
@@ -70,6 +72,9 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
         };
         for entry in std::fs::read_dir(&folder).map_err(io_err)? {
             let entry = entry.map_err(io_err)?;
+            if entry.file_name().as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
             let path = entry.path();
             let kind = entry.file_type().map_err(io_err)?;
             if kind.is_dir() {

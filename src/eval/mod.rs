@@ -1,7 +1,10 @@
-//! Evaluation of place-recognition models: descriptor extraction for a folder of images.
+//! Evaluation of place-recognition models: descriptor extraction for a folder of images, and
+//! Recall@N on geo-tagged test sets by exact nearest-neighbour search.
 
 pub mod dataset;
 pub mod extract;
 pub mod pictures;
 pub mod predictions;
 pub mod recall;
+pub mod run;
+pub mod search;

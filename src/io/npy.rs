@@ -64,24 +64,73 @@ pub fn prepare(path: &Path, m: &Matrix) -> Result<AtomicFile> {
     Ok(file)
 }
 
+/// A float32 2-D C-order `.npy` file (format 1.0, 2.0 or 3.0) mapped into memory, so that a
+/// database larger than RAM is read a block of rows at a time.
+pub struct MappedMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    map: memmap2::Mmap,
+    data_start: usize,
+}
+
+impl MappedMatrix {
+    /// Maps `path` and checks its header and size.
+    pub fn open(path: &Path) -> Result<MappedMatrix> {
+        let file = std::fs::File::open(path).map_err(|source| io_error(path, source))?;
+        // SAFETY: the map is only read, and descriptor files are written once (to a temporary
+        // file that is then renamed), never modified in place while they are searched.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| io_error(path, source))?;
+        let (rows, cols, data_start) = parse_header(&map).map_err(|message| Error::Format {
+            path: path.display().to_string(),
+            message,
+        })?;
+        Ok(MappedMatrix {
+            rows,
+            cols,
+            map,
+            data_start,
+        })
+    }
+
+    /// Rows `start..start + count` as f32 values, row-major.
+    pub fn read_rows(&self, start: usize, count: usize) -> Vec<f32> {
+        assert!(
+            start + count <= self.rows,
+            "rows {start}..{} of {}",
+            start + count,
+            self.rows
+        );
+        let from = self.data_start + start * self.cols * 4;
+        self.map[from..from + count * self.cols * 4]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+}
+
 /// Reads a float32 2-D C-order `.npy` file (format 1.0, 2.0 or 3.0).
 pub fn read(path: &Path) -> Result<Matrix> {
-    let bytes = std::fs::read(path).map_err(|source| io_error(path, source))?;
-    let err = |message: String| Error::Format {
-        path: path.display().to_string(),
-        message,
-    };
+    let m = MappedMatrix::open(path)?;
+    Ok(Matrix {
+        rows: m.rows,
+        cols: m.cols,
+        data: m.read_rows(0, m.rows),
+    })
+}
+
+/// `(rows, cols, offset of the data)` of a float32 2-D C-order `.npy` file, or why it is not one.
+fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, usize, usize), String> {
     if bytes.len() < MAGIC.len() + 2 || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(err("not a .npy file (no \\x93NUMPY magic)".into()));
+        return Err("not a .npy file (no \\x93NUMPY magic)".into());
     }
     let major = bytes[MAGIC.len()];
     let (len_bytes, start) = match major {
         1 => (2, MAGIC.len() + 4),
         2 | 3 => (4, MAGIC.len() + 6),
-        v => return Err(err(format!(".npy format version {v} is not supported"))),
+        v => return Err(format!(".npy format version {v} is not supported")),
     };
     if bytes.len() < start {
-        return Err(err("truncated .npy header".into()));
+        return Err("truncated .npy header".into());
     }
     let len_field = &bytes[MAGIC.len() + 2..start];
     let header_len = if len_bytes == 2 {
@@ -92,61 +141,46 @@ pub fn read(path: &Path) -> Result<Matrix> {
     let data_start = start + header_len;
     let header = bytes
         .get(start..data_start)
-        .ok_or_else(|| err("truncated .npy header".into()))?;
-    let header =
-        std::str::from_utf8(header).map_err(|_| err("the .npy header is not text".into()))?;
+        .ok_or_else(|| "truncated .npy header".to_string())?;
+    let header = std::str::from_utf8(header).map_err(|_| "the .npy header is not text")?;
 
-    let descr = header_value(header, "descr")
-        .ok_or_else(|| err(format!("no 'descr' in header {header:?}")))?;
+    let descr =
+        header_value(header, "descr").ok_or_else(|| format!("no 'descr' in header {header:?}"))?;
     if descr != "'<f4'" {
-        return Err(err(format!("dtype {descr} is not float32 ('<f4')")));
+        return Err(format!("dtype {descr} is not float32 ('<f4')"));
     }
     match header_value(header, "fortran_order") {
         Some("False") => {}
         Some("True") => {
-            return Err(err(
-                "Fortran-order arrays are not supported (save it in C order)".into(),
-            ))
+            return Err("Fortran-order arrays are not supported (save it in C order)".into())
         }
-        _ => return Err(err(format!("no 'fortran_order' in header {header:?}"))),
+        _ => return Err(format!("no 'fortran_order' in header {header:?}")),
     }
-    let shape = header_value(header, "shape")
-        .ok_or_else(|| err(format!("no 'shape' in header {header:?}")))?;
+    let shape =
+        header_value(header, "shape").ok_or_else(|| format!("no 'shape' in header {header:?}"))?;
     let dims: Vec<usize> = shape
         .trim_start_matches('(')
         .trim_end_matches(')')
         .split(',')
         .map(str::trim)
         .filter(|d| !d.is_empty())
-        .map(|d| d.parse().map_err(|_| err(format!("bad shape {shape}"))))
-        .collect::<Result<_>>()?;
+        .map(|d| d.parse().map_err(|_| format!("bad shape {shape}")))
+        .collect::<std::result::Result<_, _>>()?;
     let [rows, cols] = dims[..] else {
-        return Err(err(format!("shape {shape} is not 2-D [N, dim]")));
+        return Err(format!("shape {shape} is not 2-D [N, dim]"));
     };
     let expected = rows
         .checked_mul(cols)
         .and_then(|n| n.checked_mul(4))
-        .ok_or_else(|| err(format!("shape {shape} is too large")))?;
-    let data = &bytes[data_start..];
-    if data.len() != expected {
-        return Err(err(format!(
-            "shape ({rows}, {cols}) needs {expected} bytes of float32 data, the file has {}{}",
-            data.len(),
-            if data.len() < expected {
-                " (truncated)"
-            } else {
-                ""
-            }
-        )));
+        .ok_or_else(|| format!("shape {shape} is too large"))?;
+    let data = bytes.len() - data_start;
+    if data != expected {
+        return Err(format!(
+            "shape ({rows}, {cols}) needs {expected} bytes of float32 data, the file has {data}{}",
+            if data < expected { " (truncated)" } else { "" }
+        ));
     }
-    Ok(Matrix {
-        rows,
-        cols,
-        data: data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-    })
+    Ok((rows, cols, data_start))
 }
 
 /// The text of `'key': VALUE` in a header dict: a quoted string, a tuple, or a word.
