@@ -7,24 +7,25 @@
 //                  so contracting the subtraction into an FMA rounds the same way.
 //
 // Every candidate gets a 32-bit key that orders as its distance does (the usual float-to-unsigned
-// transform; -0 is +0, every NaN one key above +inf, an empty old slot, index -1, one key above
-// that), and the sort key of a candidate is (key << 32) | position, position = 0..k-1 for the old
-// entries and k + column for the chunk. Old indices are below every chunk index and the old list
+// transform; -0 is +0, every NaN one key above +inf, an empty old slot (a negative index) one key
+// above that), and the sort key of a candidate is (key << 32) | position, position = 0..k-1 for
+// the old entries and k + column for the chunk. Old indices are below every chunk index and the old list
 // is ordered by (distance, index), so ordering positions orders database indices: the k smallest
 // sort keys are the k best (distance, index) pairs, exact ties going to the lower index.
 //
 // The k-th smallest key is found by radix select, four passes of 8-bit digits, most significant
 // first, each a 256-bin shared-memory histogram of the candidates that match the digits chosen so
-// far. The k winners are then gathered into shared memory: every key below that threshold, and the
-// first `need` keys equal to it. When the threshold's bin holds exactly `need` candidates (no tie
-// straddles the cut, the usual case) every candidate up to the threshold is taken with a shared
-// atomic counter; otherwise the candidates are walked in tiles of blockDim in order, and a block-wide
-// count of the equal keys in earlier tiles and lanes takes the lowest positions. A bitonic sort of
-// the k (<= 1024) sort keys in shared memory orders them; the output is written from the sorted keys
-// (distance from the key, index from the position).
+// far (a thread adds runs of candidates in one bin, not each candidate: the high digits of
+// distances bunch up). The k winners are then gathered into shared memory: every key below that
+// threshold, and the first `need` keys equal to it. When the threshold's bin holds exactly `need`
+// candidates (no tie straddles the cut, the usual case) every candidate up to the threshold is
+// taken with a shared atomic counter; otherwise the candidates are walked in tiles of blockDim in
+// order, and a block-wide count of the equal keys in earlier tiles and lanes takes the lowest
+// positions. A bitonic sort of the k (<= 1024) sort keys in shared memory orders them; the output
+// is written from the sorted keys (distance from the key, index from the position).
 //
-// The inner products are read five times per row (four histogram passes and the gather), the
-// norms as often; the old lists once or twice.
+// The inner products are read five times per row (four histogram passes and the gather), and so
+// are the norms and the old lists.
 #include "common.cuh"
 
 #define KNN_MAX_K 1024
@@ -84,10 +85,21 @@ __device__ Threshold radix_select(const KnnRow& r, unsigned total, unsigned* his
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (unsigned b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
     __syncthreads();
+    // distances bunch up in a few bins of the high digits (unit-length descriptors lie 0 to 4
+    // apart), and same-address shared atomics serialise; so each thread counts a run of
+    // candidates in one bin in a register and adds the run when the bin changes
+    unsigned run_bin = 0, run = 0;
     for (unsigned i = threadIdx.x; i < total; i += blockDim.x) {
-      const unsigned key = candidate_key(r, i);
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      const unsigned key = candidate_key(r, i), bin = (key >> shift) & 255u;
+      if ((key & mask) != prefix) continue;
+      if (bin != run_bin && run > 0) {
+        atomicAdd(&hist[run_bin], run);
+        run = 0;
+      }
+      run_bin = bin;
+      ++run;
     }
+    if (run > 0) atomicAdd(&hist[run_bin], run);
     __syncthreads();
     if (threadIdx.x < 32) {
       // lane l scans bins 8l..8l+7; the lane whose range holds the rank-th key finds its bin

@@ -101,11 +101,14 @@ fn f32s(t: &Tensor) -> Vec<f32> {
 #[test]
 fn cpu_lists_are_the_top_k_of_f64_distances() {
     let s = seed("knn_cpu_lists_are_the_top_k_of_f64_distances");
-    // (queries, database rows, dim, k)
-    for (c, &(queries, n, dim, k)) in [(7, 257, 33, 5), (33, 1000, 64, 100), (5, 3001, 128, 1024)]
-        .iter()
-        .enumerate()
-    {
+    // (queries, database rows, dim, k); the last is large enough to be split over threads
+    let cases = [
+        (7, 257, 33, 5),
+        (33, 1000, 64, 100),
+        (5, 3001, 128, 1024),
+        (67, 4099, 16, 10),
+    ];
+    for (c, &(queries, n, dim, k)) in cases.iter().enumerate() {
         let what = format!("{queries} queries, {n} rows of {dim}, k {k}");
         let q = descriptors(queries, dim, s + 10 * c as u64);
         let db = descriptors(n, dim, s + 10 * c as u64 + 1);

@@ -13,7 +13,8 @@ const NAN_KEY: u32 = 0xffff_fffe;
 const EMPTY_KEY: u32 = 0xffff_ffff;
 /// Columns whose distances are computed together.
 const BLOCK: usize = 64;
-/// Rows times candidates below which one thread does all the rows.
+/// Candidates (rows times k + n) per thread below which splitting the rows over threads does not
+/// pay.
 const PARALLEL_MIN: usize = 1 << 16;
 
 /// faiss IndexFlatL2's distance: the norms' sum first, then the exact -2 * ip; clamped at 0 (NaN
