@@ -118,6 +118,9 @@ struct EvalArgs {
     /// How many queries get a picture (the first ones in order).
     #[arg(long, default_value_t = 20, requires = "save_pictures")]
     num_pictures: usize,
+    /// Pictures only of queries whose first prediction is wrong (not a positive).
+    #[arg(long, requires = "save_pictures")]
+    wrong_only: bool,
     /// A folder to write the extracted descriptors to, as `extract` writes them
     /// (queries.npy and database.npy with their .paths.txt), for a later --query-descriptors.
     #[arg(long, value_name = "DIR", requires = "weights")]
@@ -453,12 +456,12 @@ fn eval(out: &mut impl Write, args: &EvalArgs) -> vpr_engine::Result<()> {
                 if let Some((_, old)) = &bar {
                     old.finish();
                 }
-                let unit = if stage == "search" {
-                    "database rows searched".to_string()
-                } else {
-                    format!("{stage} images")
+                let unit = match stage {
+                    "search" => "database rows searched",
+                    "queries" => "query images",
+                    _ => "database images",
                 };
-                bar = Some((stage.to_string(), ProgressBar::new(total, &unit, shown)));
+                bar = Some((stage.to_string(), ProgressBar::new(total, unit, shown)));
             }
             if let Some((_, b)) = &mut bar {
                 b.update(done);
@@ -491,21 +494,20 @@ fn eval(out: &mut impl Write, args: &EvalArgs) -> vpr_engine::Result<()> {
         });
         let name = root
             .and_then(|r| {
-                r.canonicalize()
-                    .ok()?
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
+                Some(
+                    r.canonicalize()
+                        .ok()?
+                        .file_name()?
+                        .to_string_lossy()
+                        .into_owned(),
+                )
             })
             .unwrap_or_else(|| "the test set".into());
-        save_pictures(
-            dir,
-            args.num_pictures,
-            &dataset,
-            &evaluation,
-            model.as_deref(),
-            &name,
-            ns,
-        )?;
+        let title = match &model {
+            Some(m) => format!("{} on {name}: Recall@N", m.describe()),
+            None => format!("{name}: Recall@N"),
+        };
+        save_pictures(dir, args, &dataset, &evaluation, &title)?;
     }
 
     let line = recall::format_recalls(ns, &evaluation.recalls);
@@ -534,28 +536,29 @@ fn eval(out: &mut impl Write, args: &EvalArgs) -> vpr_engine::Result<()> {
     Ok(())
 }
 
-/// `--save-pictures`: the first `count` queries with their top 5 predictions, and the Recall@N
-/// curve up to the largest N.
+/// `--save-pictures` into `dir`: the first `--num-pictures` queries (with `--wrong-only`, of
+/// those whose first prediction is not a positive) with their top 5 predictions, and the
+/// Recall@N curve up to the largest N under `title`.
 fn save_pictures(
     dir: &Path,
-    count: usize,
+    args: &EvalArgs,
     dataset: &EvalDataset,
     evaluation: &run::Evaluation,
-    model: Option<&dyn vpr_engine::models::PlaceModel>,
-    name: &str,
-    ns: &[usize],
+    title: &str,
 ) -> vpr_engine::Result<()> {
     let p = &evaluation.predictions;
-    let queries = count.min(p.queries());
-    let width = queries.saturating_sub(1).to_string().len().max(3);
-    for q in 0..queries {
+    let is_positive = |q: usize, i: usize| evaluation.positives[q].binary_search(&i).is_ok();
+    let width = p.queries().saturating_sub(1).to_string().len().max(3);
+    let chosen = (0..p.queries())
+        .filter(|&q| !args.wrong_only || !is_positive(q, p.row(q)[0]))
+        .take(args.num_pictures);
+    for q in chosen {
         let marked: Vec<(&Path, Mark)> = p
             .row(q)
             .iter()
             .take(5)
             .map(|&i| {
-                let positive = evaluation.positives[q].binary_search(&i).is_ok();
-                let mark = if positive {
+                let mark = if is_positive(q, i) {
                     Mark::Positive
                 } else {
                     Mark::Negative
@@ -567,11 +570,8 @@ fn save_pictures(
         pictures::save_prediction_picture(&dataset.queries[q], &marked, &file)?;
     }
     let curve = recall::recall_curve(p, &evaluation.positives)?;
-    let title = match model {
-        Some(m) => format!("{} on {name}: Recall@N", m.describe()),
-        None => format!("{name}: Recall@N"),
-    };
-    pictures::save_recall_curve(&curve, ns, &title, &dir.join("recall.png"))
+    let highlight: Vec<usize> = args.recall_values.iter().map(|&n| n.min(p.k)).collect();
+    pictures::save_recall_curve(&curve, &highlight, title, &dir.join("recall.png"))
 }
 
 /// Work done, speed and time left on one line of standard error, redrawn at most ten times a

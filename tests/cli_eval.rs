@@ -188,7 +188,9 @@ fn recalls_and_predictions_match_pytorch_on_the_cpu_with_every_output() {
     );
     assert!(drawn.iter().all(|f| is_png(&pictures.join(f))));
 
-    // the saved descriptors evaluate to the same recalls without the model
+    // the saved descriptors evaluate to the same recalls without the model; pictures of the
+    // queries whose first prediction is wrong
+    let wrong = dir.join("wrong");
     let (code, stdout, stderr) = vpr_engine(&[
         "eval",
         "--query-descriptors",
@@ -199,9 +201,24 @@ fn recalls_and_predictions_match_pytorch_on_the_cpu_with_every_output() {
         &s(&dataset()),
         "--device",
         "cpu",
+        "--save-pictures",
+        &s(&wrong),
+        "--wrong-only",
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert_eq!(stdout, format!("{}\n", want.line));
+    let mut drawn: Vec<String> = std::fs::read_dir(&wrong)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    drawn.sort();
+    let mut expected_files: Vec<String> = (0..want.predictions.len())
+        .filter(|&q| !want.positives[q].contains(&want.predictions[q][0]))
+        .map(|q| format!("query_{q:03}.png"))
+        .collect();
+    expected_files.push("recall.png".into());
+    assert!(expected_files.len() > 2, "{expected_files:?}");
+    assert_eq!(drawn, expected_files);
 }
 
 #[test]
