@@ -208,3 +208,47 @@ fn a_failed_write_leaves_nothing_behind() {
         .to_string();
     assert!(err.contains("no-such-folder"), "{err}");
 }
+
+#[test]
+fn arrays_of_rows_are_written_and_read_a_block_at_a_time() {
+    let dir = temp_dir("rows");
+    let out = dir.join("local.npy");
+    let shape = [3, 2, 5, 4];
+    let values: Vec<f32> = (0..120).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let mut writer = npy::RowWriter::create(&out, &shape).unwrap();
+    // nothing is in place before the commit
+    assert!(!out.exists());
+    writer.write_rows(2, &values[80..]).unwrap();
+    writer.write_rows(0, &values[..80]).unwrap();
+    assert!(writer.write_rows(3, &values[..40]).is_err(), "past the end");
+    assert!(
+        writer.write_rows(0, &values[..7]).is_err(),
+        "not whole rows"
+    );
+    writer.commit().unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    // numpy.save's bytes for an array of this shape (numpy 2.4)
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2, 5, 4), }";
+    assert_eq!(&bytes[..10], b"\x93NUMPY\x01\x00\x76\x00");
+    assert_eq!(
+        std::str::from_utf8(&bytes[10..128]).unwrap().trim_end(),
+        header
+    );
+    assert_eq!(bytes[127], b'\n');
+    assert_eq!(bytes.len(), 608);
+    let mapped = npy::MappedMatrix::open_rows(&out).unwrap();
+    assert_eq!(
+        (mapped.rows, mapped.cols, &mapped.shape[..]),
+        (3, 40, &shape[..])
+    );
+    assert_eq!(mapped.read_rows(1, 2), values[40..]);
+    // a matrix reader refuses it
+    let err = npy::MappedMatrix::open(&out).err().unwrap().to_string();
+    assert!(err.contains("not 2-D"), "{err}");
+    assert_eq!(listing(&dir), ["local.npy"]);
+
+    // dropped uncommitted, the writer leaves nothing
+    let gone = dir.join("gone.npy");
+    drop(npy::RowWriter::create(&gone, &shape).unwrap());
+    assert_eq!(listing(&dir), ["local.npy"]);
+}

@@ -37,7 +37,14 @@ impl AtomicFile {
             file_name.to_string_lossy(),
             std::process::id()
         ));
-        let file = File::create(&tmp).map_err(|source| io_error(&tmp, source))?;
+        // readable too, so that `map_whole` can map it
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|source| io_error(&tmp, source))?;
         Ok(AtomicFile {
             path: path.to_path_buf(),
             tmp,
@@ -55,6 +62,24 @@ impl AtomicFile {
         std::fs::rename(&self.tmp, &self.path).map_err(|source| io_error(&self.path, source))?;
         self.committed = true;
         Ok(())
+    }
+
+    /// The final path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sets the temporary file's length to `len` and maps all of it for writing (what was
+    /// written before is flushed first and stays).
+    pub fn map_whole(&mut self, len: u64) -> Result<memmap2::MmapMut> {
+        self.writer
+            .flush()
+            .and_then(|()| self.writer.get_ref().set_len(len))
+            .map_err(|source| io_error(&self.path, source))?;
+        // SAFETY: the temporary file is ours alone (a name with our process id, not yet renamed
+        // into place), so nothing else writes or truncates it while the map lives.
+        unsafe { memmap2::MmapMut::map_mut(self.writer.get_ref()) }
+            .map_err(|source| io_error(&self.path, source))
     }
 
     /// Appends `bytes`; an error names the final path.

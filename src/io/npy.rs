@@ -1,7 +1,9 @@
-//! NumPy `.npy` files holding a float32 matrix `[rows, cols]`: what `extract` writes and what
-//! `eval --query-descriptors` reads. Written exactly as `numpy.save` writes such an array
-//! (format 1.0, `'<f4'`, C order, the header padded with spaces to a multiple of 64 bytes, with
-//! numpy's spare room for a growing first axis), so the bytes are numpy's own.
+//! NumPy `.npy` files of float32 arrays: matrices `[rows, cols]` (what `extract` writes and what
+//! `eval --query-descriptors` reads) and arrays of rows of any shape (local feature maps
+//! `[N, h, w, C]`, written and read a block of rows at a time through a memory map). Written
+//! exactly as `numpy.save` writes such an array (format 1.0, `'<f4'`, C order, the header padded
+//! with spaces to a multiple of 64 bytes, with numpy's spare room for a growing first axis), so
+//! the bytes are numpy's own.
 
 use super::{io_error, AtomicFile};
 use crate::error::{Error, Result};
@@ -21,11 +23,15 @@ pub struct Matrix {
     pub data: Vec<f32>,
 }
 
-/// The header numpy writes for a C-order float32 array of this shape, magic to newline.
-fn header(rows: usize, cols: usize) -> Vec<u8> {
-    let mut dict =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
-    dict.push_str(&" ".repeat(GROWTH_AXIS_MAX_DIGITS.saturating_sub(rows.to_string().len())));
+/// The header numpy writes for a C-order float32 array of this shape (rank 1 or more), magic to
+/// newline.
+fn header(shape: &[usize]) -> Vec<u8> {
+    let mut dict = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': {}, }}",
+        python_tuple(shape)
+    );
+    let first_axis_digits = shape[0].to_string().len();
+    dict.push_str(&" ".repeat(GROWTH_AXIS_MAX_DIGITS.saturating_sub(first_axis_digits)));
     // magic (6) + version (2) + length (2) + dict + padding + '\n'; numpy pads by 1 to 64 spaces
     let unpadded = MAGIC.len() + 4 + dict.len() + 1;
     let pad = ALIGN - unpadded % ALIGN;
@@ -58,35 +64,51 @@ pub fn prepare(path: &Path, m: &Matrix) -> Result<AtomicFile> {
         )));
     }
     let mut file = AtomicFile::create(path)?;
-    file.write_bytes(&header(m.rows, m.cols))?;
+    file.write_bytes(&header(&[m.rows, m.cols]))?;
     let bytes: Vec<u8> = m.data.iter().flat_map(|x| x.to_le_bytes()).collect();
     file.write_bytes(&bytes)?;
     Ok(file)
 }
 
-/// A float32 2-D C-order `.npy` file (format 1.0, 2.0 or 3.0) mapped into memory, so that a
-/// database larger than RAM is read a block of rows at a time.
+/// A float32 C-order `.npy` file (format 1.0, 2.0 or 3.0) mapped into memory as rows (the first
+/// axis), so that a database larger than RAM is read a block of rows at a time.
 pub struct MappedMatrix {
     pub rows: usize,
+    /// Values per row: the product of the other axes.
     pub cols: usize,
+    /// The array's whole shape.
+    pub shape: Vec<usize>,
     map: memmap2::Mmap,
     data_start: usize,
 }
 
 impl MappedMatrix {
-    /// Maps `path` and checks its header and size.
+    /// Maps the 2-D array in `path`, checking its header and size.
     pub fn open(path: &Path) -> Result<MappedMatrix> {
+        let m = MappedMatrix::open_rows(path)?;
+        if m.shape.len() != 2 {
+            return Err(Error::Format {
+                path: path.display().to_string(),
+                message: format!("shape {} is not 2-D [N, dim]", python_tuple(&m.shape)),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Maps the array of any rank (at least 1) in `path` as rows of its first axis.
+    pub fn open_rows(path: &Path) -> Result<MappedMatrix> {
         let file = std::fs::File::open(path).map_err(|source| io_error(path, source))?;
         // SAFETY: the map is only read, and descriptor files are written once (to a temporary
         // file that is then renamed), never modified in place while they are searched.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| io_error(path, source))?;
-        let (rows, cols, data_start) = parse_header(&map).map_err(|message| Error::Format {
+        let (shape, data_start) = parse_header(&map).map_err(|message| Error::Format {
             path: path.display().to_string(),
             message,
         })?;
         Ok(MappedMatrix {
-            rows,
-            cols,
+            rows: shape[0],
+            cols: shape[1..].iter().product(),
+            shape,
             map,
             data_start,
         })
@@ -118,8 +140,20 @@ pub fn read(path: &Path) -> Result<Matrix> {
     })
 }
 
-/// `(rows, cols, offset of the data)` of a float32 2-D C-order `.npy` file, or why it is not one.
-fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, usize, usize), String> {
+/// `shape` as Python writes a tuple: `(3, 5)`, `(15,)`.
+fn python_tuple(shape: &[usize]) -> String {
+    match shape {
+        [n] => format!("({n},)"),
+        _ => {
+            let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+            format!("({})", dims.join(", "))
+        }
+    }
+}
+
+/// `(shape, offset of the data)` of a float32 C-order `.npy` file of rank 1 or more, or why it is
+/// not one.
+fn parse_header(bytes: &[u8]) -> std::result::Result<(Vec<usize>, usize), String> {
     if bytes.len() < MAGIC.len() + 2 || &bytes[..MAGIC.len()] != MAGIC {
         return Err("not a .npy file (no \\x93NUMPY magic)".into());
     }
@@ -166,21 +200,88 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, usize, usize), Stri
         .filter(|d| !d.is_empty())
         .map(|d| d.parse().map_err(|_| format!("bad shape {shape}")))
         .collect::<std::result::Result<_, _>>()?;
-    let [rows, cols] = dims[..] else {
-        return Err(format!("shape {shape} is not 2-D [N, dim]"));
-    };
-    let expected = rows
-        .checked_mul(cols)
-        .and_then(|n| n.checked_mul(4))
+    if dims.is_empty() {
+        return Err(format!("shape {shape} is a scalar, not rows"));
+    }
+    let expected = dims
+        .iter()
+        .try_fold(4usize, |n, &d| n.checked_mul(d))
         .ok_or_else(|| format!("shape {shape} is too large"))?;
     let data = bytes.len() - data_start;
     if data != expected {
         return Err(format!(
-            "shape ({rows}, {cols}) needs {expected} bytes of float32 data, the file has {data}{}",
+            "shape {shape} needs {expected} bytes of float32 data, the file has {data}{}",
             if data < expected { " (truncated)" } else { "" }
         ));
     }
-    Ok((rows, cols, data_start))
+    Ok((dims, data_start))
+}
+
+/// A float32 `.npy` array `[N, ...]` written a block of rows at a time through a memory map, so
+/// that arrays larger than RAM (the local features of a whole database) never are in memory: the
+/// file is created at its full size under a temporary name beside `path` and renamed into place
+/// by `commit`; dropped uncommitted, it is deleted.
+pub struct RowWriter {
+    file: AtomicFile,
+    map: memmap2::MmapMut,
+    data_start: usize,
+    row_len: usize,
+}
+
+impl RowWriter {
+    pub fn create(path: &Path, shape: &[usize]) -> Result<RowWriter> {
+        if shape.len() < 2 {
+            return Err(Error::Shape(format!(
+                "{}: rows of an array need a shape of rank 2 or more, got {shape:?}",
+                path.display()
+            )));
+        }
+        let row_len: usize = shape[1..].iter().product();
+        let head = header(shape);
+        let len = shape
+            .iter()
+            .try_fold(4usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| n.checked_add(head.len()))
+            .ok_or_else(|| {
+                Error::Shape(format!("{}: shape {shape:?} is too large", path.display()))
+            })?;
+        let mut file = AtomicFile::create(path)?;
+        file.write_bytes(&head)?;
+        let mut map = file.map_whole(len as u64)?;
+        map[..head.len()].copy_from_slice(&head);
+        Ok(RowWriter {
+            file,
+            map,
+            data_start: head.len(),
+            row_len,
+        })
+    }
+
+    /// Writes rows `start..` from `values` (whole rows).
+    pub fn write_rows(&mut self, start: usize, values: &[f32]) -> Result<()> {
+        let from = self.data_start + start * self.row_len * 4;
+        let to = from + values.len() * 4;
+        if values.len() % self.row_len != 0 || to > self.map.len() {
+            return Err(Error::Shape(format!(
+                "{} values from row {start} are not whole rows of {} inside the array",
+                values.len(),
+                self.row_len
+            )));
+        }
+        for (dst, v) in self.map[from..to].chunks_exact_mut(4).zip(values) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Flushes the map and renames the file into place.
+    pub fn commit(self) -> Result<()> {
+        self.map
+            .flush()
+            .map_err(|source| io_error(self.file.path(), source))?;
+        drop(self.map);
+        self.file.commit()
+    }
 }
 
 /// The text of `'key': VALUE` in a header dict: a quoted string, a tuple, or a word.
