@@ -122,6 +122,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("pool", crate::ops::pool::conformance),
     ("knn", crate::ops::knn::conformance),
     ("loss", crate::ops::loss::conformance),
+    ("attention", crate::ops::attention::conformance),
     ("optim", crate::train::optim::conformance),
 ];
 

@@ -116,6 +116,8 @@ mod tests {
             mirror!(crate::ops::matmul::gpu::GemmParams = "GemmParams":
                 m, n, k, lda, ldb, ldc_m, ldc_n, batch_rank, batch_shape, batch_a, batch_b,
                 batch_c, z0, alpha, beta),
+            mirror!(crate::ops::attention::gpu::AttentionParams = "AttentionParams":
+                heads, len, dim, q, k, v, o, g, scale),
             mirror!(crate::ops::conv::gpu::ConvShape = "ConvShape":
                 n, h, w, c, o, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw, groups),
             mirror!(crate::ops::pool::gpu::PoolShape = "PoolShape":

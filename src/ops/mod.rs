@@ -2,6 +2,7 @@
 //! `cpu.rs` the CPU implementation (also the reference the GPU kernels are tested against),
 //! `gpu.rs` the launches of the kernels in `kernels/<family>.cu`.
 
+pub mod attention;
 pub mod conv;
 pub mod copy;
 pub(crate) mod cpu;
