@@ -118,6 +118,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("matmul", crate::ops::matmul::conformance),
     ("reduce", crate::ops::reduce::conformance),
     ("softmax", crate::ops::softmax::conformance),
+    ("norm", crate::ops::norm::conformance),
     ("conv", crate::ops::conv::conformance),
     ("pool", crate::ops::pool::conformance),
     ("knn", crate::ops::knn::conformance),

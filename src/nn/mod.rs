@@ -14,7 +14,7 @@ pub use batchnorm::BatchNorm2d;
 pub use conv::Conv2d;
 pub use gem::GeM;
 pub use linear::Linear;
-pub use norm::{flatten, l2_normalize};
+pub use norm::{flatten, l2_normalize, LayerNorm};
 pub use state::{load_strict, plain_entries, Buffer, Slot, StateEntry};
 
 use crate::autograd::Parameter;

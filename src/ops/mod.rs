@@ -10,6 +10,7 @@ pub mod elementwise;
 pub mod knn;
 pub mod loss;
 pub mod matmul;
+pub mod norm;
 pub mod pool;
 pub mod reduce;
 pub mod softmax;
