@@ -1,6 +1,7 @@
 //! Conv2d over channels-last activations with OHWI weights `[O, KH, KW, C/groups]` (files hold
 //! PyTorch's OIHW; the state dict's `Slot::ConvWeight` converts once at load), and the folding
-//! of an evaluation-mode BatchNorm into the convolution before it for inference.
+//! of an evaluation-mode BatchNorm into the convolution before it for inference; and
+//! ConvTranspose2d, whose `[Cin, Cout, KH, KW]` file weights become `[Cin, KH, KW, Cout]` the same way.
 //!
 //! Folding computes `w' = w * s` and `b' = (b - mean) * s + beta` with `s = gamma / sqrt(var +
 //! eps)` in f64 and rounds once to f32. Measured against conv followed by BatchNorm (both f32,
@@ -16,7 +17,7 @@ use crate::autograd::Parameter;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{shape_err, Result};
-use crate::ops::conv::Conv2dOptions;
+use crate::ops::conv::{Conv2dOptions, ConvTranspose2dOptions};
 use crate::tensor::Tensor;
 
 /// torch.nn.Conv2d with square kernels.
@@ -166,4 +167,81 @@ fn name_seed(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// torch.nn.ConvTranspose2d with square kernels (groups 1, dilation 1), state names `weight` and
+/// `bias`.
+pub struct ConvTranspose2d {
+    /// `[Cin, KH, KW, Cout]`: files hold PyTorch's `[Cin, Cout, KH, KW]`, which `Slot::ConvWeight`
+    /// converts at load like an OIHW weight (the same permutation, with O = Cin and I = Cout).
+    pub weight: Parameter,
+    pub bias: Option<Parameter>,
+    pub options: ConvTranspose2dOptions,
+}
+
+impl ConvTranspose2d {
+    /// PyTorch's default initialisation: weight and bias uniform in ±1/sqrt(fan_in), where PyTorch
+    /// computes fan_in from its `[Cin, Cout, KH, KW]` weight as `Cout * KH * KW`; seeded by `name`
+    /// as `Conv2d::new` is.
+    pub fn new(
+        name: &str,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        options: ConvTranspose2dOptions,
+        bias: bool,
+        device: &Device,
+    ) -> Result<ConvTranspose2d> {
+        let fan_in = out_channels * kernel * kernel;
+        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+        let seed = name_seed(name);
+        let shape = [in_channels, kernel, kernel, out_channels];
+        let weight = Tensor::rand_uniform(&shape, -bound, bound, seed, DType::F32, device)?;
+        let bias = bias
+            .then(|| {
+                let b = Tensor::rand_uniform(
+                    &[out_channels],
+                    -bound,
+                    bound,
+                    seed.wrapping_add(1),
+                    DType::F32,
+                    device,
+                )?;
+                Ok(Parameter::new(format!("{name}.bias"), b))
+            })
+            .transpose()?;
+        Ok(ConvTranspose2d {
+            weight: Parameter::new(format!("{name}.weight"), weight),
+            bias,
+            options,
+        })
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.weight.tensor().shape()[3]
+    }
+
+    /// `x` [N, H, W, Cin] -> [N, (H - 1) * stride - 2 * padding + K + output_padding, ..., Cout].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(Parameter::tensor);
+        x.conv_transpose2d(&self.weight.tensor(), bias.as_ref(), self.options)
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn parameters(&self) -> Vec<Parameter> {
+        std::iter::once(self.weight.clone())
+            .chain(self.bias.clone())
+            .collect()
+    }
+
+    fn state_entries(&self) -> Vec<StateEntry> {
+        std::iter::once(Slot::ConvWeight(self.weight.clone()))
+            .chain(self.bias.clone().map(Slot::Parameter))
+            .map(|slot| StateEntry {
+                slot,
+                optional: false,
+            })
+            .collect()
+    }
 }

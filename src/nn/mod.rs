@@ -11,7 +11,7 @@ mod norm;
 mod state;
 
 pub use batchnorm::BatchNorm2d;
-pub use conv::Conv2d;
+pub use conv::{Conv2d, ConvTranspose2d};
 pub use gem::GeM;
 pub use linear::Linear;
 pub use norm::{flatten, l2_normalize, LayerNorm};

@@ -63,7 +63,8 @@ pub enum Slot {
     /// A parameter stored as in the file.
     Parameter(Parameter),
     /// A convolution weight: OIHW `[O, I/g, KH, KW]` in the file, OHWI `[O, KH, KW, I/g]` in
-    /// the engine (converted once, here).
+    /// the engine (converted once, here). Also a transposed convolution's weight, `[Cin, Cout,
+    /// KH, KW]` in the file and `[Cin, KH, KW, Cout]` in the engine: the same permutation.
     ConvWeight(Parameter),
     Buffer(Buffer),
 }

@@ -31,6 +31,9 @@
 
 mod cpu;
 pub(crate) mod gpu;
+mod transpose;
+
+pub use transpose::ConvTranspose2dOptions;
 
 use crate::dtype::DType;
 use crate::error::{dtype_err, shape_err, Result};
