@@ -8,11 +8,14 @@ use crate::tensor::{Storage, Tensor};
 
 /// The largest head dimension the kernels hold in registers.
 pub(crate) const MAX_HEAD_DIM: usize = 128;
-/// Mirror the constants of namespace `attn` in kernels/attention.cu.
+/// Mirror the constants of namespace `attn` in kernels/attention.cu (SIMT kernels).
 const THREADS: u32 = 256;
 const ROWS: usize = 64;
 const FWD_COLS: usize = 64;
 const BWD_COLS: usize = 32;
+/// Mirror the constants of namespace `attn_tc`: threads per block, padding of a shared row.
+const MMA_THREADS: u32 = 128;
+const MMA_PAD: usize = 8;
 
 /// Mirrors `struct AttentionParams` in kernels/attention.cu (layout tested in src/device/abi.rs).
 /// Strides in elements of the batch, head and position axes of q, k, v, the output o and its
@@ -56,7 +59,16 @@ fn dims(q: &Tensor) -> Result<([usize; 4], usize)> {
             q.device()
         );
     }
-    Ok(([s[0], s[1], s[2], d], if d <= 64 { 64 } else { 128 }))
+    Ok(([s[0], s[1], s[2], d], head_dim_bound(d)))
+}
+
+/// The template bound of the kernels for head dimension `d` (<= 128).
+pub(crate) fn head_dim_bound(d: usize) -> usize {
+    if d <= 64 {
+        64
+    } else {
+        128
+    }
 }
 
 /// A block per 64 resident rows of each (b, h).
@@ -105,11 +117,6 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor
     let lse = gpu.alloc(b * h * l * 4)?;
     let o_strides = [(l * h * d) as i64, d as i64, (h * d) as i64];
     let p = params(q, k, v, o_strides, [0; 3], scale);
-    let cfg = LaunchConfig {
-        grid: (grid(b, h, l)?, 1, 1),
-        block: (THREADS, 1, 1),
-        shared_bytes: (((ROWS + FWD_COLS) * (d + 1) + ROWS * (FWD_COLS + 1)) * 4) as u32,
-    };
     let mut args = KernelArgs::new();
     args.ptr(qb, qo)
         .ptr(kb, ko)
@@ -118,8 +125,8 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor
         .ptr(&lse, 0)
         .push(p);
     gpu.launch(
-        &format!("attention_forward_{dtype}_d{dmax}"),
-        cfg,
+        &forward_kernel(dtype, dmax),
+        forward_launch(b, h, l, d, dtype)?,
         &mut args,
     )?;
     let device = q.device().clone();
@@ -137,6 +144,37 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor
         device,
     );
     Ok((out, lse))
+}
+
+/// The forward kernel of a dtype and head-dimension bound: tensor cores for bf16/f16.
+pub(crate) fn forward_kernel(dtype: DType, dmax: usize) -> String {
+    match dtype {
+        DType::F32 => format!("attention_forward_{dtype}_d{dmax}"),
+        _ => format!("attention_forward_mma_{dtype}_d{dmax}"),
+    }
+}
+
+fn forward_launch(b: usize, h: usize, l: usize, d: usize, dtype: DType) -> Result<LaunchConfig> {
+    let (threads, shared) = match dtype {
+        // Q, K and V tiles of 64 rows as stored, padded to the kernel's head-dimension bound
+        DType::F16 | DType::BF16 => {
+            let dmax = head_dim_bound(d);
+            (
+                MMA_THREADS,
+                3 * ROWS * (dmax + MMA_PAD) * dtype.size_in_bytes(),
+            )
+        }
+        // Q and one K/V tile as f32, and the probabilities
+        _ => (
+            THREADS,
+            ((ROWS + FWD_COLS) * (d + 1) + ROWS * (FWD_COLS + 1)) * 4,
+        ),
+    };
+    Ok(LaunchConfig {
+        grid: (grid(b, h, l)?, 1, 1),
+        block: (threads, 1, 1),
+        shared_bytes: shared as u32,
+    })
 }
 
 /// The gradients of q, k and v (dense `[B, H, L, D]`) from the forward's inputs, its output `o`,

@@ -272,8 +272,8 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
             let (got_out, got_lse) = crate::check::split_pair(got);
             let (want_out, want_lse) = crate::check::split_pair(want);
             let tol = dtype.tolerance();
-            let dmax = if d <= 64 { 64 } else { 128 };
-            let forward = format!("attention_forward_{dtype}_d{dmax}");
+            let dmax = gpu::head_dim_bound(d);
+            let forward = gpu::forward_kernel(dtype, dmax);
             rows.push(compare(&forward, dtype, &shape, got_out, want_out, tol));
             rows.push(compare(
                 &format!("{forward} (lse)"),
