@@ -119,6 +119,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("reduce", crate::ops::reduce::conformance),
     ("softmax", crate::ops::softmax::conformance),
     ("norm", crate::ops::norm::conformance),
+    ("interpolate", crate::ops::interpolate::conformance),
     ("conv", crate::ops::conv::conformance),
     ("pool", crate::ops::pool::conformance),
     ("knn", crate::ops::knn::conformance),

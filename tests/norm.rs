@@ -273,7 +273,7 @@ fn empty_inputs_give_empty_outputs() {
 fn bad_arguments_are_errors_naming_them() {
     let cpu = Device::Cpu;
     let x = Tensor::zeros(&[2, 5], DType::F32, &cpu).unwrap();
-    let message = |r: vpr_engine::Result<Tensor>| r.err().expect("an error").to_string();
+    let message = |r: vpr_engine::Result<Tensor>| r.expect_err("an error").to_string();
     let w4 = Tensor::ones(&[4], DType::F32, &cpu).unwrap();
     let m = message(x.layer_norm(Some(&w4), None, 1e-5));
     assert!(

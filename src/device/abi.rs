@@ -122,6 +122,8 @@ mod tests {
                 n, h, w, c, o, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw, groups),
             mirror!(crate::ops::pool::gpu::PoolShape = "PoolShape":
                 n, h, w, c, kernel, stride, pad, oh, ow),
+            mirror!(crate::ops::interpolate::gpu::InterpShape = "InterpShape":
+                n, h, w, c, oh, ow, step_h, step_w),
             mirror!(crate::train::optim::gpu::AdamScalars = "AdamScalars":
                 decay, l2, beta1_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps),
             mirror!(crate::device::vgpu::Dim3 = "emu::Dim3": x, y, z),

@@ -7,6 +7,7 @@ pub mod conv;
 pub mod copy;
 pub(crate) mod cpu;
 pub mod elementwise;
+pub mod interpolate;
 pub mod knn;
 pub mod loss;
 pub mod matmul;
