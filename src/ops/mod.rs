@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod knn;
 pub mod loss;
 pub mod matmul;
+pub mod mnn;
 pub mod pool;
 pub mod reduce;
 pub mod softmax;
