@@ -123,6 +123,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("conv", crate::ops::conv::conformance),
     ("pool", crate::ops::pool::conformance),
     ("knn", crate::ops::knn::conformance),
+    ("mnn", crate::ops::mnn::conformance),
     ("loss", crate::ops::loss::conformance),
     ("attention", crate::ops::attention::conformance),
     ("optim", crate::train::optim::conformance),

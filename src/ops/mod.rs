@@ -11,6 +11,7 @@ pub mod interpolate;
 pub mod knn;
 pub mod loss;
 pub mod matmul;
+pub mod mnn;
 pub mod norm;
 pub mod pool;
 pub mod reduce;
