@@ -41,32 +41,39 @@ enum Command {
     },
     /// Global descriptors of every image under a folder, as a float32 [N, dim] .npy (row i for
     /// the i-th image path in sorted order) and the paths in OUT's name with .paths.txt.
-    Extract {
-        /// A converted model: safetensors with vpr.* metadata, as `convert` writes.
-        #[arg(long)]
-        weights: PathBuf,
-        /// The folder searched (recursively) for .jpg, .jpeg and .png images.
-        #[arg(long)]
-        images: PathBuf,
-        /// The descriptors file to write (D.npy; the paths go to D.paths.txt).
-        #[arg(long)]
-        out: PathBuf,
-        /// cpu, cuda, cuda:N or vgpu (default: cuda when a GPU is usable, else cpu).
-        #[arg(long)]
-        device: Option<String>,
-        /// Most images per model call; only consecutive images of one size share a call.
-        #[arg(long, default_value_t = 16)]
-        batch_size: usize,
-        /// HEIGHTxWIDTH every image is resized to (e.g. 480x640), instead of the model's own
-        /// size rule.
-        #[arg(long, value_name = "HxW")]
-        resize: Option<String>,
-    },
+    Extract(Box<ExtractArgs>),
     /// Recall@N of a model (or of descriptors from any system) on a geo-tagged test set: exact
     /// L2 nearest neighbours of each query among the database images, a prediction correct when
     /// within --positive-dist-threshold metres (the protocol of the VPR tools). Prints
     /// `R@1: x, R@5: x, R@10: x, R@20: x`; a summary goes to standard error.
-    Eval(EvalArgs),
+    Eval(Box<EvalArgs>),
+}
+
+#[derive(clap::Args)]
+struct ExtractArgs {
+    /// A converted model: safetensors with vpr.* metadata, as `convert` writes.
+    #[arg(long)]
+    weights: PathBuf,
+    /// The folder searched (recursively) for .jpg, .jpeg and .png images.
+    #[arg(long)]
+    images: PathBuf,
+    /// The descriptors file to write (D.npy; the paths go to D.paths.txt).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also the local feature maps of a model that has them (SelaVPR), as one float32
+    /// [N, h, w, C] .npy written as the images are done (never held in memory).
+    #[arg(long, value_name = "L.npy")]
+    local: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or vgpu (default: cuda when a GPU is usable, else cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// Most images per model call; only consecutive images of one size share a call.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// HEIGHTxWIDTH every image is resized to (e.g. 480x640), instead of the model's own
+    /// size rule.
+    #[arg(long, value_name = "HxW")]
+    resize: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -121,6 +128,23 @@ struct EvalArgs {
     /// Pictures only of queries whose first prediction is wrong (not a positive).
     #[arg(long, requires = "save_pictures")]
     wrong_only: bool,
+    /// Re-rank each query's first K predictions by mutual nearest neighbours between local
+    /// features (SelaVPR's re-ranking; SelaVPR uses K = 100). Needs a model with local features
+    /// or --query-local and --database-local.
+    #[arg(long, value_name = "K")]
+    rerank: Option<usize>,
+    /// With --rerank and a model: the folder its local feature maps are written to and kept
+    /// (queries_local.npy, database_local.npy; about 1.9 MB per image for SelaVPR). Default: a
+    /// temporary folder, removed afterwards.
+    #[arg(long, value_name = "DIR", requires_all = ["rerank", "weights"])]
+    local_dir: Option<PathBuf>,
+    /// With --rerank and descriptor files: the queries' local feature maps, a float32
+    /// [queries, h, w, C] .npy (what `extract --local` writes).
+    #[arg(long, requires_all = ["rerank", "query_descriptors", "database_local"])]
+    query_local: Option<PathBuf>,
+    /// The database's local feature maps, with --query-local.
+    #[arg(long, requires = "query_local")]
+    database_local: Option<PathBuf>,
     /// A folder to write the extracted descriptors to, as `extract` writes them
     /// (queries.npy and database.npy with their .paths.txt), for a later --query-descriptors.
     #[arg(long, value_name = "DIR", requires = "weights")]
@@ -133,23 +157,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info => info(&mut out).map(|_| true),
         Command::Check { device, seed } => check(&mut out, device.as_deref(), seed),
-        Command::Extract {
-            weights,
-            images,
-            out: descriptors,
-            device,
-            batch_size,
-            resize,
-        } => extract(
-            &mut out,
-            &weights,
-            &images,
-            &descriptors,
-            device.as_deref(),
-            batch_size,
-            resize.as_deref(),
-        )
-        .map(|_| true),
+        Command::Extract(args) => extract(&mut out, &args).map(|_| true),
         Command::Eval(args) => eval(&mut out, &args).map(|_| true),
     };
     match result {
@@ -301,39 +309,27 @@ fn parse_resize(text: &str) -> vpr_engine::Result<[usize; 2]> {
     })
 }
 
-fn extract(
-    out: &mut impl Write,
-    weights: &Path,
-    images: &Path,
-    descriptors: &Path,
-    device: Option<&str>,
-    batch_size: usize,
-    resize: Option<&str>,
-) -> vpr_engine::Result<()> {
+fn extract(out: &mut impl Write, args: &ExtractArgs) -> vpr_engine::Result<()> {
     // every argument is checked before the model is loaded or an image read
-    let resize = resize.map(parse_resize).transpose()?;
-    if batch_size == 0 {
+    let resize = args.resize.as_deref().map(parse_resize).transpose()?;
+    if args.batch_size == 0 {
         return Err(Error::Argument("--batch-size must be at least 1".into()));
     }
-    let device = match device {
+    let device = match &args.device {
         Some(d) => Device::new(d)?,
         None => Device::default_device(),
     };
-    let folder = match descriptors.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !folder.is_dir() || descriptors.is_dir() {
-        return Err(Error::Argument(format!(
-            "--out {}: not a file in an existing folder",
-            descriptors.display()
-        )));
+    let descriptors = &args.out;
+    check_output_file("--out", descriptors)?;
+    if let Some(local) = &args.local {
+        check_output_file("--local", local)?;
     }
-    let paths = extract::list_images(images)?;
-    let model = vpr_engine::models::load(weights, &device)?;
+    let paths = extract::list_images(&args.images)?;
+    let model = vpr_engine::models::load(&args.weights, &device)?;
     let options = ExtractOptions {
         resize,
-        ..ExtractOptions::new(batch_size)
+        local: args.local.clone(),
+        ..ExtractOptions::new(args.batch_size)
     };
     let start = Instant::now();
     let total = paths.len();
@@ -345,9 +341,12 @@ fn extract(
     let matrix = result?;
     extract::write_outputs(descriptors, &paths, &matrix)?;
     let seconds = start.elapsed().as_secs_f64();
+    let local = args.local.as_ref().map_or(String::new(), |l| {
+        format!(" and local features {}", l.display())
+    });
     writeln!(
         out,
-        "{total} images -> {} [{total}, {}] and {} ({}, {device}, {seconds:.1} s, {:.1} images/s)",
+        "{total} images -> {} [{total}, {}] and {}{local} ({}, {device}, {seconds:.1} s, {:.1} images/s)",
         descriptors.display(),
         matrix.cols,
         extract::paths_file(descriptors).display(),
@@ -406,6 +405,18 @@ fn eval(out: &mut impl Write, args: &EvalArgs) -> vpr_engine::Result<()> {
     if let Some(csv) = &args.save_predictions {
         check_output_file("--save-predictions", csv)?;
     }
+    if let Some(k) = args.rerank {
+        if k == 0 || k > MAX_K {
+            return Err(Error::Argument(format!(
+                "--rerank {k}: re-rank 1 to {MAX_K} predictions"
+            )));
+        }
+        if args.weights.is_none() && args.query_local.is_none() {
+            return Err(Error::Argument(
+                "--rerank with descriptor files needs --query-local and --database-local".into(),
+            ));
+        }
+    }
     let device = match &args.device {
         Some(d) => Device::new(d)?,
         None => Device::default_device(),
@@ -437,12 +448,32 @@ fn eval(out: &mut impl Write, args: &EvalArgs) -> vpr_engine::Result<()> {
     for (flag, dir) in [
         ("--save-pictures", &args.save_pictures),
         ("--save-descriptors", &args.save_descriptors),
+        ("--local-dir", &args.local_dir),
     ] {
         if let Some(dir) = dir {
             create_output_folder(flag, dir)?;
         }
     }
 
+    // a model's local maps go to --local-dir, else to a temporary folder removed on return
+    let temporary =
+        TemporaryFolder::new(args.rerank.is_some() && model.is_some() && args.local_dir.is_none())?;
+    let rerank = args.rerank.map(|k| {
+        match (
+            &args.local_dir,
+            &temporary.0,
+            &args.query_local,
+            &args.database_local,
+        ) {
+            (Some(dir), _, _, _) | (None, Some(dir), _, _) => run::Rerank::in_folder(k, dir),
+            (None, None, Some(queries), Some(database)) => run::Rerank {
+                k,
+                queries: queries.clone(),
+                database: database.clone(),
+            },
+            _ => unreachable!("checked above: --rerank has a model or both local files"),
+        }
+    });
     let shown = std::io::stderr().is_terminal();
     let mut bar: Option<(String, ProgressBar)> = None;
     let result = run::evaluate(
@@ -451,6 +482,7 @@ fn eval(out: &mut impl Write, args: &EvalArgs) -> vpr_engine::Result<()> {
         &device,
         threshold,
         ns,
+        rerank.as_ref(),
         &mut |stage, done, total| {
             if bar.as_ref().is_none_or(|(s, _)| s != stage) {
                 if let Some((_, old)) = &bar {
@@ -458,6 +490,7 @@ fn eval(out: &mut impl Write, args: &EvalArgs) -> vpr_engine::Result<()> {
                 }
                 let unit = match stage {
                     "search" => "database rows searched",
+                    "rerank" => "queries re-ranked",
                     "queries" => "query images",
                     _ => "database images",
                 };
@@ -533,7 +566,37 @@ fn eval(out: &mut impl Write, args: &EvalArgs) -> vpr_engine::Result<()> {
         evaluation.predictions.k,
         evaluation.search_seconds
     );
+    if let (Some(k), Some(before)) = (args.rerank, &evaluation.recalls_before_rerank) {
+        eprintln!(
+            "re-ranked the top {k} by local features in {:.2} s; before re-ranking: {}",
+            evaluation.rerank_seconds,
+            recall::format_recalls(ns, before)
+        );
+    }
     Ok(())
+}
+
+/// A folder of its own under the system's temporary folder, removed with everything in it when
+/// dropped; `None` when not asked for.
+struct TemporaryFolder(Option<PathBuf>);
+
+impl TemporaryFolder {
+    fn new(wanted: bool) -> vpr_engine::Result<TemporaryFolder> {
+        if !wanted {
+            return Ok(TemporaryFolder(None));
+        }
+        let dir = std::env::temp_dir().join(format!("vpr-engine-local-{}", std::process::id()));
+        create_output_folder("temporary folder", &dir)?;
+        Ok(TemporaryFolder(Some(dir)))
+    }
+}
+
+impl Drop for TemporaryFolder {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// `--save-pictures` into `dir`: the first `--num-pictures` queries (with `--wrong-only`, of

@@ -341,6 +341,18 @@ fn bad_inputs_are_one_line_errors() {
             plus(with_model(&dataset()), &["--device", "tpu"]),
             "unknown device 'tpu'".into(),
         ),
+        (
+            plus(with_model(&dataset()), &["--rerank", "5"]),
+            "has no local features".into(),
+        ),
+        (
+            plus(with_model(&dataset()), &["--rerank", "0"]),
+            "--rerank 0".into(),
+        ),
+        (
+            plus(with_files(&q8, &db8), &["--rerank", "5"]),
+            "needs --query-local and --database-local".into(),
+        ),
     ];
     for (args, needle) in cases {
         let mut all = vec!["eval".to_string()];
@@ -359,4 +371,111 @@ fn bad_inputs_are_one_line_errors() {
         );
         assert_eq!(stdout, "", "{args:?}");
     }
+}
+
+/// The CSV's predictions: for each query, its database paths in rank order.
+fn ranked(csv: &Path) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = Vec::new();
+    for row in csv_rows(csv) {
+        if row[1] == "1" {
+            out.push(Vec::new());
+        }
+        out.last_mut().unwrap().push(row[2].clone());
+    }
+    out
+}
+
+#[test]
+fn selavpr_local_features_and_reranking_end_to_end() {
+    let dir = temp_dir("rerank");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = s(&fixtures().join("vit_selavpr.safetensors"));
+    // extract --local: the maps of every image, [N, 61, 61, 8] at SelaVPR's 224 x 224
+    for part in ["database", "queries"] {
+        let (code, stdout, stderr) = vpr_engine(&[
+            "extract",
+            "--weights",
+            &model,
+            "--images",
+            &s(&dataset().join(part)),
+            "--out",
+            &s(&dir.join(format!("{part}.npy"))),
+            "--local",
+            &s(&dir.join(format!("{part}_local.npy"))),
+            "--device",
+            "cpu",
+        ]);
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        let local = npy::MappedMatrix::open_rows(&dir.join(format!("{part}_local.npy"))).unwrap();
+        assert_eq!(local.shape, [images(part).len(), 61, 61, 8]);
+        // unit vectors at every location
+        let first = local.read_rows(0, 1);
+        for v in first.chunks(8) {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        }
+    }
+    // the global search alone, then re-ranked from the model and from the saved files
+    let run = |extra: &[&str], csv: &str| {
+        let mut args = vec![
+            "eval".to_string(),
+            "--dataset".into(),
+            s(&dataset()),
+            "--device".into(),
+            "cpu".into(),
+            "--save-predictions".into(),
+            s(&dir.join(csv)),
+        ];
+        args.extend(extra.iter().map(|e| e.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stdout, stderr) = vpr_engine(&args);
+        assert_eq!(code, 0, "{args:?}: {stdout}{stderr}");
+        (stdout, stderr, ranked(&dir.join(csv)))
+    };
+    let (plain, _, global) = run(&["--weights", &model], "global.csv");
+    let kept = dir.join("kept");
+    let (from_model, stderr, reranked) = run(
+        &[
+            "--weights",
+            &model,
+            "--rerank",
+            "5",
+            "--local-dir",
+            &s(&kept),
+        ],
+        "model.csv",
+    );
+    assert!(
+        stderr.contains(&format!("before re-ranking: {}", plain.trim())),
+        "{stderr}"
+    );
+    let (from_files, _, reranked_files) = run(
+        &[
+            "--query-descriptors",
+            &s(&dir.join("queries.npy")),
+            "--database-descriptors",
+            &s(&dir.join("database.npy")),
+            "--rerank",
+            "5",
+            "--query-local",
+            &s(&dir.join("queries_local.npy")),
+            "--database-local",
+            &s(&dir.join("database_local.npy")),
+        ],
+        "files.csv",
+    );
+    assert_eq!(from_files, from_model);
+    assert_eq!(reranked_files, reranked);
+    assert!(kept.join("queries_local.npy").is_file() && kept.join("database_local.npy").is_file());
+    let mut moved = 0;
+    for (g, r) in global.iter().zip(&reranked) {
+        // the first 5 are the global top 5 in another order, the rest as they were
+        let (mut a, mut b) = (g[..5].to_vec(), r[..5].to_vec());
+        moved += (a != b) as usize;
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        assert_eq!(g[5..], r[5..]);
+    }
+    assert!(moved > 0, "re-ranking changed no query's order");
 }

@@ -247,3 +247,49 @@ fn bad_searches_are_errors() {
         );
     }
 }
+
+/// Writes rows `[rows, len, dim]` to a `.npy` for `rerank`.
+fn local_file(name: &str, maps: &[Vec<Vec<f32>>]) -> MappedMatrix {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let (len, dim) = (maps[0].len(), maps[0][0].len());
+    let mut writer = npy::RowWriter::create(&path, &[maps.len(), len, 1, dim]).unwrap();
+    let values: Vec<f32> = maps.iter().flatten().flatten().copied().collect();
+    writer.write_rows(0, &values).unwrap();
+    writer.commit().unwrap();
+    MappedMatrix::open_rows(&path).unwrap()
+}
+
+#[test]
+fn reranking_orders_candidates_by_mutual_matches_keeping_ties_in_global_order() {
+    use vpr_engine::eval::rerank::rerank;
+    let one_hot = |i: usize| -> Vec<f32> { (0..8).map(|j| (i == j) as u8 as f32).collect() };
+    // the query's six positions are e0..e5; a candidate whose first m positions are e0..e(m-1)
+    // and the rest e7 (orthogonal to every query position) has m mutual matches (the others
+    // all point at position 0, which points back at position 0 only), and SelaVPR counts a
+    // single match as none
+    let query: Vec<Vec<f32>> = (0..6).map(one_hot).collect();
+    let candidate = |m: usize| -> Vec<Vec<f32>> {
+        (0..6).map(|i| one_hot(if i < m { i } else { 7 })).collect()
+    };
+    let matches = [2, 5, 0, 3, 5, 1, 4];
+    let database: Vec<Vec<Vec<f32>>> = matches.iter().map(|&m| candidate(m)).collect();
+    let queries = local_file("rerank-queries.npy", &[query.clone(), query]);
+    let database = local_file("rerank-database.npy", &database);
+    // query 0 lists the database in order, query 1 in reverse; the last two stay below k = 5
+    let predictions = Predictions::new(
+        7,
+        (0..7).chain((0..7).rev()).collect(),
+        (0..14).map(|i| i as f32).collect(),
+    )
+    .unwrap();
+    let mut devices = vec![Device::Cpu];
+    devices.extend(Device::new("vgpu"));
+    for device in &devices {
+        let got = rerank(&predictions, 5, &queries, &database, device, &mut |_| {}).unwrap();
+        // counts of rows 0..5: 2, 5, 0, 3, 5 -> rows 1 and 4 (tied, global order), 3, 0, 2
+        assert_eq!(got.row(0), [1, 4, 3, 0, 2, 5, 6], "{device}");
+        assert_eq!(got.distances_of(0), [1.0, 4.0, 3.0, 0.0, 2.0, 5.0, 6.0]);
+        // rows 6, 5, 4, 3, 2 have counts 4, 0 (a single match), 5, 3, 0
+        assert_eq!(got.row(1), [4, 6, 3, 5, 2, 1, 0], "{device}");
+    }
+}

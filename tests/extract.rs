@@ -124,6 +124,7 @@ fn options(batch_size: usize, loader_threads: usize) -> ExtractOptions {
         batch_size,
         resize: None,
         loader_threads,
+        local: None,
     }
 }
 

@@ -25,6 +25,9 @@ pub struct ExtractOptions {
     pub resize: Option<[usize; 2]>,
     /// Threads decoding and preparing images.
     pub loader_threads: usize,
+    /// Where to write the local feature maps `[N, h, w, C]` of a model that has them (SelaVPR),
+    /// as a float32 `.npy` written through a memory map as the batches come.
+    pub local: Option<PathBuf>,
 }
 
 impl ExtractOptions {
@@ -34,6 +37,7 @@ impl ExtractOptions {
             batch_size,
             resize: None,
             loader_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            local: None,
         }
     }
 }
@@ -152,8 +156,9 @@ pub fn prepare_image(
     Ok(image::resize(&normalised, height, width))
 }
 
-/// Descriptors `[paths.len(), model.dim()]` of the images, row i for `paths[i]`. `progress` is
-/// called with the number of images done after each batch.
+/// Descriptors `[paths.len(), model.dim()]` of the images, row i for `paths[i]`, and with
+/// `options.local` their local feature maps in that file (committed when every image is done).
+/// `progress` is called with the number of images done after each batch.
 pub fn extract_descriptors(
     model: &dyn PlaceModel,
     paths: &[PathBuf],
@@ -164,6 +169,12 @@ pub fn extract_descriptors(
         return Err(Error::Argument("the batch size must be at least 1".into()));
     }
     check_resize(model.input(), options.resize)?;
+    if options.local.is_some() && !model.has_local_features() {
+        return Err(Error::Argument(format!(
+            "{} has no local features to write",
+            model.describe()
+        )));
+    }
     let threads = options.loader_threads.clamp(1, paths.len().max(1));
     // enough prepared images per loader for a whole batch to wait while the model runs
     let depth = options.batch_size.div_ceil(threads) + 1;
@@ -195,8 +206,62 @@ pub fn extract_descriptors(
                 )))
             })
         };
-        run_in_batches(model, paths.len(), next, options.batch_size, progress)
+        let mut local = options.local.as_deref().map(|path| LocalFile {
+            path,
+            count: paths.len(),
+            writer: None,
+        });
+        let matrix = run_in_batches(
+            model,
+            paths.len(),
+            next,
+            options.batch_size,
+            local.as_mut(),
+            progress,
+        )?;
+        if let Some(local) = local {
+            local.commit()?;
+        }
+        Ok(matrix)
     })
+}
+
+/// The local feature maps of every image, written as the batches come: the file is created at
+/// the first batch, when the maps' shape is known, and every later map must have that shape.
+struct LocalFile<'a> {
+    path: &'a Path,
+    count: usize,
+    writer: Option<(npy::RowWriter, Vec<usize>)>,
+}
+
+impl LocalFile<'_> {
+    /// Writes the maps `[B, h, w, C]` of images `start..start + B`.
+    fn write(&mut self, start: usize, maps: &Tensor) -> Result<()> {
+        let shape = maps.shape()[1..].to_vec();
+        let (writer, expected) = match &mut self.writer {
+            Some(w) => w,
+            None => {
+                let full: Vec<usize> = std::iter::once(self.count).chain(shape.clone()).collect();
+                let writer = npy::RowWriter::create(self.path, &full)?;
+                self.writer.insert((writer, shape.clone()))
+            }
+        };
+        if shape != *expected {
+            return Err(Error::Shape(format!(
+                "{}: local feature maps of {shape:?} after maps of {expected:?}: images of \
+                 different sizes cannot share one array (use --resize)",
+                self.path.display()
+            )));
+        }
+        writer.write_rows(start, &maps.to_dtype(DType::F32)?.to_vec::<f32>()?)
+    }
+
+    fn commit(self) -> Result<()> {
+        match self.writer {
+            Some((writer, _)) => writer.commit(),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Takes the `count` prepared images from `next` in order, runs consecutive same-size runs of
@@ -206,6 +271,7 @@ fn run_in_batches(
     count: usize,
     mut next: impl FnMut(usize) -> Result<ImageF32>,
     batch_size: usize,
+    mut local: Option<&mut LocalFile>,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Matrix> {
     let dim = model.dim();
@@ -217,14 +283,26 @@ fn run_in_batches(
             .first()
             .is_none_or(|b| [b.height, b.width] == [image.height, image.width]);
         if batch.len() == batch_size || !same_size {
-            data.extend(run_batch(model, &batch)?);
+            run_batch(
+                model,
+                &batch,
+                i - batch.len(),
+                &mut data,
+                local.as_deref_mut(),
+            )?;
             batch.clear();
             progress(i);
         }
         batch.push(image);
     }
     if !batch.is_empty() {
-        data.extend(run_batch(model, &batch)?);
+        run_batch(
+            model,
+            &batch,
+            count - batch.len(),
+            &mut data,
+            local,
+        )?;
         progress(count);
     }
     Ok(Matrix {
@@ -234,15 +312,32 @@ fn run_in_batches(
     })
 }
 
-/// The descriptors of images of one size, as one `[N, H, W, 3]` batch on the model's device.
-fn run_batch(model: &dyn PlaceModel, batch: &[ImageF32]) -> Result<Vec<f32>> {
+/// The descriptors of images `start..` of one size, as one `[N, H, W, 3]` batch on the model's
+/// device, appended to `data`; their local maps into `local` when asked.
+fn run_batch(
+    model: &dyn PlaceModel,
+    batch: &[ImageF32],
+    start: usize,
+    data: &mut Vec<f32>,
+    local: Option<&mut LocalFile>,
+) -> Result<()> {
     let [height, width] = [batch[0].height, batch[0].width];
     let pixels: Vec<f32> = batch
         .iter()
         .flat_map(|im| im.data.iter().copied())
         .collect();
     let images = Tensor::from_vec(pixels, &[batch.len(), height, width, 3], model.device())?;
-    let descriptors = model.descriptors(&images)?;
+    let descriptors = match local {
+        Some(local) => {
+            let (descriptors, maps) = model.descriptors_and_local(&images)?;
+            let maps = maps.ok_or_else(|| {
+                Error::Argument(format!("{} gave no local features", model.describe()))
+            })?;
+            local.write(start, &maps)?;
+            descriptors
+        }
+        None => model.descriptors(&images)?,
+    };
     if descriptors.shape() != [batch.len(), model.dim()] || descriptors.dtype() != DType::F32 {
         return Err(Error::Shape(format!(
             "{} gave {} descriptors {:?} for {} images, expected f32 [{}, {}]",
@@ -254,7 +349,8 @@ fn run_batch(model: &dyn PlaceModel, batch: &[ImageF32]) -> Result<Vec<f32>> {
             model.dim()
         )));
     }
-    descriptors.to_vec::<f32>()
+    data.extend(descriptors.to_vec::<f32>()?);
+    Ok(())
 }
 
 /// Where the paths of `out` (`D.npy`) are listed: `D.paths.txt`.

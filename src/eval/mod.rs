@@ -6,5 +6,6 @@ pub mod extract;
 pub mod pictures;
 pub mod predictions;
 pub mod recall;
+pub mod rerank;
 pub mod run;
 pub mod search;

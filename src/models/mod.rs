@@ -1,5 +1,6 @@
-//! Place-recognition systems: backbones (ResNet, VGG16) and the systems built on them (CosPlace,
-//! EigenPlaces), constructed from a converted safetensors file's `vpr.*` metadata alone.
+//! Place-recognition systems: backbones (ResNet, VGG16, DINOv2 ViTs) and the systems built on
+//! them (CosPlace, EigenPlaces, SelaVPR), constructed from a converted safetensors file's `vpr.*`
+//! metadata alone.
 //!
 //! [`load`] gives an inference model (BatchNorm folded, fused convolutions, frozen, no tape);
 //! [`CosPlaceNet`] is the trainable network with real BatchNorm layers that training builds on.
@@ -7,10 +8,12 @@
 mod cosplace;
 mod resnet;
 mod vgg;
+mod vit;
 
 pub use cosplace::{CosPlace, CosPlaceNet};
 pub use resnet::{FoldedResNet, ResNet};
 pub use vgg::Vgg16;
+pub use vit::{Dinov2, PosInterpolation, SelaVpr, Vit, VitFeatures};
 
 use crate::device::Device;
 use crate::error::Result;
@@ -111,6 +114,15 @@ pub trait PlaceModel: Send + Sync {
     /// Global descriptors `[N, dim]` (f32) of normalised images `[N, H, W, 3]` (f32, on
     /// `self.device()`). Records no tape.
     fn descriptors(&self, images: &Tensor) -> Result<Tensor>;
+    /// Whether the model also gives local feature maps (SelaVPR does).
+    fn has_local_features(&self) -> bool {
+        false
+    }
+    /// The global descriptors and, for a model with local features, its local feature maps
+    /// `[N, h, w, C]` (f32), from one pass. Records no tape.
+    fn descriptors_and_local(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        Ok((self.descriptors(images)?, None))
+    }
 }
 
 /// The model a converted safetensors file describes, its weights loaded strictly (f16/bf16 files
@@ -121,8 +133,10 @@ pub fn load(path: &Path, device: &Device) -> Result<Box<dyn PlaceModel>> {
         "cosplace" | "eigenplaces" => Ok(Box::new(
             CosPlaceNet::from_file(&file, device)?.into_inference()?,
         )),
+        "dinov2" => Ok(Box::new(Dinov2::from_file(&file, device)?)),
+        "selavpr" => Ok(Box::new(SelaVpr::from_file(&file, device)?)),
         other => Err(file.error(format!(
-            "vpr.arch '{other}' is not supported yet (supported: cosplace, eigenplaces)"
+            "vpr.arch '{other}' is not supported yet (supported: cosplace, eigenplaces, dinov2, selavpr)"
         ))),
     }
 }
