@@ -20,6 +20,8 @@
 //                             never clamped, and its weights are divided by their sum. An axis whose
 //                             size does not change gets step 1 from the host: the identity, as
 //                             PyTorch skips such an axis.
+//   interpolate_bicubic_backward_*: a thread per input element gathers the output gradients that
+//                             read it (both modes; the host passes each axis's transposed taps).
 #include "common.cuh"
 
 // Mirrors `InterpShape` in src/ops/interpolate/gpu.rs.
@@ -133,12 +135,41 @@ __device__ void interpolate_bicubic_aa(const T* __restrict__ x, T* __restrict__ 
   }
 }
 
+// The input's gradient: a thread per input element gathers the output gradients that read it,
+// through the transposed taps of each axis (computed on the host in f64, the weights rounded to
+// f32): for input position i, entries first[i] .. first[i + 1] - 1 name an output position and
+// its weight. No atomics: a fixed summation order.
+template <class T>
+__device__ void interpolate_bicubic_backward(const T* __restrict__ dy, T* __restrict__ dx, InterpShape s,
+                                             const int* __restrict__ row_first, const int* __restrict__ row_index,
+                                             const float* __restrict__ row_weight, const int* __restrict__ col_first,
+                                             const int* __restrict__ col_index, const float* __restrict__ col_weight) {
+  GRID_STRIDE_LOOP(e, s.n * s.h * s.w * s.c) {
+    const long long c = e % s.c, ix = (e / s.c) % s.w, iy = (e / (s.c * s.w)) % s.h, n = e / (s.c * s.w * s.h);
+    const T* img = dy + n * s.oh * s.ow * s.c + c;
+    float acc = 0.f;
+    for (int a = row_first[iy]; a < row_first[iy + 1]; ++a) {
+      const T* row = img + (long long)row_index[a] * s.ow * s.c;
+      float r = 0.f;
+      for (int b = col_first[ix]; b < col_first[ix + 1]; ++b) r += col_weight[b] * to_f32(row[(long long)col_index[b] * s.c]);
+      acc += row_weight[a] * r;
+    }
+    dx[e] = from_f32<T>(acc);
+  }
+}
+
 #define INTERPOLATE_KERNELS(dt, T)                                                                      \
   extern "C" __global__ void interpolate_bicubic_##dt(const T* x, T* y, InterpShape s) {               \
     interpolate_bicubic<T>(x, y, s);                                                                    \
   }                                                                                                     \
   extern "C" __global__ void interpolate_bicubic_aa_##dt(const T* x, T* y, InterpShape s) {            \
     interpolate_bicubic_aa<T>(x, y, s);                                                                 \
+  }                                                                                                     \
+  extern "C" __global__ void interpolate_bicubic_backward_##dt(                                         \
+      const T* dy, T* dx, InterpShape s, const int* row_first, const int* row_index, const float* row_weight, \
+      const int* col_first, const int* col_index, const float* col_weight) {                            \
+    interpolate_bicubic_backward<T>(dy, dx, s, row_first, row_index, row_weight, col_first, col_index,  \
+                                    col_weight);                                                        \
   }
 INTERPOLATE_KERNELS(f32, float)
 INTERPOLATE_KERNELS(f16, f16)

@@ -206,12 +206,67 @@ fn bad_arguments_are_errors_naming_them() {
         ints.interpolate_bicubic(ResizeTo::Size([2, 2]), false),
         Err(Error::DType(_))
     ));
-    let tracked = x.clone().requires_grad();
-    let m = message(tracked.interpolate_bicubic(ResizeTo::Size([16, 16]), false));
-    assert!(m.contains("backward"), "{m}");
-    // under no_grad the same input is fine
-    let y = vpr_engine::autograd::no_grad(|| {
-        tracked.interpolate_bicubic(ResizeTo::Size([16, 16]), false)
-    });
-    assert_eq!(y.unwrap().shape(), &[1, 16, 16, 4]);
+}
+
+/// The gradient cases of the fixture: name and size rule (on interp.grad.x, [1, 11, 9, 3]).
+fn gradient_cases() -> [(&'static str, ResizeTo, bool); 3] {
+    [
+        (
+            "scale",
+            ResizeTo::ScaleFactor([5.1 / 11.0, 4.1 / 9.0]),
+            false,
+        ),
+        ("size_aa", ResizeTo::Size([5, 4]), true),
+        ("up_aa", ResizeTo::Size([17, 13]), true),
+    ]
+}
+
+#[test]
+fn gradients_match_pytorch() {
+    let f = fixture_tensors("norm_interp.safetensors");
+    let get = |k: &str| {
+        let (shape, v) = &f[&format!("interp.grad.{k}")];
+        Tensor::from_f64(v, shape, DType::F32, &Device::Cpu).unwrap()
+    };
+    let mut devices = vec![Device::Cpu];
+    devices.extend(gpu_devices());
+    for device in devices {
+        for (name, to, aa) in gradient_cases() {
+            let x = get("x").to_device(&device).unwrap().requires_grad();
+            let y = x.interpolate_bicubic(to, aa).unwrap();
+            let dy = get(&format!("{name}.dy")).to_device(&device).unwrap();
+            let grads = vpr_engine::autograd::backward_with(&y, dy).unwrap();
+            let got = grads.get(&x).unwrap();
+            let want = get(&format!("{name}.dx"));
+            let err = vpr_engine::check::max_error(
+                &got.to_f64_vec().unwrap(),
+                &want.to_f64_vec().unwrap(),
+            );
+            println!("interpolate backward {name} on {device}: max error against PyTorch {err:e}");
+            assert_tensor_close(got, &want, 1e-5, &format!("{name} dx on {device}"), 0);
+        }
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let s = seed("interpolate gradcheck");
+    let cases = [
+        ([1, 6, 5, 2], ResizeTo::ScaleFactor([0.6, 1.7]), false),
+        ([2, 5, 7, 1], ResizeTo::Size([9, 3]), false),
+        ([1, 9, 7, 2], ResizeTo::Size([4, 3]), true),
+        ([1, 4, 3, 2], ResizeTo::Size([7, 8]), true),
+        ([1, 1, 1, 3], ResizeTo::Size([3, 2]), false),
+    ];
+    for (j, &(shape, to, aa)) in cases.iter().enumerate() {
+        let x = Tensor::randn(&shape, 0.0, 1.0, s + j as u64, DType::F32, &Device::Cpu).unwrap();
+        let f = move |t: &[Tensor]| t[0].interpolate_bicubic(to, aa);
+        let check = vpr_engine::autograd::gradcheck(f, &[x], 1e-2, s).unwrap();
+        assert!(
+            check.max_error <= 1e-3,
+            "{shape:?} {to:?} aa={aa}: {} ({}); VPR_TEST_SEED={s}",
+            check.max_error,
+            check.worst
+        );
+    }
 }

@@ -179,6 +179,7 @@ fn gpu_matches_cpu_with_gradients() {
                     [y, dx, w.grad().unwrap(), b.grad().unwrap()]
                 };
                 let (got, want) = (run(&dev), run(&Device::Cpu));
+                assert_eq!(autograd::tape_len(), 0, "backward left nodes on the tape");
                 for (k, (g, w)) in ["y", "dx", "dweight", "dbias"]
                     .iter()
                     .zip(got.iter().zip(&want))

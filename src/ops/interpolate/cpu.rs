@@ -1,14 +1,17 @@
 //! CPU bicubic interpolation in f64: the separable weights of each output row and column are
 //! tabulated once (PyTorch's formulas, see kernels/interpolate.cu), then output rows are spread
-//! over threads, each output pixel a weighted sum of runs of C channels.
+//! over threads, each output pixel a weighted sum of runs of C channels. The backward gathers
+//! through the transposed tables (which outputs read an input position, with what weight), which
+//! the GPU backward uses too.
 
 use super::InterpGeom;
 use crate::error::{dtype_err, Result};
 use crate::ops::cpu::parallel_rows;
 use crate::tensor::{with_cpu_float_storage, CpuStorage, IntoCpuStorage};
 
-/// The input positions and weights one output position along an axis reads.
-type Taps = Vec<(usize, f64)>;
+/// The input positions and weights one output position along an axis reads (or, transposed, the
+/// output positions and weights that read one input position).
+pub(super) type Taps = Vec<(usize, f64)>;
 
 fn cubic_near(x: f64, a: f64) -> f64 {
     ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
@@ -78,7 +81,7 @@ fn aa_taps(d: usize, step: f64, len: usize) -> Taps {
 }
 
 /// The taps of every output position of an axis of `len` resized to `out`.
-fn axis(len: usize, out: usize, step: f64, antialias: bool) -> Vec<Taps> {
+pub(super) fn axis(len: usize, out: usize, step: f64, antialias: bool) -> Vec<Taps> {
     (0..out)
         .map(|d| {
             if antialias {
@@ -127,4 +130,60 @@ pub fn bicubic(x: &CpuStorage, offset: usize, g: &InterpGeom) -> Result<CpuStora
     let len = g.n * g.h * g.w * g.c;
     with_cpu_float_storage!(x, v, T => Ok(typed::<T>(&v[offset..offset + len], g)),
         _ => dtype_err!("interpolate_bicubic needs f32, f16 or bf16 storage, got {}", x.dtype()))
+}
+
+/// For each of the `len` input positions, the output positions that read it and the weight they
+/// read it with (a position read twice through the border clamp counts once, weights added), in
+/// output order.
+pub(super) fn transposed(taps: &[Taps], len: usize) -> Vec<Taps> {
+    let mut t: Vec<Taps> = vec![Vec::new(); len];
+    for (d, row) in taps.iter().enumerate() {
+        for &(i, w) in row {
+            match t[i].last_mut() {
+                Some((last, acc)) if *last == d => *acc += w,
+                _ => t[i].push((d, w)),
+            }
+        }
+    }
+    t
+}
+
+fn backward_typed<T: IntoCpuStorage>(dy: &[T], g: &InterpGeom) -> CpuStorage {
+    let rows = transposed(&axis(g.h, g.oh, g.step_h, g.antialias), g.h);
+    let cols = transposed(&axis(g.w, g.ow, g.step_w, g.antialias), g.w);
+    let (row_len, image) = (g.w * g.c, g.oh * g.ow * g.c);
+    let mut dx = vec![T::from_f64(0.0); g.n * g.h * row_len];
+    parallel_rows(&mut dx, row_len, |first, out| {
+        let mut acc = vec![0f64; g.c];
+        let mut line = vec![0f64; g.c];
+        for (r, out_row) in out.chunks_mut(row_len).enumerate() {
+            let (n, iy) = ((first + r) / g.h, (first + r) % g.h);
+            for (ix, out_px) in out_row.chunks_mut(g.c).enumerate() {
+                acc.fill(0.0);
+                for &(oy, wy) in &rows[iy] {
+                    line.fill(0.0);
+                    for &(ox, wx) in &cols[ix] {
+                        let px = &dy[n * image + (oy * g.ow + ox) * g.c..][..g.c];
+                        line.iter_mut()
+                            .zip(px)
+                            .for_each(|(l, v)| *l += wx * v.to_f64());
+                    }
+                    acc.iter_mut().zip(&line).for_each(|(a, l)| *a += wy * l);
+                }
+                out_px
+                    .iter_mut()
+                    .zip(&acc)
+                    .for_each(|(o, &a)| *o = T::from_f64(a));
+            }
+        }
+    });
+    T::into_storage(dx)
+}
+
+/// The input's gradient from the dense output gradient `dy` (`[N, OH, OW, C]`, starting at element
+/// `offset`): each input element gathers the output gradients that read it, times their weights.
+pub fn bicubic_backward(dy: &CpuStorage, offset: usize, g: &InterpGeom) -> Result<CpuStorage> {
+    let len = g.n * g.oh * g.ow * g.c;
+    with_cpu_float_storage!(dy, v, T => Ok(backward_typed::<T>(&v[offset..offset + len], g)),
+        _ => dtype_err!("interpolate_bicubic backward needs f32, f16 or bf16 storage, got {}", dy.dtype()))
 }

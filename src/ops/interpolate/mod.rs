@@ -17,8 +17,9 @@
 //! PyTorch's own f32 path rounds the step to f32, which moves DINOv2's 37 -> 16 outputs by up to
 //! ~1e-5 from the exact values (float64); ours stay within ~3e-6 of them.
 //!
-//! Forward only: position embeddings are frozen in every system we run. An input that requires
-//! gradients is an error rather than a gradient silently missing.
+//! Backward: each input element gathers the output gradients that read it, times the weights they
+//! read it with (the transposed taps, tabulated on the host in f64; `interpolate_bicubic_backward_*`
+//! on GPUs with the weights rounded to f32), as PyTorch's backward scatters them.
 
 mod cpu;
 pub(crate) mod gpu;
@@ -108,18 +109,15 @@ impl InterpGeom {
 
 impl Tensor {
     /// torch.nn.functional.interpolate(mode="bicubic", align_corners=False, antialias) of a
-    /// channels-last `[N, H, W, C]` tensor; forward only.
+    /// channels-last `[N, H, W, C]` tensor; autograd.
     pub fn interpolate_bicubic(&self, to: ResizeTo, antialias: bool) -> Result<Tensor> {
         let geom = InterpGeom::new(self.shape(), to, antialias)?;
         self.dtype().require_float("interpolate_bicubic")?;
-        if self.is_requires_grad() && tape::is_grad_enabled() {
-            return Err(Error::Argument(format!(
-                "interpolate_bicubic of {:?}: the input requires gradients, but the op has no \
-                 backward (detach it or run under no_grad)",
-                self.shape()
-            )));
-        }
-        bicubic_forward(self, &geom)
+        let out = tape::no_grad(|| bicubic_forward(self, &geom))?;
+        let dtype = self.dtype();
+        Ok(tape::record(out, &[self], move |g, _| {
+            Ok(vec![Some(bicubic_backward(&g.to_dtype(dtype)?, &geom)?)])
+        }))
     }
 }
 
@@ -142,9 +140,37 @@ fn bicubic_forward(x: &Tensor, geom: &InterpGeom) -> Result<Tensor> {
     ))
 }
 
+/// The input's gradient from the output's gradient `g`.
+fn bicubic_backward(g: &Tensor, geom: &InterpGeom) -> Result<Tensor> {
+    if g.shape() != geom.out_shape() {
+        return shape_err!(
+            "interpolate_bicubic backward: gradient {:?} for an output {:?}",
+            g.shape(),
+            geom.out_shape()
+        );
+    }
+    let shape = [geom.n, geom.h, geom.w, geom.c];
+    if shape.iter().product::<usize>() == 0 {
+        return Tensor::zeros(&shape, g.dtype(), g.device());
+    }
+    let g = g.contiguous()?;
+    crate::ops::copy::check_extent(&g)?;
+    let dx = match g.storage() {
+        Storage::Cpu(s) => Storage::Cpu(cpu::bicubic_backward(s, g.layout().offset(), geom)?),
+        Storage::Gpu(b) => Storage::Gpu(gpu::bicubic_backward(b, g.dtype(), geom)?),
+    };
+    Ok(Tensor::from_parts(
+        dx,
+        Layout::contiguous(&shape)?,
+        g.dtype(),
+        g.device().clone(),
+    ))
+}
+
 /// Conformance cases: DINOv2's position-embedding resizes (37 x 37 by (16 + 0.1) / 37 and
 /// (37 + 0.1) / 37, to 16 x 16 by size with antialias, 16 -> 37 with antialias), odd sizes and
-/// channel counts, mixed factors, strong downsampling with antialias (wide windows), every dtype.
+/// channel counts, mixed factors, strong downsampling with antialias (wide windows), a 1 x 1
+/// input (every tap clamped to one pixel), every dtype; forward and backward each a row.
 pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::CheckRow>> {
     use crate::check::compare;
     let dino = |m: f64| (m + 0.1) / 37.0;
@@ -188,6 +214,13 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
                 format!("interpolate_bicubic_{dtype}")
             };
             let label = [shape.as_slice(), &[geom.oh, geom.ow]].concat();
+            rows.push(compare(&name, dtype, &label, got, want, dtype.tolerance()));
+            let dy = Tensor::randn(&geom.out_shape(), 0.0, 1.0, sd + 7, dtype, &Device::Cpu)?;
+            let got = dy
+                .to_device(device)
+                .and_then(|d| bicubic_backward(&d, &geom));
+            let name = format!("interpolate_bicubic_backward_{dtype} (aa {aa})");
+            let want = bicubic_backward(&dy, &geom);
             rows.push(compare(&name, dtype, &label, got, want, dtype.tolerance()));
         }
     }

@@ -78,8 +78,8 @@ pub fn mutual_nn_counts(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         )));
     }
     let device = b.device();
-    if la == 0 || lb == 0 || d == 0 {
-        // no locations, no matches; with D = 0 every similarity is 0, the only mutual pair is
+    if pairs == 0 || la == 0 || lb == 0 || d == 0 {
+        // no pairs or no locations, no matches; with D = 0 every similarity is 0, the only mutual pair is
         // (0, 0), and a single match scores 0
         return Tensor::zeros(&[pairs], DType::I64, device);
     }

@@ -47,8 +47,13 @@ impl Tensor {
         eps: f64,
     ) -> Result<Tensor> {
         check_operands(self, weight, bias, eps)?;
-        let w32 = weight.map(dense_f32).transpose()?;
-        let b32 = bias.map(dense_f32).transpose()?;
+        // the f32 copies are the kernels' operands; the gradients go to weight and bias themselves
+        let (w32, b32) = tape::no_grad(|| -> Result<_> {
+            Ok((
+                weight.map(dense_f32).transpose()?,
+                bias.map(dense_f32).transpose()?,
+            ))
+        })?;
         let (out, stats) =
             tape::no_grad(|| layer_norm_forward(self, w32.as_ref(), b32.as_ref(), eps))?;
         let inputs: Vec<&Tensor> = [Some(self), weight, bias].into_iter().flatten().collect();
