@@ -1,13 +1,14 @@
-//! Full-size CosPlace ResNet-18/512, EigenPlaces ResNet-50/2048 and CosPlace VGG16/512, built by
-//! `models::load` from files in the official key layout, against the descriptors PyTorch computed
-//! (torchvision's modules, eval mode, full resolution) on the same PNG images. The weights are
-//! the synthetic ones of tools/fixtures/full_size_models.py, regenerated bit for bit here
-//! (tests/common/synthetic.rs), so no large file is committed.
+//! Full-size CosPlace ResNet-18/512, EigenPlaces ResNet-50/2048 and CosPlace VGG16/512 (full
+//! resolution), and SelaVPR (DINOv2 ViT-L/14 with adapters: global descriptors and local features),
+//! DINOv2 ViT-S/14 and ViT-B/14 with registers (224x224), built by `models::load` from files in the
+//! official key layout, against what PyTorch computed (eval mode) on the same PNG images. The
+//! weights are the synthetic ones of tools/fixtures/full_size_models.py, regenerated bit for bit
+//! here (tests/common/synthetic.rs), so no large file is committed.
 
 mod common;
 
 use common::synthetic;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use vpr_engine::io::image;
 use vpr_engine::io::weights::WeightsFile;
 use vpr_engine::{models, Device, Tensor};
@@ -18,52 +19,83 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/full_size")
 }
 
-/// The engine's descriptor of each fixture image with the model in `weights`, and PyTorch's.
-fn descriptors(fixture: &str, weights: &Path, device: &Device) -> Vec<(Vec<f32>, Vec<f32>)> {
-    let model = models::load(weights, device).unwrap();
-    let expected = WeightsFile::open(&fixtures().join("expected.safetensors")).unwrap();
-    let spec = model.input().clone();
-    IMAGES
-        .iter()
-        .map(|file| {
-            let rgb = image::decode(&fixtures().join(file)).unwrap();
-            let x = image::to_normalized_tensor(&rgb, spec.mean, spec.std);
-            let batch = Tensor::from_vec(x.data, &[1, x.height, x.width, 3], &Device::Cpu)
-                .unwrap()
-                .to_device(device)
-                .unwrap();
-            let got = model.descriptors(&batch).unwrap().to_vec::<f32>().unwrap();
-            let want = expected
-                .read_f64(&format!("{fixture}/{file}"))
-                .unwrap()
-                .into_iter()
-                .map(|v| v as f32)
-                .collect();
-            (got, want)
-        })
-        .collect()
+/// The ViTs' fixture images are resized to this square, as `extract` resizes for a fixed-size model.
+const VIT_SIDE: usize = 224;
+
+/// SelaVPR's local features compared: (row, column) of the 61x61 map, as the generator samples them.
+fn local_samples() -> impl Iterator<Item = (usize, usize)> {
+    (0..64).map(|i| ((7 * i) % 61, (11 * i + 3) % 61))
 }
 
-fn check(fixture: &str, manifest: &str, arch: &str, device: &Device, tol: f32) {
+fn expected(key: &str) -> Vec<f32> {
+    let file = WeightsFile::open(&fixtures().join("expected.safetensors")).unwrap();
+    let values = file.read_f64(key).unwrap();
+    values.into_iter().map(|v| v as f32).collect()
+}
+
+/// `file` as the model's normalised batch of one on `device`, resized to `side` x `side` if given.
+fn input(file: &str, spec: &models::InputSpec, side: Option<usize>, device: &Device) -> Tensor {
+    let rgb = image::decode(&fixtures().join(file)).unwrap();
+    let mut x = image::to_normalized_tensor(&rgb, spec.mean, spec.std);
+    if let Some(side) = side {
+        x = image::resize(&x, side, side);
+    }
+    Tensor::from_vec(x.data, &[1, x.height, x.width, 3], &Device::Cpu)
+        .unwrap()
+        .to_device(device)
+        .unwrap()
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{what}: max abs error {err:e}");
+    assert!(err <= tol, "{what}: max abs error {err:e} > {tol:e}");
+}
+
+/// Writes the synthetic weights of `manifest` (with `vpr.arch = arch`), runs `body` on the model
+/// loaded from them, and removes the file.
+fn with_model(
+    fixture: &str,
+    manifest: &str,
+    arch: &str,
+    device: &Device,
+    body: impl FnOnce(&dyn models::PlaceModel),
+) {
     let dir = std::env::temp_dir().join(format!("vpr-full-size-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let weights = dir.join(format!("{fixture}.safetensors"));
     synthetic::write_weights(manifest, &[("vpr.arch", arch)], &weights);
-    let results = descriptors(fixture, &weights, device);
+    let model = models::load(&weights, device);
     std::fs::remove_file(&weights).unwrap();
-    for ((got, want), file) in results.iter().zip(IMAGES) {
-        assert_eq!(got.len(), want.len(), "{fixture} {file}: descriptor size");
-        let err = got
-            .iter()
-            .zip(want)
-            .map(|(g, w)| (g - w).abs())
-            .fold(0f32, f32::max);
-        eprintln!("{fixture} on {device}, {file}: max abs error {err:e}");
-        assert!(
-            err <= tol,
-            "{fixture} {file}: max abs error {err:e} > {tol:e}"
-        );
-    }
+    body(model.unwrap().as_ref());
+}
+
+/// Each fixture image's descriptor against PyTorch's, the images resized to `side` if given.
+fn check_side(
+    fixture: &str,
+    manifest: &str,
+    arch: &str,
+    side: Option<usize>,
+    device: &Device,
+    tol: f32,
+) {
+    with_model(fixture, manifest, arch, device, |model| {
+        for file in IMAGES {
+            let x = input(file, model.input(), side, device);
+            let got = model.descriptors(&x).unwrap().to_vec::<f32>().unwrap();
+            let what = format!("{fixture} on {device}, {file}");
+            assert_close(&what, &got, &expected(&format!("{fixture}/{file}")), tol);
+        }
+    });
+}
+
+fn check(fixture: &str, manifest: &str, arch: &str, device: &Device, tol: f32) {
+    check_side(fixture, manifest, arch, None, device, tol);
 }
 
 #[test]
@@ -94,6 +126,57 @@ fn cosplace_vgg16_512_matches_pytorch_on_cpu() {
         "cosplace_vgg16_512",
         "cosplace_vgg16_512",
         "cosplace",
+        &Device::Cpu,
+        1e-5,
+    );
+}
+
+#[test]
+fn selavpr_global_and_local_features_match_pytorch_on_cpu() {
+    let device = Device::Cpu;
+    with_model("selavpr", "selavpr", "selavpr", &device, |model| {
+        for file in IMAGES {
+            let x = input(file, model.input(), Some(VIT_SIDE), &device);
+            let (global, local) = model.descriptors_and_local(&x).unwrap();
+            let what = format!("selavpr global, {file}");
+            let global = global.to_vec::<f32>().unwrap();
+            assert_close(&what, &global, &expected(&format!("selavpr/{file}")), 1e-5);
+            let local = local.unwrap();
+            assert_eq!(local.shape(), [1, 61, 61, 128]);
+            let local = local.to_vec::<f32>().unwrap();
+            let sampled: Vec<f32> = local_samples()
+                .flat_map(|(r, c)| local[(r * 61 + c) * 128..][..128].to_vec())
+                .collect();
+            let what = format!("selavpr local, {file}");
+            assert_close(
+                &what,
+                &sampled,
+                &expected(&format!("selavpr_local/{file}")),
+                1e-5,
+            );
+        }
+    });
+}
+
+#[test]
+fn dinov2_vits14_matches_pytorch_on_cpu() {
+    check_side(
+        "dinov2_vits14",
+        "dinov2_vits14",
+        "dinov2",
+        Some(VIT_SIDE),
+        &Device::Cpu,
+        1e-5,
+    );
+}
+
+#[test]
+fn dinov2_vitb14_reg4_matches_pytorch_on_cpu() {
+    check_side(
+        "dinov2_vitb14_reg4",
+        "dinov2_vitb14_reg4",
+        "dinov2",
+        Some(VIT_SIDE),
         &Device::Cpu,
         1e-5,
     );

@@ -169,7 +169,13 @@ fn bad_inputs_are_clear_errors() {
     let c = mutual_nn_counts(&f32s(&[3, 0, 2]), &f32s(&[3, 5, 2])).unwrap();
     assert_eq!(c.to_vec::<i64>().unwrap(), [0, 0, 0]);
     for device in all_devices() {
-        assert_eq!(counts(&f32s(&[0, 4, 2]), &f32s(&[0, 5, 2]), &device), [0i64; 0]);
-        assert_eq!(counts(&f32s(&[1, 4, 0]), &f32s(&[2, 5, 0]), &device), [0, 0]);
+        assert_eq!(
+            counts(&f32s(&[0, 4, 2]), &f32s(&[0, 5, 2]), &device),
+            [0i64; 0]
+        );
+        assert_eq!(
+            counts(&f32s(&[1, 4, 0]), &f32s(&[2, 5, 0]), &device),
+            [0, 0]
+        );
     }
 }

@@ -296,13 +296,7 @@ fn run_in_batches(
         batch.push(image);
     }
     if !batch.is_empty() {
-        run_batch(
-            model,
-            &batch,
-            count - batch.len(),
-            &mut data,
-            local,
-        )?;
+        run_batch(model, &batch, count - batch.len(), &mut data, local)?;
         progress(count);
     }
     Ok(Matrix {

@@ -150,7 +150,9 @@ fn row_max(row: &[f32]) -> f32 {
             *m = m.max(x);
         }
     }
-    rest.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+    rest.iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }
 
 fn threads() -> usize {

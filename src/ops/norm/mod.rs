@@ -391,12 +391,12 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
                 Err(e) => (Err(Error::Argument(e.to_string())), Err(e)),
             };
             let tol = dtype.tolerance();
-            let params = format!(
-                "{}{}",
-                if w.is_some() { "w" } else { "" },
-                if b.is_some() { "b" } else { "" }
-            );
-            let name = |k: &str, what: &str| format!("{k}_{dtype} ({params} {p_dtype}{what})");
+            let params = match (w.is_some(), b.is_some()) {
+                (true, true) => format!("weight, bias {p_dtype}"),
+                (true, false) => format!("weight {p_dtype}"),
+                _ => "no weight".to_string(),
+            };
+            let name = |k: &str, what: &str| format!("{k}_{dtype} ({params}{what})");
             rows.push(compare(
                 &name("layer_norm", ""),
                 dtype,
@@ -471,7 +471,8 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
                 Ok(p) => (Ok(p.0), Ok(p.1)),
                 Err(e) => (Err(Error::Argument(e.to_string())), Err(e)),
             };
-            let kernels = format!("layer_norm_param_grad_partial_{dtype}+sum");
+            let kernels =
+                format!("layer_norm_param_grad_partial_{dtype}+layer_norm_param_grad_sum");
             for (what, got, want) in [("dweight", got_w, want.0), ("dbias", got_b, want.1)] {
                 let Some(want) = want else { continue };
                 let got = got.and_then(|g| g.ok_or_else(|| Error::Argument(format!("no {what}"))));
