@@ -9,6 +9,7 @@
 //! log-sum-exp, then `dV += P^T dO`, `dS = P (dO V^T - Dv)`, `dQ = scale dS K`,
 //! `dK += scale dS^T Q`, with `Dv = rowsum(dO O)` in f64.
 
+use crate::ops::cpu::exp_f32;
 use gemm::Parallelism;
 
 /// Query rows per job: a score tile of TILE x L f32 per thread.
@@ -92,49 +93,19 @@ fn product(
     }
 }
 
-/// e^x in f32 within 2 ulp, in a form the compiler vectorizes: x = n ln 2 + r with |r| <= ln 2 / 2,
-/// e^r by Cephes' expf polynomial, 2^n added to the exponent bits. x is clamped to [-87, 88]
-/// (e^x underflows to 0 below -87, where the 2^n step would reach denormals); NaN stays NaN.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // adding 1.5 * 2^23 rounds to the nearest integer n without a libm call, and leaves n in the
-    // low bits of the sum, so that 2^n needs no float-to-int conversion (which does not vectorize)
-    const ROUND: f32 = 12_582_912.0;
-    let c = x.clamp(-87.0, 88.0);
-    let t = c * LOG2E + ROUND;
-    let n = t - ROUND;
-    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
-    let r = c - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 5.000_000_1e-1;
-    let e = f32::from_bits((p * r * r + r + 1.0).to_bits().wrapping_add(n_bits << 23));
-    if x.is_nan() {
-        x
-    } else if x < -87.0 {
-        0.0
-    } else {
-        e
-    }
-}
-
 /// `row[j] = exp(row[j] - shift)`, returning the sum of the new values (f32 in 8 lanes).
 fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
     let mut lanes = [0f32; 8];
     let mut chunks = row.chunks_exact_mut(8);
     for c in &mut chunks {
         for (x, acc) in c.iter_mut().zip(&mut lanes) {
-            *x = exp(*x - shift);
+            *x = exp_f32(*x - shift);
             *acc += *x;
         }
     }
     let mut sum: f32 = lanes.iter().sum();
     for x in chunks.into_remainder() {
-        *x = exp(*x - shift);
+        *x = exp_f32(*x - shift);
         sum += *x;
     }
     sum
@@ -349,22 +320,6 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_is_within_two_ulp_of_f64() {
-        let mut worst = 0f64;
-        for i in 0..=2_000_000 {
-            let x = -87.0 + 87.0 * i as f32 / 2_000_000.0;
-            let want = (x as f64).exp();
-            let ulp = f32::EPSILON as f64 * want;
-            worst = worst.max((exp(x) as f64 - want).abs() / ulp);
-        }
-        assert!(worst <= 2.0, "exp is {worst} ulp off");
-        assert_eq!(exp(-87.5), 0.0);
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert!(exp(f32::NAN).is_nan());
-        assert_eq!(exp(0.0), 1.0);
-    }
 
     #[test]
     fn row_helpers_cover_the_remainder() {
