@@ -74,6 +74,10 @@ struct ExtractArgs {
     /// size rule.
     #[arg(long, value_name = "HxW")]
     resize: Option<String>,
+    /// Whether resizing antialiases (torchvision >= 0.17's default) or is plain bilinear (what
+    /// SelaVPR and the benchmark ran); default: what the model's file says.
+    #[arg(long, value_name = "true|false")]
+    antialias: Option<bool>,
 }
 
 #[derive(clap::Args)]
@@ -108,6 +112,10 @@ struct EvalArgs {
     /// size rule.
     #[arg(long, value_name = "HxW")]
     resize: Option<String>,
+    /// Whether resizing antialiases (torchvision >= 0.17's default) or is plain bilinear (what
+    /// SelaVPR and the benchmark ran); default: what the model's file says.
+    #[arg(long, value_name = "true|false")]
+    antialias: Option<bool>,
     /// A database image is a positive of a query within this many metres (inclusive).
     #[arg(long, default_value_t = 25.0, allow_negative_numbers = true)]
     positive_dist_threshold: f64,
@@ -328,6 +336,7 @@ fn extract(out: &mut impl Write, args: &ExtractArgs) -> vpr_engine::Result<()> {
     let model = vpr_engine::models::load(&args.weights, &device)?;
     let options = ExtractOptions {
         resize,
+        antialias: args.antialias,
         local: args.local.clone(),
         ..ExtractOptions::new(args.batch_size)
     };
@@ -436,6 +445,7 @@ fn eval(out: &mut impl Write, args: &EvalArgs) -> vpr_engine::Result<()> {
             model: model.as_ref(),
             options: ExtractOptions {
                 resize,
+                antialias: args.antialias,
                 ..ExtractOptions::new(args.batch_size)
             },
         },

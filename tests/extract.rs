@@ -29,6 +29,7 @@ impl Probe {
                 mean: [0.25, 0.5, 0.125],
                 std: [0.5, 0.2, 0.75],
                 size,
+                antialias: true,
             },
             device: Device::Cpu,
             batches: Mutex::new(Vec::new()),
@@ -114,8 +115,13 @@ fn save_image(path: &Path, height: u32, width: u32, seed: u32) {
 }
 
 /// What the pipeline should give for `path`: the probe's descriptor of the prepared image.
-fn expected_row(path: &Path, spec: &InputSpec, resize: Option<[usize; 2]>) -> Vec<f32> {
-    let im = prepare_image(path, spec, resize).unwrap();
+fn expected_row(
+    path: &Path,
+    spec: &InputSpec,
+    resize: Option<[usize; 2]>,
+    antialias: bool,
+) -> Vec<f32> {
+    let im = prepare_image(path, spec, resize, antialias).unwrap();
     Probe::describe_one(im.height, im.width, &im.data)
 }
 
@@ -123,6 +129,7 @@ fn options(batch_size: usize, loader_threads: usize) -> ExtractOptions {
     ExtractOptions {
         batch_size,
         resize: None,
+        antialias: None,
         loader_threads,
         local: None,
     }
@@ -207,7 +214,7 @@ fn rows_follow_the_sorted_paths_and_batches_group_equal_sizes() {
     for (i, path) in paths.iter().enumerate() {
         assert_eq!(
             got.data[i * 6..(i + 1) * 6],
-            expected_row(path, &model.spec, None),
+            expected_row(path, &model.spec, None, true),
             "row {i} is not {}",
             path.display()
         );
@@ -280,7 +287,30 @@ fn size_rules_resize_or_refuse() {
     });
     let got = extract_descriptors(&model, &paths, &options(8, 2), &mut |_| {}).unwrap();
     assert_eq!(model.batch_shapes(), [vec![2, 4, 6, 3]]);
-    assert_eq!(got.data[6..12], expected_row(&paths[1], &model.spec, None));
+    assert_eq!(
+        got.data[6..12],
+        expected_row(&paths[1], &model.spec, None, true)
+    );
+
+    // a model whose file says no antialias gets plain bilinear resizing, unless overridden
+    let mut plain = Probe::new(InputSize::Resize {
+        height: 4,
+        width: 6,
+    });
+    plain.spec.antialias = false;
+    let got = extract_descriptors(&plain, &paths, &options(8, 2), &mut |_| {}).unwrap();
+    let want = expected_row(&paths[1], &plain.spec, None, false);
+    assert_eq!(got.data[6..12], want);
+    assert_ne!(want, expected_row(&paths[1], &plain.spec, None, true));
+    let opts = ExtractOptions {
+        antialias: Some(true),
+        ..options(8, 2)
+    };
+    let got = extract_descriptors(&plain, &paths, &opts, &mut |_| {}).unwrap();
+    assert_eq!(
+        got.data[6..12],
+        expected_row(&paths[1], &plain.spec, None, true)
+    );
 
     // --resize wins over the model's rule
     let resize = Some([7, 7]);
@@ -290,7 +320,10 @@ fn size_rules_resize_or_refuse() {
     };
     let got = extract_descriptors(&model, &paths, &opts, &mut |_| {}).unwrap();
     assert_eq!(model.batch_shapes()[1], [2, 7, 7, 3]);
-    assert_eq!(got.data[..6], expected_row(&paths[0], &model.spec, resize));
+    assert_eq!(
+        got.data[..6],
+        expected_row(&paths[0], &model.spec, resize, true)
+    );
 
     // a fixed-size model takes no other size
     let fixed = Probe::new(InputSize::Fixed {

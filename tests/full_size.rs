@@ -38,7 +38,7 @@ fn input(file: &str, spec: &models::InputSpec, side: Option<usize>, device: &Dev
     let rgb = image::decode(&fixtures().join(file)).unwrap();
     let mut x = image::to_normalized_tensor(&rgb, spec.mean, spec.std);
     if let Some(side) = side {
-        x = image::resize(&x, side, side);
+        x = image::resize(&x, side, side, true);
     }
     Tensor::from_vec(x.data, &[1, x.height, x.width, 3], &Device::Cpu)
         .unwrap()

@@ -48,7 +48,7 @@ fn max_abs_diff(got: &ImageF32, want_shape: &[usize], want: &[f32], what: &str) 
 }
 
 #[test]
-fn resize_matches_torchvision_antialiased_bilinear() {
+fn resize_matches_torchvision_bilinear_with_and_without_antialias() {
     let tensors = load_fixture();
     let mut cases = 0;
     for (name, shape, _, bytes) in &tensors {
@@ -67,11 +67,20 @@ fn resize_matches_torchvision_antialiased_bilinear() {
             width: shape[1],
             data: floats(bytes),
         };
-        let got = image::resize(&input, out_shape[0], out_shape[1]);
+        let got = image::resize(&input, out_shape[0], out_shape[1], true);
         let err = max_abs_diff(&got, out_shape, &floats(out_bytes), case);
         eprintln!("resize {case}: {shape:?} -> {out_shape:?}, max |error| {err:.2e}");
         // inputs are N(0, 1), so an absolute bound is a relative one
         assert!(err <= 1e-5, "{case}: max |error| {err:e}");
+        // without antialias: aten's upsample_bilinear2d
+        let (_, _, _, plain_bytes) = tensors
+            .iter()
+            .find(|(n, ..)| *n == format!("resize_plain.{case}.output"))
+            .unwrap();
+        let got = image::resize(&input, out_shape[0], out_shape[1], false);
+        let err = max_abs_diff(&got, out_shape, &floats(plain_bytes), case);
+        eprintln!("resize {case} without antialias: max |error| {err:.2e}");
+        assert!(err <= 1e-6, "{case} without antialias: max |error| {err:e}");
         cases += 1;
     }
     assert_eq!(cases, 9);
@@ -84,7 +93,8 @@ fn resize_to_the_same_size_changes_nothing() {
         width: 2,
         data: (0..18).map(|v| v as f32 * 0.37 - 2.0).collect(),
     };
-    assert_eq!(image::resize(&input, 3, 2), input);
+    assert_eq!(image::resize(&input, 3, 2, true), input);
+    assert_eq!(image::resize(&input, 3, 2, false), input);
 }
 
 #[test]
@@ -382,7 +392,7 @@ fn the_whole_preparation_matches_torchvision() {
         let (file, size) = rest.rsplit_once('.').unwrap();
         let decoded: Rgb8 = image::decode(&fixtures().join("images").join(file)).unwrap();
         let normalised = image::to_normalized_tensor(&decoded, IMAGENET_MEAN, IMAGENET_STD);
-        let got = image::resize(&normalised, shape[0], shape[1]);
+        let got = image::resize(&normalised, shape[0], shape[1], true);
         let err = max_abs_diff(&got, shape, &floats(want), name);
         eprintln!("{file} -> {size}: max |error| {err:.2e}");
         // the images are decoded exactly as PIL decodes them

@@ -23,6 +23,8 @@ pub struct ExtractOptions {
     pub batch_size: usize,
     /// `[height, width]` every image is resized to, instead of the model's own size rule.
     pub resize: Option<[usize; 2]>,
+    /// Whether resizing antialiases, instead of what the model's file says.
+    pub antialias: Option<bool>,
     /// Threads decoding and preparing images.
     pub loader_threads: usize,
     /// Where to write the local feature maps `[N, h, w, C]` of a model that has them (SelaVPR),
@@ -36,6 +38,7 @@ impl ExtractOptions {
         ExtractOptions {
             batch_size,
             resize: None,
+            antialias: None,
             loader_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             local: None,
         }
@@ -129,11 +132,13 @@ pub fn check_resize(spec: &InputSpec, resize: Option<[usize; 2]>) -> Result<()> 
 }
 
 /// The image at `path` as the model takes it: decoded to RGB, ToTensor, normalised with the
-/// model's mean and std, then resized (to `resize`, else as the model's size rule says).
+/// model's mean and std, then resized (to `resize`, else as the model's size rule says; with
+/// antialias if `antialias`).
 pub fn prepare_image(
     path: &Path,
     spec: &InputSpec,
     resize: Option<[usize; 2]>,
+    antialias: bool,
 ) -> Result<ImageF32> {
     let decoded = image::decode(path)?;
     let [height, width] = match (resize, spec.size) {
@@ -153,7 +158,7 @@ pub fn prepare_image(
         (None, InputSize::Any | InputSize::Multiple(_)) => [decoded.height, decoded.width],
     };
     let normalised = image::to_normalized_tensor(&decoded, spec.mean, spec.std);
-    Ok(image::resize(&normalised, height, width))
+    Ok(image::resize(&normalised, height, width, antialias))
 }
 
 /// Descriptors `[paths.len(), model.dim()]` of the images, row i for `paths[i]`, and with
@@ -179,13 +184,14 @@ pub fn extract_descriptors(
     // enough prepared images per loader for a whole batch to wait while the model runs
     let depth = options.batch_size.div_ceil(threads) + 1;
     let spec = model.input();
+    let antialias = options.antialias.unwrap_or(spec.antialias);
     std::thread::scope(|scope| {
         let receivers: Vec<Receiver<Result<ImageF32>>> = (0..threads)
             .map(|first| {
                 let (sender, receiver) = sync_channel(depth);
                 scope.spawn(move || {
                     for path in paths.iter().skip(first).step_by(threads) {
-                        let prepared = prepare_image(path, spec, options.resize);
+                        let prepared = prepare_image(path, spec, options.resize, antialias);
                         let failed = prepared.is_err();
                         // a closed channel means the model side stopped: nothing left to do
                         if sender.send(prepared).is_err() || failed {

@@ -129,7 +129,7 @@ fn fit_in_square(image: &Rgb8, side: usize) -> Rgb8 {
         width: image.width,
         data: image.pixels.iter().map(|&v| v as f32).collect(),
     };
-    let resized = io_image::resize(&float, height, width);
+    let resized = io_image::resize(&float, height, width, true);
     Rgb8 {
         height,
         width,

@@ -1,7 +1,8 @@
 //! Images as the PyTorch pipelines of the VPR systems prepare them: decoded to 8-bit RGB as
 //! PIL's `Image.open(path).convert("RGB")` does, `ToTensor` (`/ 255` in f32), `Normalize`
-//! (`(x - mean) / std` per channel), then torchvision's `Resize(size, antialias=True)` on that
-//! float tensor. Everything here is channels-last: pixels `[H, W, 3]`, row-major.
+//! (`(x - mean) / std` per channel), then torchvision's `Resize(size)` on that float tensor, with
+//! antialias (torchvision >= 0.17's default) or without (what the benchmark and SelaVPR ran, on
+//! torchvision < 0.17). Everything here is channels-last: pixels `[H, W, 3]`, row-major.
 
 use super::io_error;
 use super::jpeg::{self, JpegError};
@@ -156,10 +157,63 @@ fn axis_taps(input: usize, output: usize) -> Vec<Taps> {
         .collect()
 }
 
-/// torchvision `Resize([height, width], antialias=True)` (bilinear) of a float image: the width
-/// is resampled first, then the height, each only when it changes, accumulating in f32 in the
-/// order PyTorch does.
-pub fn resize(image: &ImageF32, height: usize, width: usize) -> ImageF32 {
+/// torchvision `Resize([height, width], antialias)` (bilinear) of a float image.
+pub fn resize(image: &ImageF32, height: usize, width: usize, antialias: bool) -> ImageF32 {
+    if antialias {
+        resize_antialiased(image, height, width)
+    } else {
+        resize_bilinear(image, height, width)
+    }
+}
+
+/// aten's `upsample_bilinear2d` (align_corners=False, no antialias): each output reads the 2x2
+/// input pixels around its centre mapped to input coordinates, `(x00 w0 + x01 w1) h0 +
+/// (x10 w0 + x11 w1) h1` in f32 as aten evaluates it; an unchanged axis is copied.
+fn resize_bilinear(image: &ImageF32, height: usize, width: usize) -> ImageF32 {
+    const C: usize = 3;
+    let (rows, cols) = (
+        bilinear_taps(image.height, height),
+        bilinear_taps(image.width, width),
+    );
+    let mut data = Vec::with_capacity(height * width * C);
+    let px = |y: usize, x: usize, c: usize| image.data[(y * image.width + x) * C + c];
+    for &(y0, y1, h0, h1) in &rows {
+        for &(x0, x1, w0, w1) in &cols {
+            data.extend((0..C).map(|c| {
+                (px(y0, x0, c) * w0 + px(y0, x1, c) * w1) * h0
+                    + (px(y1, x0, c) * w0 + px(y1, x1, c) * w1) * h1
+            }));
+        }
+    }
+    ImageF32 {
+        height,
+        width,
+        data,
+    }
+}
+
+/// Per output position of an axis: the two input positions and their weights, as aten's
+/// `compute_source_index_and_lambda` (source `(i + 0.5) * in / out - 0.5` in f32, clamped at 0;
+/// one rounding for the multiply-add, as the compiler fuses it in aten's build).
+fn bilinear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
+    let scale = input as f32 / output as f32;
+    (0..output)
+        .map(|i| {
+            if input == output {
+                return (i, i, 1.0, 0.0);
+            }
+            let source = scale.mul_add(i as f32 + 0.5, -0.5).max(0.0);
+            let i0 = (source.floor() as usize).min(input - 1);
+            let lambda = (source - i0 as f32).clamp(0.0, 1.0);
+            let i1 = if i0 < input - 1 { i0 + 1 } else { i0 };
+            (i0, i1, 1.0 - lambda, lambda)
+        })
+        .collect()
+}
+
+/// `Resize(antialias=True)`: the width is resampled first, then the height, each only when it
+/// changes, accumulating in f32 in the order PyTorch does.
+fn resize_antialiased(image: &ImageF32, height: usize, width: usize) -> ImageF32 {
     const C: usize = 3;
     let mut current = image.clone();
     if width != current.width {

@@ -23,12 +23,15 @@ use std::cell::{Cell, RefCell};
 use std::path::Path;
 
 /// How images are prepared for a model: ToTensor's 0-1 RGB, then `(x - mean) / std` per
-/// channel, at the size `size` asks for.
+/// channel, at the size `size` asks for, resized with or without antialias.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InputSpec {
     pub mean: [f32; 3],
     pub std: [f32; 3],
     pub size: InputSize,
+    /// Whether resizing antialiases (torchvision >= 0.17's tensor Resize) or not (plain
+    /// bilinear, what the benchmark and SelaVPR ran).
+    pub antialias: bool,
 }
 
 /// The image size a model expects (`vpr.input.size`).
@@ -45,8 +48,9 @@ pub enum InputSize {
 }
 
 impl InputSpec {
-    /// `vpr.input.mean`, `vpr.input.std` (three comma-separated numbers each) and
-    /// `vpr.input.size` (`any`, `resize:HxW`, `fixed:HxW`, `multiple:N`).
+    /// `vpr.input.mean`, `vpr.input.std` (three comma-separated numbers each),
+    /// `vpr.input.size` (`any`, `resize:HxW`, `fixed:HxW`, `multiple:N`) and
+    /// `vpr.input.antialias` (`true` or `false`; files converted before it existed antialias).
     pub fn from_file(file: &WeightsFile) -> Result<InputSpec> {
         let triple = |key: &str| -> Result<[f32; 3]> {
             let v = file.require(key)?;
@@ -99,7 +103,21 @@ impl InputSpec {
             },
             _ => return Err(bad()),
         };
-        Ok(InputSpec { mean, std, size })
+        let antialias = match file.meta("vpr.input.antialias") {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                return Err(file.error(format!(
+                    "metadata entry 'vpr.input.antialias' = '{other}' is not true or false"
+                )))
+            }
+        };
+        Ok(InputSpec {
+            mean,
+            std,
+            size,
+            antialias,
+        })
     }
 }
 

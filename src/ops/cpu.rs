@@ -103,10 +103,10 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let n = t - ROUND;
     let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
     let r = c - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
+    let p = ((((1.9875691e-04 * r + 0.0013981999) * r + 0.008333452) * r + 0.041665796) * r
+        + 0.16666666)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let e = f32::from_bits((p * r * r + r + 1.0).to_bits().wrapping_add(n_bits << 23));
     if x.is_nan() {
         x

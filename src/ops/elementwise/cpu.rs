@@ -38,25 +38,25 @@ fn relu(x: f32) -> f32 {
 #[inline(always)]
 fn erf_f32(x: f32) -> f32 {
     const SMALL: [f32; 7] = [
-        0.128_379_17,
-        -0.376_126_3,
-        0.112_836_24,
-        -0.026_855_579,
-        0.005_191_889_1,
-        -0.000_804_269_57,
-        7.962_654_5e-5,
+        0.12837917,
+        -0.3761263,
+        0.11283624,
+        -0.026855579,
+        0.005191889,
+        -8.0426957e-04,
+        7.9626545e-05,
     ];
     const TAIL: [f32; 10] = [
-        -0.000_334_214_97,
-        1.130_312_2,
-        0.631_644_1,
-        0.110_310_41,
-        -0.026_598_761,
-        0.004_846_666_5,
-        -0.000_624_076_17,
-        5.134_368_6e-5,
-        -2.214_643_7e-6,
-        2.718_907_4e-8,
+        -3.3421497e-04,
+        1.1303122,
+        0.6316441,
+        0.11031041,
+        -0.02659876,
+        0.0048466665,
+        -6.240762e-04,
+        5.1343686e-05,
+        -2.2146437e-06,
+        2.7189074e-08,
     ];
     let horner = |c: &[f32], v: f32| c.iter().rev().fold(0.0, |r, &k| r * v + k);
     let t = x.abs();
@@ -214,6 +214,7 @@ pub fn unary_backward(
                 -0.5 * dy * r * r * r
             }),
             UnaryOp::Relu => map2(xv, &l, g, &l, |x, dy| if x <= 0.0 { 0.0 } else { dy }),
+            // d/dx x Φ(x) = Φ(x) + x φ(x), times dy
             UnaryOp::Gelu => map2(xv, &l, g, &l, |x, dy| {
                 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
                 let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
@@ -252,8 +253,6 @@ pub fn unary_backward(
         Ok(T::into_storage(out))
     }, _ => dtype_err!("{} backward needs a float tensor (f32, f16 or bf16), got {}", op.name(), x.dtype()))
 }
-
-/// d/dx x Φ(x) = Φ(x) + x φ(x), times dy.
 
 /// The gradients of a and b (views with the output's shape) given the dense output gradient `dy`,
 /// both dense over the output's shape: twin of the `<op>_backward_<dtype>` kernels of maximum,

@@ -301,6 +301,7 @@ fn cosplace(k: &mut Keys, arch: &'static str) -> Fit<Found> {
     imagenet(&mut f);
     // Evaluated at full resolution; CosPlace trains at 512x512.
     f.set("input.size", "any");
+    f.set("input.antialias", "true");
     Ok(f)
 }
 
@@ -334,6 +335,9 @@ fn openibl(k: &mut Keys) -> Fit<Found> {
     f.set("input.mean", OPENIBL_MEAN);
     f.set("input.std", OPENIBL_STD);
     f.set("input.size", "resize:480x640");
+    // OpenIBL resizes the 8-bit image with PIL (a filter widened when downscaling, like
+    // torchvision's antialias) before normalising.
+    f.set("input.antialias", "true");
     Ok(f)
 }
 
@@ -359,6 +363,8 @@ fn benchmark(k: &mut Keys) -> Fit<Found> {
     }
     imagenet(&mut f);
     f.set("input.size", "resize:480x640");
+    // The benchmark resizes normalised tensors with torchvision < 0.17: bilinear, no antialias.
+    f.set("input.antialias", "false");
     Ok(f)
 }
 
@@ -480,6 +486,8 @@ fn selavpr(k: &mut Keys) -> Fit<Found> {
     f.set("vit.pos_interp_antialias", "false");
     imagenet(&mut f);
     f.set("input.size", "fixed:224x224");
+    // SelaVPR pins torchvision 0.15, whose tensor Resize does not antialias.
+    f.set("input.antialias", "false");
     Ok(f)
 }
 
@@ -499,6 +507,7 @@ fn dinov2(k: &mut Keys) -> Fit<Found> {
     f.set("vit.pos_interp_antialias", registers);
     imagenet(&mut f);
     f.set("input.size", "multiple:14");
+    f.set("input.antialias", "true");
     Ok(f)
 }
 
