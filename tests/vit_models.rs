@@ -44,11 +44,15 @@ fn check(what: &str, got: &Tensor, want: &WeightsFile, name: &str) {
 }
 
 #[test]
-fn dinov2_tokens_match_pytorch_on_the_cpu_and_the_virtual_gpu() {
-    for model in ["vit_dinov2", "vit_dinov2_reg4"] {
+fn dinov2_tokens_match_pytorch_on_the_cpu_and_the_virtual_gpu_with_mlp_or_swiglu() {
+    // the third has ViT-g's SwiGLU feed-forward in place of the MLP
+    for model in ["vit_dinov2", "vit_dinov2_reg4", "vit_dinov2_swiglu"] {
         let want = expected(model);
         for device in [Device::Cpu, Device::new("vgpu").unwrap()] {
             let file = WeightsFile::open(&fixture(model)).unwrap();
+            if model.ends_with("swiglu") {
+                assert_eq!(file.meta("vpr.vit.ffn"), Some("swiglu"));
+            }
             let net = Dinov2::from_file(&file, &device).unwrap();
             for i in 0..2 {
                 let input = want
