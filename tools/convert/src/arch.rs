@@ -375,7 +375,10 @@ fn cwtnet(k: &mut Keys, p: &str, c: usize) -> Fit<(usize, usize)> {
     if layers == 0 {
         return Err(format!("missing {t}.encoder.layer.0.attn.query.weight"));
     }
-    k.take(&format!("{p}.global_cwt.transpose.weight"), &[d(b), d(1), d(2), d(2)])?;
+    k.take(
+        &format!("{p}.global_cwt.transpose.weight"),
+        &[d(b), d(1), d(2), d(2)],
+    )?;
     conv(k, &format!("{p}.global_cwt.point_conv"), b, 1, false)?;
     bn(k, &format!("{p}.local_bn"), b)?;
     bn(k, &format!("{p}.global_bn"), b)?;
@@ -405,7 +408,9 @@ fn clusvpr(k: &mut Keys) -> Fit<Found> {
         ));
     }
     let locations = k.take(&format!("{p}.GeM_pool.p"), &[ANY])?[0];
-    let h = (1..=locations).find(|h| 4 * h * h >= 3 * locations).unwrap_or(0);
+    let h = (1..=locations)
+        .find(|h| 4 * h * h >= 3 * locations)
+        .unwrap_or(0);
     if h % 3 != 0 || 4 * h * h != 3 * locations {
         return Err(format!(
             "{p}.GeM_pool.p has {locations} locations, not a 3:4 map (30x40 has 1200)"
