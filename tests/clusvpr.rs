@@ -166,3 +166,48 @@ fn knn_density_is_the_sum_of_the_k_smallest_squared_distances() {
     }
     assert!(knn_density(&x, t + 1).is_err());
 }
+
+/// The tiny model's file with metadata entries replaced, in a temporary folder.
+fn with_metadata(changes: &[(&str, &str)], tag: &str) -> PathBuf {
+    let file = WeightsFile::open(&fixture("clusvpr_tiny")).unwrap();
+    let tensors: Vec<(String, Tensor)> = file
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = file.tensor(&n, DType::F32, &Device::Cpu).unwrap();
+            (n, t)
+        })
+        .collect();
+    let mut meta = file.metadata().clone();
+    for (k, v) in changes {
+        meta.insert(k.to_string(), v.to_string());
+    }
+    let dir = std::env::temp_dir().join(format!("clusvpr_{tag}_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    vpr_engine::io::weights::write_weights(&path, &tensors, &meta).unwrap();
+    path
+}
+
+#[test]
+fn clusvpr_files_that_do_not_describe_the_network_are_refused() {
+    for (changes, tag, needle) in [
+        (
+            &[("vpr.aggregation", "netvlad")][..],
+            "aggregation",
+            "not grouped_vlad",
+        ),
+        (&[("vpr.clusvpr.map", "5x8")][..], "odd", "even sides"),
+        // 32 locations for a GeM exponent of 48
+        (&[("vpr.clusvpr.map", "4x8")][..], "map", "GeM_pool.p"),
+        (&[("vpr.clusvpr.cwt.heads", "3")][..], "heads", "3 heads"),
+    ] {
+        let path = with_metadata(changes, tag);
+        let err = match models::load(&path, &Device::Cpu) {
+            Ok(_) => panic!("{tag}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(needle), "{tag}: {err}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}
