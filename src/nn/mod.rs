@@ -6,6 +6,7 @@
 mod batchnorm;
 mod conv;
 mod gem;
+mod grouped_vlad;
 mod linear;
 mod norm;
 mod state;
@@ -13,6 +14,7 @@ mod state;
 pub use batchnorm::BatchNorm2d;
 pub use conv::{Conv2d, ConvTranspose2d};
 pub use gem::GeM;
+pub use grouped_vlad::{GroupedVlad, GroupedVladShape};
 pub use linear::Linear;
 pub use norm::{flatten, l2_normalize, LayerNorm};
 pub use state::{load_strict, plain_entries, Buffer, Slot, StateEntry};

@@ -16,13 +16,14 @@ use crate::err;
 use crate::error::Result;
 
 /// Architectures `--arch` accepts, besides `raw`.
-pub const ARCHES: [&str; 6] = [
+pub const ARCHES: [&str; 7] = [
     "cosplace",
     "eigenplaces",
     "netvlad",
     "selavpr",
     "dinov2",
     "benchmark",
+    "clusvpr",
 ];
 
 const IMAGENET_MEAN: &str = "0.485,0.456,0.406";
@@ -341,6 +342,123 @@ fn openibl(k: &mut Keys) -> Fit<Found> {
     Ok(f)
 }
 
+/// One CWTNet block of ClusVPR's `vit_layer` on a map of `c` channels: three depthwise 3x3
+/// convolutions, the clustering-weighted transformer on the second half of the channels, and the
+/// two BatchNorms (`global_bn` is defined but unused by the released forward; it is kept so the
+/// state dict loads strictly). Returns (transformer layers, MLP width).
+fn cwtnet(k: &mut Keys, p: &str, c: usize) -> Fit<(usize, usize)> {
+    let b = c / 2;
+    if b * 2 != c {
+        return Err(format!("{p}: {c} channels do not split into two branches"));
+    }
+    for n in ["local_dwconvl", "local_dwconvg", "global_dwconv"] {
+        k.take(&format!("{p}.{n}.weight"), &[d(b), d(1), d(3), d(3)])?;
+    }
+    let t = format!("{p}.global_cwt.transformer");
+    // The transformer's output is added back onto its input branch: the widths must agree.
+    k.take(&format!("{t}.embeddings.cls_token"), &[d(1), d(1), d(b)])?;
+    let width = conv(k, &format!("{t}.embeddings.patch_embeddings"), b, 1, true)?;
+    if width != b {
+        return Err(format!("{t} is {width} wide, not {b}"));
+    }
+    let mut layers = 0;
+    let mut mlp = 0;
+    while k.has(&format!("{t}.encoder.layer.{layers}.attn.query.weight")) {
+        let l = format!("{t}.encoder.layer.{layers}");
+        for n in ["query", "key", "value", "out"] {
+            linear(k, &format!("{l}.attn.{n}"), b, d(b))?;
+        }
+        let h = linear(k, &format!("{l}.ffn.fc1"), b, None)?;
+        linear(k, &format!("{l}.ffn.fc2"), h, d(b))?;
+        if layers > 0 && h != mlp {
+            return Err(format!("{l}.ffn has width {h}, layer 0 has {mlp}"));
+        }
+        mlp = h;
+        layers += 1;
+    }
+    if layers == 0 {
+        return Err(format!("missing {t}.encoder.layer.0.attn.query.weight"));
+    }
+    k.take(
+        &format!("{p}.global_cwt.transpose.weight"),
+        &[d(b), d(1), d(2), d(2)],
+    )?;
+    conv(k, &format!("{p}.global_cwt.point_conv"), b, 1, false)?;
+    bn(k, &format!("{p}.local_bn"), b)?;
+    bn(k, &format!("{p}.global_bn"), b)?;
+    Ok((layers, mlp))
+}
+
+/// ClusVPR (Xu et al.): OpenIBL's VGG16 EmbedNet with the `ClusVPR` layer as `net_vlad`: CWTNet
+/// blocks on the conv5_3 map, then the grouped VLAD with a per-location GeM attention. The map's
+/// size is fixed by the GeM exponent's length; the released code builds it for 30x40 (480x640
+/// images), and a length of L is read as the 3:4 map of L locations.
+fn clusvpr(k: &mut Keys) -> Fit<Found> {
+    let b = vgg16(k, "base_model.base.")?;
+    let c = b.channels;
+    let mut f = Found::new("clusvpr");
+    put_cnn(&mut f, &b);
+    let p = "net_vlad";
+    let expanded = k.take(&format!("{p}.linear1.weight"), &[ANY, d(c)])?[0];
+    let clusters = k.take(&format!("{p}.centroids"), &[ANY, ANY])?[0];
+    let group_dim = k.take(&format!("{p}.centroids"), &[d(clusters), ANY])?[1];
+    k.take(
+        &format!("{p}.conv.weight"),
+        &[d(clusters), d(group_dim), d(1), d(1)],
+    )?;
+    if group_dim == 0 || expanded % group_dim != 0 || expanded % c != 0 {
+        return Err(format!(
+            "{p}.linear1 gives {expanded} channels, not a multiple of the input {c} and of the group width {group_dim}"
+        ));
+    }
+    let locations = k.take(&format!("{p}.GeM_pool.p"), &[ANY])?[0];
+    let h = (1..=locations)
+        .find(|h| 4 * h * h >= 3 * locations)
+        .unwrap_or(0);
+    if h % 3 != 0 || 4 * h * h != 3 * locations {
+        return Err(format!(
+            "{p}.GeM_pool.p has {locations} locations, not a 3:4 map (30x40 has 1200)"
+        ));
+    }
+    let w = 4 * h / 3;
+    let mut blocks = 0;
+    let mut cwt = (0, 0);
+    while k.has(&format!("{p}.vit_layer.{blocks}.local_dwconvl.weight")) {
+        let got = cwtnet(k, &format!("{p}.vit_layer.{blocks}"), c)?;
+        if blocks > 0 && got != cwt {
+            return Err(format!(
+                "{p}.vit_layer.{blocks} has {got:?} (layers, MLP width), block 0 has {cwt:?}"
+            ));
+        }
+        cwt = got;
+        blocks += 1;
+    }
+    if blocks == 0 {
+        return Err(format!("missing {p}.vit_layer.0.local_dwconvl.weight"));
+    }
+    f.set("aggregation", "grouped_vlad");
+    f.set("dim", clusters * group_dim);
+    f.set("clusvpr.clusters", clusters);
+    f.set("clusvpr.groups", expanded / group_dim);
+    f.set("clusvpr.group_dim", group_dim);
+    f.set("clusvpr.expansion", expanded / c);
+    f.set("clusvpr.map", format!("{h}x{w}"));
+    f.set("clusvpr.gem.eps", "1e-6");
+    f.set("clusvpr.blocks", blocks);
+    f.set("clusvpr.cwt.layers", cwt.0);
+    f.set("clusvpr.cwt.mlp_hidden", cwt.1);
+    // Not in the weights: the released configuration (configs.get_vgg, Attention.k + 1).
+    f.set("clusvpr.cwt.heads", 2);
+    f.set("clusvpr.cwt.knn", 11);
+    f.set("input.mean", OPENIBL_MEAN);
+    f.set("input.std", OPENIBL_STD);
+    f.set(
+        "input.size",
+        format!("resize:{}x{}", h * b.stride, w * b.stride),
+    );
+    Ok(f)
+}
+
 /// deep-visual-geo-localization-benchmark: ResNet conv4/conv5 or VGG16 with GeM, GeM+FC or
 /// NetVLAD.
 fn benchmark(k: &mut Keys) -> Fit<Found> {
@@ -514,10 +632,11 @@ fn dinov2(k: &mut Keys) -> Fit<Found> {
 type Recogniser = fn(&mut Keys) -> Fit<Found>;
 
 /// Every recogniser, in the order they are tried. CosPlace stands for EigenPlaces too.
-fn recognisers() -> [(&'static str, Recogniser); 5] {
+fn recognisers() -> [(&'static str, Recogniser); 6] {
     [
         ("cosplace", |k| cosplace(k, "cosplace")),
         ("netvlad", openibl),
+        ("clusvpr", clusvpr),
         ("selavpr", selavpr),
         ("dinov2", dinov2),
         ("benchmark", benchmark),

@@ -20,8 +20,8 @@ struct Cli {
     /// Where to write the safetensors file.
     #[arg(required_unless_present = "list")]
     output: Option<PathBuf>,
-    /// Architecture: cosplace, eigenplaces, netvlad, selavpr, dinov2, benchmark, or raw
-    /// (copy the tensors without recognising them). Default: recognise from the keys.
+    /// Architecture: cosplace, eigenplaces, netvlad, selavpr, dinov2, benchmark, clusvpr, or
+    /// raw (copy the tensors without recognising them). Default: recognise from the keys.
     #[arg(long, value_name = "NAME")]
     arch: Option<String>,
     /// Key of the state dict inside the checkpoint (a/b for nested dicts). Default: the

@@ -108,7 +108,7 @@ fn every_official_real_size_layout_is_recognised() {
         assert_eq!(got, want, "{name}");
         n += 1;
     }
-    assert!(n >= 26, "manifests missing");
+    assert!(n >= 27, "manifests missing");
 }
 
 fn manifest_shapes(name: &str) -> Vec<(String, Vec<usize>)> {
@@ -143,6 +143,30 @@ fn manifests_have_the_key_counts_of_the_instantiated_official_models() {
     }
     // SelaVPR's 540 keys include the module. prefix, which does not change the count.
     assert_eq!(manifest_shapes("selavpr").len(), 540);
+    // ClusVPR's 150 keys (VGG16 26, the layer 124 with 8 BatchNorm counters) from a copy of the
+    // released classes with the constructor's order fixed; the layer has 3,208,368 parameters.
+    assert_eq!(manifest_shapes("clusvpr").len(), 150);
+}
+
+#[test]
+fn clusvpr_needs_a_gem_exponent_per_location_of_a_3_by_4_map() {
+    let mut shapes = manifest_shapes("clusvpr");
+    let p = shapes
+        .iter_mut()
+        .find(|(k, _)| k == "net_vlad.GeM_pool.p")
+        .unwrap();
+    p.1 = vec![1201];
+    let e = arch::recognise(&shapes, Some("clusvpr"), "x.pth").unwrap_err();
+    assert!(e.0.contains("1201 locations, not a 3:4 map"), "{e}");
+    // a smaller 3:4 map is accepted, and sets the image size
+    shapes
+        .iter_mut()
+        .find(|(k, _)| k == "net_vlad.GeM_pool.p")
+        .unwrap()
+        .1 = vec![48];
+    let f = arch::recognise(&shapes, None, "x.pth").unwrap();
+    assert_eq!(f.meta["vpr.clusvpr.map"], "6x8");
+    assert_eq!(f.meta["vpr.input.size"], "resize:96x128");
 }
 
 #[test]
