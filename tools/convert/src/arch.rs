@@ -456,6 +456,8 @@ fn clusvpr(k: &mut Keys) -> Fit<Found> {
         "input.size",
         format!("resize:{}x{}", h * b.stride, w * b.stride),
     );
+    // ClusVPR builds on OpenIBL's data pipeline (PIL resize before normalising).
+    f.set("input.antialias", "true");
     Ok(f)
 }
 
