@@ -23,9 +23,9 @@
 //! C library (the `hdf5` crates) or one of the young pure-Rust readers, none of them established
 //! enough to depend on, so the engine stores the same four datasets, same names and shapes, in a
 //! safetensors file (`save` / `load`). An OpenIBL `pca_params_*.h5` file reaches it without
-//! Python through HDF5's own command-line tools: `h5dump -d /<name> -b LE -o <name>.bin` for
-//! U, lams and mu writes each dataset's raw little-endian float32 values, which
-//! `PcaParams::from_raw_files` reads.
+//! Python through HDF5's own command-line tools (Debian's `hdf5-tools`):
+//! `h5dump -d /<name> -b LE -o <name>.bin pca_params.h5` for U, lams and mu writes each dataset's
+//! raw little-endian float32 values in row-major order, which `PcaParams::from_raw_files` reads.
 
 use std::collections::BTreeMap;
 use std::path::Path;
