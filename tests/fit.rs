@@ -490,3 +490,43 @@ fn pca_params_round_trip_through_files() {
     .is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn pca_params_from_an_openibl_file_through_h5dump() {
+    // tools/fixtures/pca.py wrote the "dual" parameters as OpenIBL's HDF5 file and dumped U, lams
+    // and mu with h5dump -b LE
+    let f = fixture_tensors("pca.safetensors");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pca_h5dump");
+    let p = PcaParams::from_raw_files(
+        &dir.join("U.bin"),
+        &dir.join("lams.bin"),
+        &dir.join("mu.bin"),
+    )
+    .unwrap();
+    assert_eq!((p.input_dim, p.dim), (96, 12));
+    let as64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    for (name, got) in [("U", &p.u), ("lams", &p.lams), ("mu", &p.mu)] {
+        assert_eq!(as64(got), f[&format!("dual.{name}")].1, "{name}");
+    }
+    assert_close(&as64(&p.utmu), &f["dual.Utmu"].1, 1e-6, "Utmu", 0);
+    // OpenIBL's loader keeps the leading components of a larger fit
+    let t = p.truncated(5).unwrap();
+    assert_eq!((t.input_dim, t.dim), (96, 5));
+    for j in 0..96 {
+        assert_eq!(t.u[j * 5..j * 5 + 5], p.u[j * 12..j * 12 + 5]);
+    }
+    assert_eq!((&t.lams[..], &t.utmu[..]), (&p.lams[..5], &p.utmu[..5]));
+    let (full, part) = (
+        p.layer(true, &Device::Cpu).unwrap(),
+        t.layer(true, &Device::Cpu).unwrap(),
+    );
+    assert_eq!(
+        part.weight.to_vec::<f32>().unwrap(),
+        full.weight
+            .narrow(0, 0, 5)
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap()
+    );
+    assert!(p.truncated(13).is_err() && p.truncated(0).is_err());
+}

@@ -217,6 +217,31 @@ impl PcaParams {
         Ok(())
     }
 
+    /// The first `dim` components (1 <= dim <= self.dim), as OpenIBL's loader keeps the leading
+    /// columns of a file fitted with more.
+    pub fn truncated(&self, dim: usize) -> Result<PcaParams> {
+        self.check("PcaParams::truncated")?;
+        if dim == 0 || dim > self.dim {
+            return Err(Error::Argument(format!(
+                "PcaParams::truncated: {dim} of {} components",
+                self.dim
+            )));
+        }
+        Ok(PcaParams {
+            input_dim: self.input_dim,
+            dim,
+            u: self
+                .u
+                .chunks_exact(self.dim)
+                .flat_map(|row| &row[..dim])
+                .copied()
+                .collect(),
+            lams: self.lams[..dim].to_vec(),
+            mu: self.mu.clone(),
+            utmu: self.utmu[..dim].to_vec(),
+        })
+    }
+
     /// The layer's tensors on `device`: with `whiten`, W = (U diag(lams^-1/2))^T, else W = U^T;
     /// b = -W mu. Computed in f64 from the float32 parameters and rounded once.
     pub fn layer(&self, whiten: bool, device: &Device) -> Result<PcaLayer> {
