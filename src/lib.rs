@@ -37,6 +37,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod eval;
+pub mod fit;
 pub mod io;
 pub mod layout;
 pub mod models;
