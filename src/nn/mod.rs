@@ -7,6 +7,7 @@ mod batchnorm;
 mod conv;
 mod gem;
 mod linear;
+mod netvlad;
 mod norm;
 mod state;
 
@@ -14,6 +15,7 @@ pub use batchnorm::BatchNorm2d;
 pub use conv::{Conv2d, ConvTranspose2d};
 pub use gem::GeM;
 pub use linear::Linear;
+pub use netvlad::{netvlad_residuals, vlad_descriptor, NetVlad, PcaWhitening};
 pub use norm::{flatten, l2_normalize, LayerNorm};
 pub use state::{load_strict, plain_entries, Buffer, Slot, StateEntry};
 
