@@ -233,11 +233,12 @@ fn gradients_match_finite_differences() {
         let cpu = Device::Cpu;
         let inputs = [
             Tensor::randn(&[n, h, w, d], 0.3, 1.0, sd, DType::F32, &cpu).unwrap(),
-            Tensor::randn(&[k, d], 0.0, 1.5, sd + 1, DType::F32, &cpu).unwrap(),
+            Tensor::randn(&[k, d], 0.0, 1.0, sd + 1, DType::F32, &cpu).unwrap(),
             Tensor::rand_uniform(&[k, d], -0.3, 0.7, sd + 2, DType::F32, &cpu).unwrap(),
         ];
         let f = |t: &[Tensor]| vlad_descriptor(&netvlad_residuals(&t[0], &t[1], &t[2], normalize)?);
-        let check = gradcheck(f, &inputs, 1e-2, sd).unwrap();
+        let check = gradcheck(f, &inputs, 5e-3, sd).unwrap();
+        eprintln!("case {i}: gradcheck max error {:.2e}", check.max_error);
         assert!(
             check.max_error <= 2e-3,
             "case {i}: {} ({}); VPR_TEST_SEED={s}",
@@ -245,7 +246,11 @@ fn gradients_match_finite_differences() {
             check.worst
         );
         let raw = |t: &[Tensor]| netvlad_residuals(&t[0], &t[1], &t[2], normalize);
-        let check = gradcheck(raw, &inputs, 1e-2, sd).unwrap();
+        let check = gradcheck(raw, &inputs, 5e-3, sd).unwrap();
+        eprintln!(
+            "case {i} residuals: gradcheck max error {:.2e}",
+            check.max_error
+        );
         assert!(
             check.max_error <= 2e-3,
             "case {i} residuals: {} ({}); VPR_TEST_SEED={s}",
