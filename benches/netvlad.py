@@ -1,6 +1,6 @@
 """PyTorch side of benches/netvlad.rs.
 
-    python benches/netvlad.py BATCH HEIGHT WIDTH DIM CLUSTERS THREADS STEPS
+    python benches/netvlad.py aggregation BATCH HEIGHT WIDTH DIM CLUSTERS THREADS STEPS
 
 times NetVLAD aggregation (input L2 normalisation, 1x1 conv soft assignment, residuals in the
 einsum form `einsum(a, x) - sum(a) c`, intra-normalisation, flatten, L2) on random NCHW features,
@@ -8,12 +8,19 @@ median of STEPS after 2 warm-ups: the forward under inference_mode, and forward 
 the assignment weights and centroids (the loss sum(descriptor * r)); prints
 `ms=<forward>,<forward_backward>`. (OpenIBL's own form materialises an [N, K, D, H*W] residual
 tensor, 5 GB at batch 32, so it is not timed.)
+
+    python benches/netvlad.py model HEIGHT WIDTH THREADS STEPS
+
+times the eval-mode forward of OpenIBL's VGG16 + NetVLAD (64 x 512) + PCA-whitening (4096) on
+one random image, median of STEPS after a warm-up, in NCHW and channels-last, and prints
+`ms=<nchw>,<channels_last>`.
 """
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
 
 def netvlad(x, conv, centroids):
@@ -37,8 +44,32 @@ def median_ms(f, steps):
     return 1000 * times[len(times) // 2]
 
 
+def model_forward(height, width, threads, steps):
+    torch.set_num_threads(threads)
+    body = torch.nn.Sequential(*list(torchvision.models.vgg16().features.children())[:-2]).eval()
+    conv = torch.randn(64, 512, 1, 1) / 512**0.5
+    centroids = torch.rand(64, 512)
+    pca = torch.nn.Conv2d(64 * 512, 4096, 1).eval()
+    x = torch.randn(1, 3, height, width)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        body = body.to(memory_format=layout)
+        xl = x.contiguous(memory_format=layout)
+
+        def forward():
+            with torch.inference_mode():
+                v = netvlad(body(xl), conv, centroids)
+                F.normalize(pca(v[:, :, None, None]).flatten(1), p=2, dim=-1)
+
+        results.append(median_ms(forward, steps))
+    print(f"ms={results[0]:.3f},{results[1]:.3f}")
+
+
 def main():
-    batch, height, width, dim, clusters, threads, steps = map(int, sys.argv[1:8])
+    if sys.argv[1] == "model":
+        model_forward(*map(int, sys.argv[2:6]))
+        return
+    batch, height, width, dim, clusters, threads, steps = map(int, sys.argv[2:9])
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, dim, height, width, generator=gen)
