@@ -1,7 +1,8 @@
 //! Full-size CosPlace ResNet-18/512, EigenPlaces ResNet-50/2048 and CosPlace VGG16/512 (full
 //! resolution), and SelaVPR (DINOv2 ViT-L/14 with adapters: global descriptors and local features),
-//! DINOv2 ViT-S/14 and ViT-B/14 with registers (224x224), built by `models::load` from files in the
-//! official key layout, against what PyTorch computed (eval mode) on the same PNG images. The
+//! DINOv2 ViT-S/14 and ViT-B/14 with registers (224x224), OpenIBL's VGG16 + NetVLAD + PCA-whitening
+//! (4096-d) and the geo-localization benchmark's ResNet-50 conv4 + NetVLAD (65536-d) at 480x640,
+//! built by `models::load` from files in the official key layout, against what PyTorch computed (eval mode) on the same PNG images. The
 //! weights are the synthetic ones of tools/fixtures/full_size_models.py, regenerated bit for bit
 //! here (tests/common/synthetic.rs), so no large file is committed.
 
@@ -35,10 +36,20 @@ fn expected(key: &str) -> Vec<f32> {
 
 /// `file` as the model's normalised batch of one on `device`, resized to `side` x `side` if given.
 fn input(file: &str, spec: &models::InputSpec, side: Option<usize>, device: &Device) -> Tensor {
+    input_sized(file, spec, side.map(|s| (s, s)), device)
+}
+
+/// `file` as the model's normalised batch of one on `device`, resized to `(height, width)` if given.
+fn input_sized(
+    file: &str,
+    spec: &models::InputSpec,
+    size: Option<(usize, usize)>,
+    device: &Device,
+) -> Tensor {
     let rgb = image::decode(&fixtures().join(file)).unwrap();
     let mut x = image::to_normalized_tensor(&rgb, spec.mean, spec.std);
-    if let Some(side) = side {
-        x = image::resize(&x, side, side, true);
+    if let Some((height, width)) = size {
+        x = image::resize(&x, height, width, true);
     }
     Tensor::from_vec(x.data, &[1, x.height, x.width, 3], &Device::Cpu)
         .unwrap()
@@ -180,4 +191,35 @@ fn dinov2_vitb14_reg4_matches_pytorch_on_cpu() {
         &Device::Cpu,
         1e-5,
     );
+}
+
+/// A NetVLAD model's descriptors at 480x640 against PyTorch's, every `stride`-th element (as the
+/// generator stores them).
+fn check_vlad(fixture: &str, arch: &str, dim: usize, stride: usize) {
+    let device = Device::Cpu;
+    with_model(fixture, fixture, arch, &device, |model| {
+        assert_eq!(model.dim(), dim);
+        for file in IMAGES {
+            let x = input_sized(file, model.input(), Some((480, 640)), &device);
+            let got = model.descriptors(&x).unwrap().to_vec::<f32>().unwrap();
+            let sampled: Vec<f32> = got.iter().step_by(stride).copied().collect();
+            let what = format!("{fixture} on {device}, {file}");
+            assert_close(
+                &what,
+                &sampled,
+                &expected(&format!("{fixture}/{file}")),
+                1e-4,
+            );
+        }
+    });
+}
+
+#[test]
+fn openibl_vgg16_netvlad_pca_matches_pytorch_at_480x640_on_cpu() {
+    check_vlad("openibl_vgg16_netvlad_pca", "netvlad", 4096, 1);
+}
+
+#[test]
+fn benchmark_resnet50conv4_netvlad_matches_pytorch_at_480x640_on_cpu() {
+    check_vlad("bench_resnet50conv4_netvlad", "benchmark", 65536, 17);
 }

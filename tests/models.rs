@@ -382,11 +382,11 @@ fn files_that_are_not_cosplace_are_refused() {
     assert!(e.contains(&path.display().to_string()), "{e}");
     std::fs::remove_file(&path).unwrap();
 
-    let path = rewrite(model, "netvlad", |_, meta| {
-        meta.insert("vpr.arch".into(), "netvlad".into());
+    let path = rewrite(model, "mixvpr", |_, meta| {
+        meta.insert("vpr.arch".into(), "mixvpr".into());
     });
     let e = load_error(&path);
-    assert!(e.contains("vpr.arch 'netvlad' is not supported"), "{e}");
+    assert!(e.contains("vpr.arch 'mixvpr' is not supported"), "{e}");
     std::fs::remove_file(&path).unwrap();
 
     let path = rewrite(model, "wrong-backbone", |_, meta| {

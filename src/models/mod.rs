@@ -1,18 +1,23 @@
 //! Place-recognition systems: backbones (ResNet, VGG16, DINOv2 ViTs) and the systems built on
-//! them (CosPlace, EigenPlaces, SelaVPR, ClusVPR), constructed from a converted safetensors file's `vpr.*`
+//! them (CosPlace, EigenPlaces, SelaVPR, OpenIBL's NetVLAD, the geo-localization benchmark's
+//! models, ClusVPR), constructed from a converted safetensors file's `vpr.*`
 //! metadata alone.
 //!
 //! [`load`] gives an inference model (BatchNorm folded, fused convolutions, frozen, no tape);
 //! [`CosPlaceNet`] is the trainable network with real BatchNorm layers that training builds on.
 
+mod benchmark;
 mod clusvpr;
 mod cosplace;
+mod openibl;
 mod resnet;
 mod vgg;
 mod vit;
 
+pub use benchmark::Benchmark;
 pub use clusvpr::{knn_density, ClusVpr, ClusVprOutput};
 pub use cosplace::{CosPlace, CosPlaceNet};
+pub use openibl::OpenIbl;
 pub use resnet::{FoldedResNet, ResNet};
 pub use vgg::Vgg16;
 pub use vit::{Dinov2, PosInterpolation, SelaVpr, Vit, VitFeatures};
@@ -155,9 +160,11 @@ pub fn load(path: &Path, device: &Device) -> Result<Box<dyn PlaceModel>> {
         )),
         "dinov2" => Ok(Box::new(Dinov2::from_file(&file, device)?)),
         "selavpr" => Ok(Box::new(SelaVpr::from_file(&file, device)?)),
+        "netvlad" => Ok(Box::new(OpenIbl::from_file(&file, device)?)),
+        "benchmark" => Ok(Box::new(Benchmark::from_file(&file, device)?)),
         "clusvpr" => Ok(Box::new(ClusVpr::from_file(&file, device)?)),
         other => Err(file.error(format!(
-            "vpr.arch '{other}' is not supported yet (supported: cosplace, eigenplaces, dinov2, selavpr, clusvpr)"
+            "vpr.arch '{other}' is not supported yet (supported: cosplace, eigenplaces, dinov2, selavpr, netvlad, benchmark, clusvpr)"
         ))),
     }
 }

@@ -8,6 +8,7 @@ mod conv;
 mod gem;
 mod grouped_vlad;
 mod linear;
+mod netvlad;
 mod norm;
 mod state;
 
@@ -16,6 +17,7 @@ pub use conv::{Conv2d, ConvTranspose2d};
 pub use gem::GeM;
 pub use grouped_vlad::{GroupedVlad, GroupedVladShape};
 pub use linear::Linear;
+pub use netvlad::{netvlad_residuals, vlad_descriptor, NetVlad, PcaWhitening};
 pub use norm::{flatten, l2_normalize, LayerNorm};
 pub use state::{load_strict, plain_entries, Buffer, Slot, StateEntry};
 

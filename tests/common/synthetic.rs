@@ -61,6 +61,13 @@ pub fn synthetic_tensor(index: usize, name: &str, shape: &[usize]) -> Vec<f32> {
             0.1 * v
         } else if name.ends_with(".p") {
             3.0 + 0.25 * v
+        } else if name.ends_with(".conv.weight") {
+            // NetVLAD's assignment weights: logits of a few units over unit-length inputs, so
+            // that the soft assignment is far from uniform, as trained ones are
+            8.0 * v
+        } else if name == "pca_layer.bias" {
+            // the size of the projection's outputs, so that the bias does not drown them
+            0.01 * v
         } else if name.ends_with(".weight") && shape.len() == 4 {
             (6.0 / (shape[1] * shape[2] * shape[3]) as f64).sqrt() * v
         } else if name.ends_with(".weight") && shape.len() == 2 {
