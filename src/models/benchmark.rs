@@ -14,11 +14,11 @@
 
 use super::resnet::{FoldedResNet, ResNet};
 use super::vgg::Vgg16;
-use super::{arch, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
+use super::{arch, check_images, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
 use crate::autograd::no_grad;
 use crate::device::Device;
 use crate::dtype::DType;
-use crate::error::{shape_err, Error, Result};
+use crate::error::Result;
 use crate::io::weights::WeightsFile;
 use crate::nn::{flatten, l2_normalize, load_strict, GeM, Linear, Module, NetVlad, StateEntry};
 use crate::tape::autocast_to_f32;
@@ -146,24 +146,6 @@ pub(crate) fn check_dim(file: &WeightsFile, dim: usize) -> Result<()> {
     if stated != dim {
         return Err(file.error(format!(
             "vpr.dim {stated} does not match the weights, which give {dim}"
-        )));
-    }
-    Ok(())
-}
-
-/// The checks every CNN place model makes on its input.
-pub(crate) fn check_images(description: &str, device: &Device, images: &Tensor) -> Result<()> {
-    if images.rank() != 4 || images.shape()[3] != 3 || images.dtype() != DType::F32 {
-        return shape_err!(
-            "{description}: images must be [N, H, W, 3] f32, got {:?} {}",
-            images.shape(),
-            images.dtype()
-        );
-    }
-    if !images.device().same(device) {
-        return Err(Error::Device(format!(
-            "{description}: images on {}, model on {device}",
-            images.device()
         )));
     }
     Ok(())

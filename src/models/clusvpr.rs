@@ -65,7 +65,7 @@
 //!   fitted separately and is not part of this model: descriptors are the 8192-d VLAD.
 
 use super::vgg::Vgg16;
-use super::{arch, InputSize, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
+use super::{arch, check_images, InputSize, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
 use crate::autograd::{no_grad, Parameter};
 use crate::device::Device;
 use crate::dtype::DType;
@@ -547,14 +547,7 @@ impl PlaceModel for ClusVpr {
     }
 
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
-        if images.rank() != 4 || images.shape()[3] != 3 || images.dtype() != DType::F32 {
-            return shape_err!(
-                "{}: images must be [N, H, W, 3] f32, got {:?} {}",
-                self.description,
-                images.shape(),
-                images.dtype()
-            );
-        }
+        check_images(&self.description, &self.device, images)?;
         no_grad(|| Ok(self.forward(images)?.descriptors))
     }
 }

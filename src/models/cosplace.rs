@@ -12,11 +12,11 @@
 
 use super::resnet::{FoldedResNet, ResNet};
 use super::vgg::Vgg16;
-use super::{arch, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
+use super::{arch, check_images, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
 use crate::autograd::{no_grad, Parameter};
 use crate::device::Device;
 use crate::dtype::DType;
-use crate::error::{shape_err, Result};
+use crate::error::Result;
 use crate::io::weights::{write_weights, WeightsFile};
 use crate::nn::{flatten, l2_normalize, load_strict, Buffer, GeM, Linear, Module, StateEntry};
 use crate::tape::autocast_to_f32;
@@ -258,22 +258,7 @@ impl PlaceModel for CosPlace {
     }
 
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
-        if images.rank() != 4 || images.shape()[3] != 3 || images.dtype() != DType::F32 {
-            return shape_err!(
-                "{}: images must be [N, H, W, 3] f32, got {:?} {}",
-                self.description,
-                images.shape(),
-                images.dtype()
-            );
-        }
-        if !images.device().same(&self.device) {
-            return Err(crate::error::Error::Device(format!(
-                "{}: images on {}, model on {}",
-                self.description,
-                images.device(),
-                self.device
-            )));
-        }
+        check_images(&self.description, &self.device, images)?;
         no_grad(|| {
             let features = match &self.backbone {
                 InferenceBackbone::ResNet(r) => r.forward(images)?,

@@ -23,7 +23,8 @@ pub use vgg::Vgg16;
 pub use vit::{Dinov2, PosInterpolation, SelaVpr, Vit, VitFeatures};
 
 use crate::device::Device;
-use crate::error::Result;
+use crate::dtype::DType;
+use crate::error::{shape_err, Error, Result};
 use crate::io::weights::WeightsFile;
 use crate::tensor::Tensor;
 use std::cell::{Cell, RefCell};
@@ -126,6 +127,25 @@ impl InputSpec {
             antialias,
         })
     }
+}
+
+/// The checks every place model makes on its input: normalised images `[N, H, W, 3]` f32 on the
+/// model's device.
+pub(crate) fn check_images(description: &str, device: &Device, images: &Tensor) -> Result<()> {
+    if images.rank() != 4 || images.shape()[3] != 3 || images.dtype() != DType::F32 {
+        return shape_err!(
+            "{description}: images must be [N, H, W, 3] f32, got {:?} {}",
+            images.shape(),
+            images.dtype()
+        );
+    }
+    if !images.device().same(device) {
+        return Err(Error::Device(format!(
+            "{description}: images on {}, model on {device}",
+            images.device()
+        )));
+    }
+    Ok(())
 }
 
 /// A model that maps images to global descriptors.

@@ -9,7 +9,8 @@
 //! Normalize. Built from `vpr.arch=netvlad`, `vpr.aggregation` (`netvlad` or `netvlad_pca`),
 //! `vpr.netvlad.*`, `vpr.dim` and the weight shapes.
 
-use super::benchmark::{check_dim, check_images, netvlad_from_file};
+use super::benchmark::{check_dim, netvlad_from_file};
+use super::check_images;
 use super::vgg::Vgg16;
 use super::{arch, InputSpec, PlaceModel, Shapes};
 use crate::autograd::no_grad;

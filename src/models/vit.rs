@@ -14,7 +14,7 @@
 //! same normalised input `z` beside the FFN. The final LayerNorm gives the class, register and
 //! patch tokens (`forward_features`).
 
-use super::{InputSpec, PlaceModel, Shapes, MAX_WIDTH};
+use super::{check_images, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
 use crate::autograd::{no_grad, Parameter};
 use crate::device::Device;
 use crate::dtype::DType;
@@ -420,7 +420,7 @@ impl PlaceModel for Dinov2 {
     }
 
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
-        check_images(images, &self.device, &self.description)?;
+        check_images(&self.description, &self.device, images)?;
         Ok(self.features(images)?.cls)
     }
 }
@@ -537,7 +537,7 @@ impl PlaceModel for SelaVpr {
     }
 
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
-        check_images(images, &self.device, &self.description)?;
+        check_images(&self.description, &self.device, images)?;
         // the local branch is not needed for global descriptors
         no_grad(|| self.global(&self.vit.forward_features(images)?.patches))
     }
@@ -547,26 +547,8 @@ impl PlaceModel for SelaVpr {
     }
 
     fn descriptors_and_local(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        check_images(images, &self.device, &self.description)?;
+        check_images(&self.description, &self.device, images)?;
         let (global, local) = no_grad(|| self.forward(images))?;
         Ok((global, Some(local)))
     }
-}
-
-/// Images must be [N, H, W, 3] f32 on the model's device.
-fn check_images(images: &Tensor, device: &Device, model: &str) -> Result<()> {
-    if images.rank() != 4 || images.shape()[3] != 3 || images.dtype() != DType::F32 {
-        return shape_err!(
-            "{model}: images must be [N, H, W, 3] f32, got {:?} {}",
-            images.shape(),
-            images.dtype()
-        );
-    }
-    if !images.device().same(device) {
-        return Err(Error::Device(format!(
-            "{model}: images on {}, model on {device}",
-            images.device()
-        )));
-    }
-    Ok(())
 }
