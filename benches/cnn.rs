@@ -11,6 +11,7 @@
 //! `cargo bench --bench cnn` (or `-- forward`, `-- extract` for one part). The weights are the
 //! synthetic full-size ones of the tests (tests/common/synthetic.rs); speed does not depend on them.
 
+mod common;
 #[path = "../tests/common/synthetic.rs"]
 mod synthetic;
 
@@ -22,30 +23,6 @@ use vpr_engine::{models, Device, Tensor};
 const STEPS: usize = 10;
 const EXTRACT_IMAGES: usize = 48;
 const EXTRACT_BATCH: usize = 16;
-
-fn python() -> String {
-    std::env::var("VPR_BENCH_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Runs benches/cnn_forward.py with `args` and returns the numbers after `key=`.
-fn pytorch(args: &[String], key: &str) -> Result<Vec<f64>, String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/cnn_forward.py");
-    let out = Command::new(python())
-        .arg(script)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{}: {e}", python()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            let values = l.strip_prefix(key)?.strip_prefix('=')?;
-            values.split(',').map(|v| v.parse().ok()).collect()
-        })
-        .ok_or_else(|| {
-            let err = String::from_utf8_lossy(&out.stderr);
-            err.lines().last().unwrap_or("no output").to_string()
-        })
-}
 
 fn forward(dir: &Path, threads: usize) {
     let weights = dir.join("cosplace_resnet50_2048.safetensors");
@@ -83,7 +60,7 @@ fn forward(dir: &Path, threads: usize) {
             .into_iter()
             .chain([batch, 224, 224, threads, STEPS].map(|v| v.to_string()))
             .collect::<Vec<_>>();
-        match pytorch(&args, "ms_per_batch").as_deref() {
+        match common::python_numbers("cnn_forward.py", &args, "ms_per_batch").as_deref() {
             Ok(&[nchw, nhwc]) => println!(
                 "{batch:>6} {ours:>10.1} {nchw:>12.1} {nhwc:>12.1} {:>13.2}x",
                 nchw.min(nhwc) / ours
@@ -140,7 +117,7 @@ fn extract(dir: &Path, threads: usize) {
         EXTRACT_BATCH.to_string(),
         threads.to_string(),
     ];
-    match pytorch(&args, "images_per_second").as_deref() {
+    match common::python_numbers("cnn_forward.py", &args, "images_per_second").as_deref() {
         Ok(&[pt, ..]) => println!(
             "ours {ours:.1} img/s, PyTorch {pt:.1} img/s: {:.2}x",
             ours / pt

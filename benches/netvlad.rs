@@ -12,10 +12,10 @@
 //!
 //! `cargo bench --bench netvlad` (or `-- aggregation`, `-- model` for one part).
 
+mod common;
 #[path = "../tests/common/synthetic.rs"]
 mod synthetic;
 
-use std::process::Command;
 use std::time::Instant;
 use vpr_engine::autograd::{backward_with, no_grad};
 use vpr_engine::models;
@@ -40,27 +40,6 @@ fn median_ms(steps: usize, mut f: impl FnMut()) -> f64 {
         .collect();
     times.sort_by(f64::total_cmp);
     times[steps / 2]
-}
-
-/// Runs benches/netvlad.py with `args` and returns the numbers it prints after `ms=`.
-fn pytorch(args: &[String]) -> Result<Vec<f64>, String> {
-    let python = std::env::var("VPR_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/netvlad.py");
-    let out = Command::new(&python)
-        .arg(script)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{python}: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            let values = l.strip_prefix("ms=")?;
-            values.split(',').map(|v| v.parse().ok()).collect()
-        })
-        .ok_or_else(|| {
-            let err = String::from_utf8_lossy(&out.stderr);
-            err.lines().last().unwrap_or("no output").to_string()
-        })
 }
 
 fn aggregation(threads: usize) {
@@ -89,7 +68,7 @@ fn aggregation(threads: usize) {
         .into_iter()
         .chain([n, h, w, d, CLUSTERS, threads, STEPS].map(|v| v.to_string()))
         .collect::<Vec<_>>();
-    match pytorch(&args).as_deref() {
+    match common::python_numbers("netvlad.py", &args, "ms").as_deref() {
         Ok(&[pf, pfb]) => {
             println!(
                 "{:>18} {forward:>10.1} {pf:>14.1} {:>13.2}x",
@@ -128,7 +107,7 @@ fn model(threads: usize) {
         .into_iter()
         .chain([h, w, threads, MODEL_STEPS].map(|v| v.to_string()))
         .collect::<Vec<_>>();
-    match pytorch(&args).as_deref() {
+    match common::python_numbers("netvlad.py", &args, "ms").as_deref() {
         Ok(&[nchw, nhwc]) => println!(
             "ours {:.2} img/s ({ours:.0} ms), PyTorch NCHW {:.2} img/s, channels-last {:.2} img/s: {:.2}x the faster",
             1e3 / ours,

@@ -12,39 +12,15 @@
 //! `cargo bench --bench vit` (or `-- cpu`, `-- gpu`). The weights are the synthetic full-size ones
 //! of the tests (tests/common/synthetic.rs); speed does not depend on them.
 
+mod common;
 #[path = "../tests/common/synthetic.rs"]
 mod synthetic;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 use vpr_engine::{autograd, models, DType, Device, Tensor};
 
 const STEPS: usize = 10;
-
-fn python() -> String {
-    std::env::var("VPR_BENCH_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Runs benches/vit.py with `args` and returns the numbers after `key=`.
-fn pytorch(args: &[String], key: &str) -> Result<Vec<f64>, String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/vit.py");
-    let out = Command::new(python())
-        .arg(script)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{}: {e}", python()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            let values = l.strip_prefix(key)?.strip_prefix('=')?;
-            values.split(',').map(|v| v.parse().ok()).collect()
-        })
-        .ok_or_else(|| {
-            let err = String::from_utf8_lossy(&out.stderr);
-            err.lines().last().unwrap_or("no output").to_string()
-        })
-}
 
 fn strings(values: &[&dyn ToString]) -> Vec<String> {
     values.iter().map(|v| v.to_string()).collect()
@@ -78,7 +54,7 @@ fn cpu(dir: &Path, threads: usize) {
         "ours ms", "pt dinov2 ms", "pt sdpa ms", "best pt/ours"
     );
     let args = strings(&[&"forward", &threads, &STEPS, &SIDE]);
-    match pytorch(&args, "ms_per_image").as_deref() {
+    match common::python_numbers("vit.py", &args, "ms_per_image").as_deref() {
         Ok(&[plain, sdpa]) => println!(
             "{ours:>10.1} {plain:>14.1} {sdpa:>12.1} {:>13.2}x",
             plain.min(sdpa) / ours
@@ -148,7 +124,7 @@ fn gpu(dir: &Path) {
                 ])
                 .collect::<Vec<_>>();
             let [b, h, l, d] = shape;
-            match pytorch(&args, "ms").as_deref() {
+            match common::python_numbers("vit.py", &args, "ms").as_deref() {
                 Ok(&[fwd, both]) => println!(
                     "| {b}x{h}x{l}x{d} | {dtype} | {:.3} | {fwd:.3} | {:.2} | {:.3} | {both:.3} | {:.2} |",
                     ours[0],
@@ -179,7 +155,8 @@ fn gpu(dir: &Path) {
     });
     let ours = BATCH as f64 / seconds;
     println!("\nSelaVPR ViT-L/14 global + local features, f32, {SIDE}x{SIDE}, batch {BATCH}");
-    match pytorch(
+    match common::python_numbers(
+        "vit.py",
         &strings(&[&"selavpr", &BATCH, &SIDE, &STEPS]),
         "images_per_second",
     )

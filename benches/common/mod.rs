@@ -1,0 +1,29 @@
+//! What the benches that compare against PyTorch share: running their Python side.
+
+use std::process::Command;
+
+/// The Python with torch the benches run (`VPR_BENCH_PYTHON`, default `python3`).
+pub fn python() -> String {
+    std::env::var("VPR_BENCH_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs `benches/<script>` with `args` and returns the comma-separated numbers it prints after
+/// `key=`, or the last line of its standard error.
+pub fn python_numbers(script: &str, args: &[String], key: &str) -> Result<Vec<f64>, String> {
+    let path = format!("{}/benches/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(python())
+        .arg(path)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{}: {e}", python()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let values = l.strip_prefix(key)?.strip_prefix('=')?;
+            values.split(',').map(|v| v.parse().ok()).collect()
+        })
+        .ok_or_else(|| {
+            let err = String::from_utf8_lossy(&out.stderr);
+            err.lines().last().unwrap_or("no output").to_string()
+        })
+}
