@@ -12,6 +12,7 @@ use vpr_engine::eval::extract::{self, ExtractOptions};
 use vpr_engine::eval::pictures::{self, Mark};
 use vpr_engine::eval::run::{self, Descriptors};
 use vpr_engine::eval::{predictions, recall};
+use vpr_engine::fit::PcaParams;
 use vpr_engine::ops::knn::MAX_K;
 use vpr_engine::Error;
 
@@ -47,6 +48,28 @@ enum Command {
     /// within --positive-dist-threshold metres (the protocol of the VPR tools). Prints
     /// `R@1: x, R@5: x, R@10: x, R@20: x`; a summary goes to standard error.
     Eval(Box<EvalArgs>),
+    /// Adds OpenIBL's PCA-whitening to a converted OpenIBL NetVLAD model (a training checkpoint's
+    /// EmbedNet), as OpenIBL does for testing: the result is an EmbedNetPCA model file.
+    AddPca(AddPcaArgs),
+}
+
+#[derive(clap::Args)]
+struct AddPcaArgs {
+    /// A converted OpenIBL NetVLAD model without PCA (vpr.aggregation netvlad).
+    #[arg(long)]
+    weights: PathBuf,
+    /// The PCA parameters: a safetensors file with U, lams, mu and Utmu (as vpr_engine::fit
+    /// saves them), or a folder with U.bin, lams.bin and mu.bin, the raw little-endian float32
+    /// datasets of OpenIBL's pca_params .h5 file (`h5dump -d /U -b LE -o U.bin FILE.h5`, and
+    /// likewise lams and mu).
+    #[arg(long)]
+    pca: PathBuf,
+    /// Keep the first DIM components (default: all in the parameters; OpenIBL uses 4096).
+    #[arg(long)]
+    dim: Option<usize>,
+    /// The model file to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -167,6 +190,7 @@ fn main() -> ExitCode {
         Command::Check { device, seed } => check(&mut out, device.as_deref(), seed),
         Command::Extract(args) => extract(&mut out, &args).map(|_| true),
         Command::Eval(args) => eval(&mut out, &args).map(|_| true),
+        Command::AddPca(args) => add_pca(&mut out, &args).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -366,6 +390,34 @@ fn extract(out: &mut impl Write, args: &ExtractArgs) -> vpr_engine::Result<()> {
 }
 
 /// An existing folder for FILE's parent, or an error naming `flag`.
+fn add_pca(out: &mut impl Write, args: &AddPcaArgs) -> vpr_engine::Result<()> {
+    check_output_file("--out", &args.out)?;
+    let params = if args.pca.is_dir() {
+        let part = |name: &str| args.pca.join(format!("{name}.bin"));
+        PcaParams::from_raw_files(&part("U"), &part("lams"), &part("mu"))?
+    } else {
+        PcaParams::load(&args.pca)?
+    };
+    let params = match args.dim {
+        Some(dim) if dim == 0 || dim > params.dim => {
+            return Err(Error::Argument(format!(
+                "--dim {dim}: the PCA parameters have {} components",
+                params.dim
+            )))
+        }
+        Some(dim) => params.truncated(dim)?,
+        None => params,
+    };
+    vpr_engine::models::add_pca(&args.weights, &params, &args.out)?;
+    writeln!(
+        out,
+        "wrote {}: {}-d descriptors with PCA-whitening",
+        args.out.display(),
+        params.dim
+    )
+    .map_err(stdout_err)
+}
+
 fn check_output_file(flag: &str, file: &Path) -> vpr_engine::Result<()> {
     let folder = match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

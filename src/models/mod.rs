@@ -17,7 +17,7 @@ mod vit;
 pub use benchmark::Benchmark;
 pub use clusvpr::{knn_density, ClusVpr, ClusVprOutput};
 pub use cosplace::{CosPlace, CosPlaceNet};
-pub use openibl::OpenIbl;
+pub use openibl::{add_pca, OpenIbl};
 pub use resnet::{FoldedResNet, ResNet};
 pub use vgg::Vgg16;
 pub use vit::{Dinov2, PosInterpolation, SelaVpr, Vit, VitFeatures};

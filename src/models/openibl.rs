@@ -15,8 +15,10 @@ use super::vgg::Vgg16;
 use super::{arch, InputSpec, PlaceModel, Shapes};
 use crate::autograd::no_grad;
 use crate::device::Device;
+use crate::dtype::DType;
 use crate::error::Result;
-use crate::io::weights::WeightsFile;
+use crate::fit::PcaParams;
+use crate::io::weights::{write_weights, WeightsFile};
 use crate::nn::{load_strict, Module, NetVlad, PcaWhitening};
 use crate::tensor::Tensor;
 use std::path::Path;
@@ -121,4 +123,50 @@ impl PlaceModel for OpenIbl {
             }
         })
     }
+}
+
+/// Writes to `out` the OpenIBL model in `weights` (`EmbedNet`, `vpr.aggregation=netvlad`) with
+/// the PCA-whitening of `pca` added as `pca_layer` (`EmbedNetPCA`, as OpenIBL assembles it for
+/// testing from a training checkpoint and its `pca_params` file: W = (U diag(lams^-1/2))^T,
+/// b = -W mu, then L2; `pca.dim` components). Every other tensor and metadata entry is kept.
+pub fn add_pca(weights: &Path, pca: &PcaParams, out: &Path) -> Result<()> {
+    let file = WeightsFile::open(weights)?;
+    let system = arch(&file)?;
+    let aggregation = file.require("vpr.aggregation")?;
+    if (system, aggregation) != ("netvlad", "netvlad") {
+        return Err(file.error(format!(
+            "PCA-whitening goes on an OpenIBL NetVLAD model without one (vpr.arch netvlad, \
+             vpr.aggregation netvlad), not vpr.arch '{system}' with '{aggregation}'"
+        )));
+    }
+    let vlad_dim: usize = file.require_parsed("vpr.dim")?;
+    if pca.input_dim != vlad_dim {
+        return Err(file.error(format!(
+            "the PCA parameters project {}-d descriptors, the model's NetVLAD gives {vlad_dim}-d",
+            pca.input_dim
+        )));
+    }
+    let cpu = Device::Cpu;
+    let mut tensors = file
+        .names()
+        .into_iter()
+        .map(|name| {
+            if file.holds_floats(&name) != Some(true) {
+                return Err(file.error(format!("tensor {name} is not floating point")));
+            }
+            let t = file.tensor(&name, DType::F32, &cpu)?;
+            Ok((name, t))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let layer = pca.layer(true, &cpu)?;
+    tensors.push((
+        "pca_layer.weight".into(),
+        layer.weight.reshape(&[pca.dim, vlad_dim, 1, 1])?,
+    ));
+    tensors.push(("pca_layer.bias".into(), layer.bias));
+    let mut metadata = file.metadata().clone();
+    metadata.insert("vpr.aggregation".into(), "netvlad_pca".into());
+    metadata.insert("vpr.pca.dim".into(), pca.dim.to_string());
+    metadata.insert("vpr.dim".into(), pca.dim.to_string());
+    write_weights(out, &tensors, &metadata)
 }
