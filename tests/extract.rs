@@ -11,27 +11,30 @@ use vpr_engine::eval::extract::{
     ExtractOptions,
 };
 use vpr_engine::io::npy;
-use vpr_engine::models::{InputSize, InputSpec, PlaceModel};
+use vpr_engine::models::{InputSize, InputSpec, ModelInfo, PlaceModel};
 use vpr_engine::{Device, Result, Tensor};
 
 /// A model whose descriptor of an image is `[height, width, its first pixel's 3 values, the
 /// mean of all its values]`, and which records the shape of every batch it sees.
 struct Probe {
-    spec: InputSpec,
-    device: Device,
+    info: ModelInfo,
     batches: Mutex<Vec<Vec<usize>>>,
 }
 
 impl Probe {
     fn new(size: InputSize) -> Probe {
         Probe {
-            spec: InputSpec {
-                mean: [0.25, 0.5, 0.125],
-                std: [0.5, 0.2, 0.75],
-                size,
-                antialias: true,
+            info: ModelInfo {
+                description: "probe -> 6".into(),
+                dim: 6,
+                input: InputSpec {
+                    mean: [0.25, 0.5, 0.125],
+                    std: [0.5, 0.2, 0.75],
+                    size,
+                    antialias: true,
+                },
+                device: Device::Cpu,
             },
-            device: Device::Cpu,
             batches: Mutex::new(Vec::new()),
         }
     }
@@ -55,22 +58,13 @@ impl Probe {
 }
 
 impl PlaceModel for Probe {
-    fn describe(&self) -> String {
-        "probe -> 6".into()
-    }
-    fn dim(&self) -> usize {
-        6
-    }
-    fn input(&self) -> &InputSpec {
-        &self.spec
-    }
-    fn device(&self) -> &Device {
-        &self.device
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
         assert_eq!(
             images.device().is_cpu(),
-            self.device.is_cpu(),
+            self.info.device.is_cpu(),
             "the batch is not on the model's device"
         );
         let shape = images.shape().to_vec();
@@ -83,7 +77,7 @@ impl PlaceModel for Probe {
             .chunks_exact(h * w * c)
             .flat_map(|im| Probe::describe_one(h, w, im))
             .collect();
-        Tensor::from_vec(out, &[n, 6], &self.device)
+        Tensor::from_vec(out, &[n, 6], &self.info.device)
     }
 }
 
@@ -214,7 +208,7 @@ fn rows_follow_the_sorted_paths_and_batches_group_equal_sizes() {
     for (i, path) in paths.iter().enumerate() {
         assert_eq!(
             got.data[i * 6..(i + 1) * 6],
-            expected_row(path, &model.spec, None, true),
+            expected_row(path, &model.info.input, None, true),
             "row {i} is not {}",
             path.display()
         );
@@ -265,7 +259,7 @@ fn the_model_sees_its_own_normalised_pixels() {
     let got = extract_descriptors(&model, &[path], &options(1, 1), &mut |_| {}).unwrap();
     // ToTensor then Normalize with the model's (not ImageNet's) mean and std, in f32
     let want: Vec<f32> = (0..3)
-        .map(|c| (colour[c] as f32 / 255.0 - model.spec.mean[c]) / model.spec.std[c])
+        .map(|c| (colour[c] as f32 / 255.0 - model.info.input.mean[c]) / model.info.input.std[c])
         .collect();
     assert_eq!(got.data[..2], [3.0, 5.0]);
     assert_eq!(got.data[2..5], want[..]);
@@ -289,7 +283,7 @@ fn size_rules_resize_or_refuse() {
     assert_eq!(model.batch_shapes(), [vec![2, 4, 6, 3]]);
     assert_eq!(
         got.data[6..12],
-        expected_row(&paths[1], &model.spec, None, true)
+        expected_row(&paths[1], &model.info.input, None, true)
     );
 
     // a model whose file says no antialias gets plain bilinear resizing, unless overridden
@@ -297,11 +291,11 @@ fn size_rules_resize_or_refuse() {
         height: 4,
         width: 6,
     });
-    plain.spec.antialias = false;
+    plain.info.input.antialias = false;
     let got = extract_descriptors(&plain, &paths, &options(8, 2), &mut |_| {}).unwrap();
-    let want = expected_row(&paths[1], &plain.spec, None, false);
+    let want = expected_row(&paths[1], &plain.info.input, None, false);
     assert_eq!(got.data[6..12], want);
-    assert_ne!(want, expected_row(&paths[1], &plain.spec, None, true));
+    assert_ne!(want, expected_row(&paths[1], &plain.info.input, None, true));
     let opts = ExtractOptions {
         antialias: Some(true),
         ..options(8, 2)
@@ -309,7 +303,7 @@ fn size_rules_resize_or_refuse() {
     let got = extract_descriptors(&plain, &paths, &opts, &mut |_| {}).unwrap();
     assert_eq!(
         got.data[6..12],
-        expected_row(&paths[1], &plain.spec, None, true)
+        expected_row(&paths[1], &plain.info.input, None, true)
     );
 
     // --resize wins over the model's rule
@@ -322,7 +316,7 @@ fn size_rules_resize_or_refuse() {
     assert_eq!(model.batch_shapes()[1], [2, 7, 7, 3]);
     assert_eq!(
         got.data[..6],
-        expected_row(&paths[0], &model.spec, resize, true)
+        expected_row(&paths[0], &model.info.input, resize, true)
     );
 
     // a fixed-size model takes no other size
@@ -330,7 +324,9 @@ fn size_rules_resize_or_refuse() {
         height: 4,
         width: 6,
     });
-    let err = check_resize(&fixed.spec, resize).unwrap_err().to_string();
+    let err = check_resize(&fixed.info.input, resize)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("--resize 7x7: the model only takes 4x6 images"),
         "{err}"
@@ -341,7 +337,9 @@ fn size_rules_resize_or_refuse() {
 
     // a patch model needs multiples of its patch: from --resize, else from the image
     let patches = Probe::new(InputSize::Multiple(5));
-    let err = check_resize(&patches.spec, resize).unwrap_err().to_string();
+    let err = check_resize(&patches.info.input, resize)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("multiples of 5"), "{err}");
     let err = extract_descriptors(&patches, &paths, &options(8, 1), &mut |_| {})
         .unwrap_err()
@@ -389,7 +387,7 @@ fn batches_reach_the_models_device() {
     let paths = list_images(&dir).unwrap();
     let mut model = Probe::new(InputSize::Any);
     let on_cpu = extract_descriptors(&model, &paths, &options(2, 1), &mut |_| {}).unwrap();
-    model.device = Device::new("vgpu").unwrap();
+    model.info.device = Device::new("vgpu").unwrap();
     let on_vgpu = extract_descriptors(&model, &paths, &options(2, 1), &mut |_| {}).unwrap();
     assert_eq!(on_cpu, on_vgpu);
 }

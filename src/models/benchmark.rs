@@ -14,7 +14,7 @@
 
 use super::resnet::{FoldedResNet, ResNet};
 use super::vgg::Vgg16;
-use super::{arch, check_images, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
+use super::{arch, InputSpec, ModelInfo, PlaceModel, Shapes, MAX_WIDTH};
 use crate::autograd::no_grad;
 use crate::device::Device;
 use crate::dtype::DType;
@@ -198,12 +198,9 @@ fn gem_pool(gem: &GeM, features: &Tensor) -> Result<Tensor> {
 
 /// A benchmark model for inference.
 pub struct Benchmark {
-    description: String,
+    info: ModelInfo,
     backbone: Cnn,
     head: Head,
-    input: InputSpec,
-    dim: usize,
-    device: Device,
 }
 
 impl Benchmark {
@@ -263,35 +260,25 @@ impl Benchmark {
             _ => name.to_string(),
         };
         Ok(Benchmark {
-            description: format!("benchmark {backbone_name} {aggregation} -> {dim}"),
+            info: ModelInfo {
+                description: format!("benchmark {backbone_name} {aggregation} -> {dim}"),
+                dim,
+                input: InputSpec::from_file(file)?,
+                device: device.clone(),
+            },
             backbone: backbone.into_inference()?,
             head,
-            input: InputSpec::from_file(file)?,
-            dim,
-            device: device.clone(),
         })
     }
 }
 
 impl PlaceModel for Benchmark {
-    fn describe(&self) -> String {
-        self.description.clone()
-    }
-
-    fn dim(&self) -> usize {
-        self.dim
-    }
-
-    fn input(&self) -> &InputSpec {
-        &self.input
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
 
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
-        check_images(&self.description, &self.device, images)?;
+        self.info.check_images(images)?;
         no_grad(|| self.head.forward(&self.backbone.forward(images)?))
     }
 }

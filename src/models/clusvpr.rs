@@ -65,7 +65,7 @@
 //!   fitted separately and is not part of this model: descriptors are the 8192-d VLAD.
 
 use super::vgg::Vgg16;
-use super::{arch, check_images, InputSize, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
+use super::{arch, InputSize, InputSpec, ModelInfo, PlaceModel, Shapes, MAX_WIDTH};
 use crate::autograd::{no_grad, Parameter};
 use crate::device::Device;
 use crate::dtype::DType;
@@ -358,15 +358,13 @@ impl Module for CwtNet {
 
 /// The ClusVPR network: VGG16, CWTNet blocks, grouped VLAD.
 pub struct ClusVpr {
-    description: String,
+    info: ModelInfo,
     backbone: Vgg16,
     blocks: Vec<CwtNet>,
     pub vlad: GroupedVlad,
     heads: usize,
     knn: usize,
     map: (usize, usize),
-    input: InputSpec,
-    device: Device,
 }
 
 /// Features at each stage of [`ClusVpr::forward`].
@@ -456,19 +454,22 @@ impl ClusVpr {
         .map_err(|e| file.error(e.to_string()))?;
         let widths_known = shapes.finish()?;
         let net = ClusVpr {
-            description: format!(
-                "clusvpr vgg16 + {} CWTNet blocks -> {}",
-                blocks.len(),
-                vlad.dim()
-            ),
+            info: ModelInfo {
+                description: format!(
+                    "clusvpr vgg16 + {} CWTNet blocks -> {}",
+                    blocks.len(),
+                    vlad.dim()
+                ),
+                dim: vlad.dim(),
+                input: InputSpec::from_file(file)?,
+                device: device.clone(),
+            },
             backbone,
             blocks,
             vlad,
             heads,
             knn,
             map,
-            input: InputSpec::from_file(file)?,
-            device: device.clone(),
         };
         load_strict(&net.state_entries(), file, widths_known)?;
         Ok(net)
@@ -481,7 +482,7 @@ impl ClusVpr {
         let (h, w) = (backbone.shape()[1], backbone.shape()[2]);
         if (h, w) != self.map {
             let (mh, mw) = self.map;
-            let hint = match self.input.size {
+            let hint = match self.info.input.size {
                 InputSize::Resize { height, width } => {
                     format!(" (images resized to {height}x{width})")
                 }
@@ -489,7 +490,7 @@ impl ClusVpr {
             };
             return Err(Error::Shape(format!(
                 "{}: images {:?} give a {h}x{w} map, but the model takes {mh}x{mw}{hint}",
-                self.description,
+                self.info.description,
                 images.shape()
             )));
         }
@@ -530,24 +531,12 @@ impl Module for ClusVpr {
 }
 
 impl PlaceModel for ClusVpr {
-    fn describe(&self) -> String {
-        self.description.clone()
-    }
-
-    fn dim(&self) -> usize {
-        self.vlad.dim()
-    }
-
-    fn input(&self) -> &InputSpec {
-        &self.input
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
 
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
-        check_images(&self.description, &self.device, images)?;
+        self.info.check_images(images)?;
         no_grad(|| Ok(self.forward(images)?.descriptors))
     }
 }

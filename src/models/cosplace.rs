@@ -12,7 +12,7 @@
 
 use super::resnet::{FoldedResNet, ResNet};
 use super::vgg::Vgg16;
-use super::{arch, check_images, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
+use super::{arch, InputSpec, ModelInfo, PlaceModel, Shapes, MAX_WIDTH};
 use crate::autograd::{no_grad, Parameter};
 use crate::device::Device;
 use crate::dtype::DType;
@@ -40,13 +40,10 @@ impl Backbone {
 
 /// The trainable CosPlace / EigenPlaces network.
 pub struct CosPlaceNet {
-    description: String,
+    info: ModelInfo,
     backbone: Backbone,
     pub gem: GeM,
     pub fc: Linear,
-    input: InputSpec,
-    dim: usize,
-    device: Device,
     /// The `__metadata__` of the file it was loaded from, written back by `save`.
     metadata: BTreeMap<String, String>,
 }
@@ -111,13 +108,15 @@ impl CosPlaceNet {
         let fc = Linear::new("aggregation.3", channels, dim, true, 0, device)?;
         let widths_known = shapes.finish()?;
         let net = CosPlaceNet {
-            description: format!("{system} {name} -> {dim}"),
+            info: ModelInfo {
+                description: format!("{system} {name} -> {dim}"),
+                dim,
+                input: InputSpec::from_file(file)?,
+                device: device.clone(),
+            },
             backbone,
             gem,
             fc,
-            input: InputSpec::from_file(file)?,
-            dim,
-            device: device.clone(),
             metadata: file.metadata().clone(),
         };
         load_strict(&net.state_entries(), file, widths_known)?;
@@ -159,15 +158,15 @@ impl CosPlaceNet {
 
     /// `cosplace resnet50 -> 2048`.
     pub fn describe(&self) -> String {
-        self.description.clone()
+        self.info.description.clone()
     }
 
     pub fn dim(&self) -> usize {
-        self.dim
+        self.info.dim
     }
 
     pub fn input(&self) -> &InputSpec {
-        &self.input
+        &self.info.input
     }
 
     /// The inference model: every parameter frozen, BatchNorms (in evaluation mode) folded into
@@ -182,13 +181,10 @@ impl CosPlaceNet {
             Backbone::Vgg16(v) => InferenceBackbone::Vgg16(v),
         };
         Ok(CosPlace {
-            description: self.description,
+            info: self.info,
             backbone,
             gem: self.gem,
             fc: self.fc,
-            input: self.input,
-            dim: self.dim,
-            device: self.device,
         })
     }
 }
@@ -231,34 +227,19 @@ enum InferenceBackbone {
 
 /// CosPlace / EigenPlaces for inference (see [`CosPlaceNet::into_inference`]).
 pub struct CosPlace {
-    description: String,
+    info: ModelInfo,
     backbone: InferenceBackbone,
     gem: GeM,
     fc: Linear,
-    input: InputSpec,
-    dim: usize,
-    device: Device,
 }
 
 impl PlaceModel for CosPlace {
-    fn describe(&self) -> String {
-        self.description.clone()
-    }
-
-    fn dim(&self) -> usize {
-        self.dim
-    }
-
-    fn input(&self) -> &InputSpec {
-        &self.input
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
 
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
-        check_images(&self.description, &self.device, images)?;
+        self.info.check_images(images)?;
         no_grad(|| {
             let features = match &self.backbone {
                 InferenceBackbone::ResNet(r) => r.forward(images)?,

@@ -129,33 +129,57 @@ impl InputSpec {
     }
 }
 
-/// The checks every place model makes on its input: normalised images `[N, H, W, 3]` f32 on the
-/// model's device.
-pub(crate) fn check_images(description: &str, device: &Device, images: &Tensor) -> Result<()> {
-    if images.rank() != 4 || images.shape()[3] != 3 || images.dtype() != DType::F32 {
-        return shape_err!(
-            "{description}: images must be [N, H, W, 3] f32, got {:?} {}",
-            images.shape(),
-            images.dtype()
-        );
+/// What a place model says about itself.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// One line for people: system, backbone and descriptor size.
+    pub description: String,
+    /// Descriptor size.
+    pub dim: usize,
+    pub input: InputSpec,
+    pub device: Device,
+}
+
+impl ModelInfo {
+    /// The checks every place model makes on its input: normalised images `[N, H, W, 3]` f32 on
+    /// the model's device.
+    pub fn check_images(&self, images: &Tensor) -> Result<()> {
+        let description = &self.description;
+        if images.rank() != 4 || images.shape()[3] != 3 || images.dtype() != DType::F32 {
+            return shape_err!(
+                "{description}: images must be [N, H, W, 3] f32, got {:?} {}",
+                images.shape(),
+                images.dtype()
+            );
+        }
+        if !images.device().same(&self.device) {
+            return Err(Error::Device(format!(
+                "{description}: images on {}, model on {}",
+                images.device(),
+                self.device
+            )));
+        }
+        Ok(())
     }
-    if !images.device().same(device) {
-        return Err(Error::Device(format!(
-            "{description}: images on {}, model on {device}",
-            images.device()
-        )));
-    }
-    Ok(())
 }
 
 /// A model that maps images to global descriptors.
 pub trait PlaceModel: Send + Sync {
+    fn info(&self) -> &ModelInfo;
     /// One line for people: system, backbone and descriptor size.
-    fn describe(&self) -> String;
+    fn describe(&self) -> String {
+        self.info().description.clone()
+    }
     /// Descriptor size.
-    fn dim(&self) -> usize;
-    fn input(&self) -> &InputSpec;
-    fn device(&self) -> &Device;
+    fn dim(&self) -> usize {
+        self.info().dim
+    }
+    fn input(&self) -> &InputSpec {
+        &self.info().input
+    }
+    fn device(&self) -> &Device {
+        &self.info().device
+    }
     /// Global descriptors `[N, dim]` (f32) of normalised images `[N, H, W, 3]` (f32, on
     /// `self.device()`). Records no tape.
     fn descriptors(&self, images: &Tensor) -> Result<Tensor>;

@@ -10,9 +10,8 @@
 //! `vpr.netvlad.*`, `vpr.dim` and the weight shapes.
 
 use super::benchmark::{check_dim, netvlad_from_file};
-use super::check_images;
 use super::vgg::Vgg16;
-use super::{arch, InputSpec, PlaceModel, Shapes};
+use super::{arch, InputSpec, ModelInfo, PlaceModel, Shapes};
 use crate::autograd::no_grad;
 use crate::device::Device;
 use crate::dtype::DType;
@@ -24,13 +23,10 @@ use crate::tensor::Tensor;
 use std::path::Path;
 
 pub struct OpenIbl {
-    description: String,
+    info: ModelInfo,
     backbone: Vgg16,
     vlad: NetVlad,
     pca: Option<PcaWhitening>,
-    input: InputSpec,
-    dim: usize,
-    device: Device,
 }
 
 impl OpenIbl {
@@ -85,36 +81,26 @@ impl OpenIbl {
             p.set_trainable(false);
         }
         Ok(OpenIbl {
-            description: format!("netvlad vgg16 {aggregation} -> {dim}"),
+            info: ModelInfo {
+                description: format!("netvlad vgg16 {aggregation} -> {dim}"),
+                dim,
+                input: InputSpec::from_file(file)?,
+                device: device.clone(),
+            },
             backbone,
             vlad,
             pca,
-            input: InputSpec::from_file(file)?,
-            dim,
-            device: device.clone(),
         })
     }
 }
 
 impl PlaceModel for OpenIbl {
-    fn describe(&self) -> String {
-        self.description.clone()
-    }
-
-    fn dim(&self) -> usize {
-        self.dim
-    }
-
-    fn input(&self) -> &InputSpec {
-        &self.input
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
 
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
-        check_images(&self.description, &self.device, images)?;
+        self.info.check_images(images)?;
         no_grad(|| {
             let vlad = self.vlad.forward(&self.backbone.forward(images)?)?;
             match &self.pca {

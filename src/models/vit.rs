@@ -14,7 +14,7 @@
 //! same normalised input `z` beside the FFN. The final LayerNorm gives the class, register and
 //! patch tokens (`forward_features`).
 
-use super::{check_images, InputSpec, PlaceModel, Shapes, MAX_WIDTH};
+use super::{InputSpec, ModelInfo, PlaceModel, Shapes, MAX_WIDTH};
 use crate::autograd::{no_grad, Parameter};
 use crate::device::Device;
 use crate::dtype::DType;
@@ -372,10 +372,8 @@ impl Module for Vit {
 
 /// A plain DINOv2 backbone as a place model: the descriptor is the normalised class token.
 pub struct Dinov2 {
-    description: String,
+    info: ModelInfo,
     vit: Vit,
-    input: InputSpec,
-    device: Device,
 }
 
 impl Dinov2 {
@@ -386,14 +384,17 @@ impl Dinov2 {
             p.set_trainable(false);
         }
         Ok(Dinov2 {
-            description: format!(
-                "dinov2 {} -> {}",
-                file.require("vpr.backbone")?,
-                vit.embed_dim()
-            ),
-            input: InputSpec::from_file(file)?,
+            info: ModelInfo {
+                description: format!(
+                    "dinov2 {} -> {}",
+                    file.require("vpr.backbone")?,
+                    vit.embed_dim()
+                ),
+                dim: vit.embed_dim(),
+                input: InputSpec::from_file(file)?,
+                device: device.clone(),
+            },
             vit,
-            device: device.clone(),
         })
     }
 
@@ -403,24 +404,12 @@ impl Dinov2 {
 }
 
 impl PlaceModel for Dinov2 {
-    fn describe(&self) -> String {
-        self.description.clone()
-    }
-
-    fn dim(&self) -> usize {
-        self.vit.embed_dim()
-    }
-
-    fn input(&self) -> &InputSpec {
-        &self.input
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
 
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
-        check_images(&self.description, &self.device, images)?;
+        self.info.check_images(images)?;
         Ok(self.features(images)?.cls)
     }
 }
@@ -428,13 +417,11 @@ impl PlaceModel for Dinov2 {
 /// SelaVPR: the adapted ViT, the global head (L2 over channels, GeM, L2) and LocalAdapt (two
 /// transposed convolutions 3x3/2, ReLU between, L2 per location).
 pub struct SelaVpr {
-    description: String,
+    info: ModelInfo,
     vit: Vit,
     gem: GeM,
     upconv1: ConvTranspose2d,
     upconv2: ConvTranspose2d,
-    input: InputSpec,
-    device: Device,
 }
 
 impl SelaVpr {
@@ -449,7 +436,12 @@ impl SelaVpr {
         let widths_known = shapes.finish()?;
         let opts = ConvTranspose2dOptions::new().stride(2).padding(1);
         let net = SelaVpr {
-            description: format!("selavpr {} -> {dim}", file.require("vpr.backbone")?),
+            info: ModelInfo {
+                description: format!("selavpr {} -> {dim}", file.require("vpr.backbone")?),
+                dim,
+                input: InputSpec::from_file(file)?,
+                device: device.clone(),
+            },
             gem: GeM::new(
                 "aggregation.1.p",
                 3.0,
@@ -475,8 +467,6 @@ impl SelaVpr {
                 device,
             )?,
             vit,
-            input: InputSpec::from_file(file)?,
-            device: device.clone(),
         };
         load_strict(&net.state_entries(), file, widths_known)?;
         for p in net.vit.parameters() {
@@ -520,24 +510,12 @@ impl Module for SelaVpr {
 }
 
 impl PlaceModel for SelaVpr {
-    fn describe(&self) -> String {
-        self.description.clone()
-    }
-
-    fn dim(&self) -> usize {
-        self.vit.embed_dim()
-    }
-
-    fn input(&self) -> &InputSpec {
-        &self.input
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
 
     fn descriptors(&self, images: &Tensor) -> Result<Tensor> {
-        check_images(&self.description, &self.device, images)?;
+        self.info.check_images(images)?;
         // the local branch is not needed for global descriptors
         no_grad(|| self.global(&self.vit.forward_features(images)?.patches))
     }
@@ -547,7 +525,7 @@ impl PlaceModel for SelaVpr {
     }
 
     fn descriptors_and_local(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        check_images(&self.description, &self.device, images)?;
+        self.info.check_images(images)?;
         let (global, local) = no_grad(|| self.forward(images))?;
         Ok((global, Some(local)))
     }
