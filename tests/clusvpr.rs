@@ -3,6 +3,8 @@
 //! converted by our converter, gives PyTorch's float64 backbone features, CWTNet output,
 //! descriptors and gradients of every `net_vlad` parameter on the CPU and the virtual GPU.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use vpr_engine::autograd::backward;
 use vpr_engine::io::weights::WeightsFile;
@@ -22,14 +24,7 @@ fn expected() -> WeightsFile {
 
 /// `max |got - want| / max |want|`.
 fn relative_error(got: &Tensor, want: &[f64]) -> f64 {
-    let got = got.to_f64_vec().unwrap();
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
-    diff / scale.max(1e-30)
+    common::max_relative_error(&got.to_f64_vec().unwrap(), want)
 }
 
 /// f32 against float64 through 13 convolutions, four CWTNet blocks and the VLAD.

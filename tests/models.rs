@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{assert_close, seed};
+use common::{assert_close, max_relative_error as relative_error, seed};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -50,21 +50,6 @@ impl Expected {
 
 fn values(t: &Tensor) -> Vec<f64> {
     t.to_f64_vec().unwrap()
-}
-
-/// `max |got - want| / max |want|`.
-fn relative_error(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
-    if scale == 0.0 {
-        diff
-    } else {
-        diff / scale
-    }
 }
 
 /// A tensor read back from a safetensors file, to be rewritten.

@@ -206,3 +206,18 @@ pub fn fixture_tensors(file: &str) -> std::collections::HashMap<String, (Vec<usi
         })
         .collect()
 }
+
+/// `max |got - want| / max |want|` (the absolute error where `want` is all zeros).
+pub fn max_relative_error(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
+}
