@@ -6,7 +6,6 @@ mod common;
 
 use common::seed;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use vpr_engine::fit::{fit_pca, PcaParams};
 use vpr_engine::io::weights::WeightsFile;
 use vpr_engine::{models, DType, Device, Tensor};
@@ -77,14 +76,10 @@ fn the_pca_model_whitens_the_netvlad_descriptor() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Runs the binary: exit code and everything it printed.
 fn vpr_engine(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vpr-engine"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap(), text)
+    let (code, out, err) = common::vpr_engine(args);
+    (code, out + &err)
 }
 
 #[test]

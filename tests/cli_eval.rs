@@ -5,9 +5,11 @@
 //! tools/fixtures/eval_e2e.py), on the CPU and the virtual GPU, from the model and from saved
 //! descriptors; and every kind of bad input: one line on standard error, exit code 2.
 
+mod common;
+
+use common::vpr_engine;
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use vpr_engine::io::npy::{self, Matrix};
 
 fn fixtures() -> PathBuf {
@@ -20,19 +22,6 @@ fn model() -> PathBuf {
 
 fn dataset() -> PathBuf {
     fixtures().join("eval_dataset")
-}
-
-/// Runs the binary: exit code, standard output, standard error.
-fn vpr_engine(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vpr-engine"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// A fresh folder for one test.

@@ -4,9 +4,11 @@
 //! written by tools/fixtures/extract_e2e.py), and every kind of bad input: one line on standard
 //! error, exit code 2, and nothing left in the output folder.
 
+mod common;
+
+use common::vpr_engine;
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use vpr_engine::io::npy;
 
 fn fixtures() -> PathBuf {
@@ -15,19 +17,6 @@ fn fixtures() -> PathBuf {
 
 fn model() -> PathBuf {
     fixtures().join("cnn_cosplace_resnet18.safetensors")
-}
-
-/// Runs the binary: exit code, standard output, standard error.
-fn vpr_engine(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vpr-engine"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// A fresh folder for one test.

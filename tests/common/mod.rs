@@ -221,3 +221,16 @@ pub fn max_relative_error(got: &[f64], want: &[f64]) -> f64 {
         diff / scale
     }
 }
+
+/// Runs the `vpr-engine` binary: exit code, standard output, standard error.
+pub fn vpr_engine(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vpr-engine"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
