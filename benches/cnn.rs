@@ -128,18 +128,13 @@ fn extract(dir: &Path, threads: usize) {
 }
 
 fn main() {
-    let which: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wants = |part: &str| which.is_empty() || which.iter().any(|w| w == part);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let dir = std::env::temp_dir().join(format!("vpr-bench-cnn-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    if wants("forward") {
+    if common::wants("forward") {
         forward(&dir, threads);
     }
-    if wants("extract") {
+    if common::wants("extract") {
         extract(&dir, threads);
     }
     std::fs::remove_dir_all(&dir).unwrap();

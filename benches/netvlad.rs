@@ -120,19 +120,14 @@ fn model(threads: usize) {
 }
 
 fn main() {
-    let which: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wants = |part: &str| which.is_empty() || which.iter().any(|w| w == part);
     let threads: usize = std::env::var("VPR_BENCH_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
-    if wants("aggregation") {
+    if common::wants("aggregation") {
         aggregation(threads);
     }
-    if wants("model") {
+    if common::wants("model") {
         model(threads);
     }
 }

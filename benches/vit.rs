@@ -171,18 +171,13 @@ fn gpu(dir: &Path) {
 }
 
 fn main() {
-    let which: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wants = |part: &str| which.is_empty() || which.iter().any(|w| w == part);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let dir = std::env::temp_dir().join(format!("vpr-bench-vit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    if wants("cpu") {
+    if common::wants("cpu") {
         cpu(&dir, threads);
     }
-    if wants("gpu") {
+    if common::wants("gpu") {
         gpu(&dir);
     }
     std::fs::remove_dir_all(&dir).unwrap();

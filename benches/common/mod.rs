@@ -1,4 +1,5 @@
-//! What the benches that compare against PyTorch share: running their Python side.
+//! What the benches that compare against PyTorch share: choosing their parts, running their
+//! Python side.
 
 use std::process::Command;
 
@@ -26,4 +27,14 @@ pub fn python_numbers(script: &str, args: &[String], key: &str) -> Result<Vec<f6
             let err = String::from_utf8_lossy(&out.stderr);
             err.lines().last().unwrap_or("no output").to_string()
         })
+}
+
+/// Whether the command line asks for bench part `part`: every part when it names none
+/// (`cargo bench --bench vit`), else the named ones (`-- cpu`); flags cargo passes are ignored.
+pub fn wants(part: &str) -> bool {
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    named.is_empty() || named.iter().any(|w| w == part)
 }
