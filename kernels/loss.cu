@@ -1,13 +1,16 @@
 // Cross-entropy over logits [rows, classes] (f32, f16 or bf16; math in f32) with int64 labels,
-// as F.cross_entropy computes it: loss_r = logsumexp(x_r) - x_r[y_r], rows whose label is the
+// as F.cross_entropy computes it: loss_r = logsumexp(z_r) - z_r[y_r], rows whose label is the
 // ignore index contribute nothing, and the mean divides by the number of other rows.
+// The logits seen are z = scale * (x - margin * onehot(y)): CosFace's margin on cosines (scale 30
+// or 100, margin 0.4), fused so its [rows, classes] logits are never written; plain
+// cross-entropy passes scale 1 and margin 0, for which z = x exactly.
 //
 //   cross_entropy_fwd_*:   one warp per row (8 per block); one read of the row with the online
 //                          max/sum rule (a new max rescales the running sum), then lane 0 reads
 //                          x[y]. Writes the row's loss and its log-sum-exp (kept for backward).
 //   cross_entropy_reduce:  one block sums the per-row losses in a fixed order (deterministic,
 //                          no atomics, so a resumed run repeats the same bits) and divides.
-//   cross_entropy_bwd_*:   one warp per row: grad = g / divisor * (exp(x - lse) - onehot(y)).
+//   cross_entropy_bwd_*:   one warp per row: grad = g / divisor * scale * (exp(z - lse) - onehot(y)).
 //
 // Loads are scalar but coalesced (a warp reads 32 consecutive elements); rows start at any
 // alignment (classes is arbitrary), and the loss is a negligible part of a training step next to
@@ -16,6 +19,11 @@
 
 #define CE_NEG_INF __uint_as_float(0xff800000u)
 #define CE_WARPS_PER_BLOCK 8
+
+// z as PyTorch's `s * (cos - onehot * m)` rounds it in f32.
+__device__ __forceinline__ float ce_logit(float x, bool hot, float scale, float margin) {
+  return scale * (x - (hot ? margin : 0.f));
+}
 
 // Running max and sum of exp(x - max) over the elements seen so far.
 struct CeStats {
@@ -47,13 +55,15 @@ __device__ __forceinline__ CeStats ce_stats_merge(CeStats a, CeStats b) {
 
 template <class T>
 __device__ void cross_entropy_fwd(const T* logits, const long long* labels, float* row_loss, float* row_lse,
-                                  long long rows, long long classes, long long ignore_index) {
+                                  long long rows, long long classes, long long ignore_index, float scale,
+                                  float margin) {
   const int lane = threadIdx.x & 31;
   const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
   for (long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
     const T* x = logits + r * classes;
+    const long long y = labels[r];
     CeStats s{CE_NEG_INF, 0.f};
-    for (long long j = lane; j < classes; j += 32) s = ce_stats_add(s, to_f32(x[j]));
+    for (long long j = lane; j < classes; j += 32) s = ce_stats_add(s, ce_logit(to_f32(x[j]), j == y, scale, margin));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       CeStats b;
@@ -64,9 +74,8 @@ __device__ void cross_entropy_fwd(const T* logits, const long long* labels, floa
     if (lane == 0) {
       // max + log(sum), then x - that, as torch's log_softmax rounds it
       const float lse = s.m + logf(s.s);
-      const long long y = labels[r];
       row_lse[r] = lse;
-      row_loss[r] = y == ignore_index ? 0.f : lse - to_f32(x[y]);
+      row_loss[r] = y == ignore_index ? 0.f : lse - ce_logit(to_f32(x[y]), true, scale, margin);
     }
   }
 }
@@ -90,8 +99,8 @@ extern "C" __global__ void cross_entropy_reduce_f32(const float* row_loss, float
 template <class T>
 __device__ void cross_entropy_bwd(const T* logits, const long long* labels, const float* row_lse,
                                   const float* grad_loss, T* grad, long long rows, long long classes,
-                                  long long ignore_index, float divisor) {
-  const float g = grad_loss[0] / divisor;
+                                  long long ignore_index, float divisor, float scale, float margin) {
+  const float g = grad_loss[0] / divisor * scale;
   const int lane = threadIdx.x & 31;
   const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
   for (long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
@@ -101,7 +110,7 @@ __device__ void cross_entropy_bwd(const T* logits, const long long* labels, cons
     const float lse = row_lse[r];
     const bool ignored = y == ignore_index;
     for (long long j = lane; j < classes; j += 32) {
-      const float p = expf(to_f32(x[j]) - lse);
+      const float p = expf(ce_logit(to_f32(x[j]), j == y, scale, margin) - lse);
       out[j] = from_f32<T>(ignored ? 0.f : g * (p - (j == y ? 1.f : 0.f)));
     }
   }
@@ -110,14 +119,15 @@ __device__ void cross_entropy_bwd(const T* logits, const long long* labels, cons
 #define CROSS_ENTROPY(name, T)                                                                                     \
   extern "C" __global__ void cross_entropy_fwd_##name(const T* logits, const long long* labels, float* row_loss,  \
                                                       float* row_lse, long long rows, long long classes,           \
-                                                      long long ignore_index) {                                   \
-    cross_entropy_fwd(logits, labels, row_loss, row_lse, rows, classes, ignore_index);                            \
+                                                      long long ignore_index, float scale, float margin) {        \
+    cross_entropy_fwd(logits, labels, row_loss, row_lse, rows, classes, ignore_index, scale, margin);             \
   }                                                                                                                \
   extern "C" __global__ void cross_entropy_bwd_##name(const T* logits, const long long* labels,                   \
                                                       const float* row_lse, const float* grad_loss, T* grad,       \
                                                       long long rows, long long classes, long long ignore_index,  \
-                                                      float divisor) {                                             \
-    cross_entropy_bwd(logits, labels, row_lse, grad_loss, grad, rows, classes, ignore_index, divisor);            \
+                                                      float divisor, float scale, float margin) {                  \
+    cross_entropy_bwd(logits, labels, row_lse, grad_loss, grad, rows, classes, ignore_index, divisor, scale,      \
+                      margin);                                                                                     \
   }
 CROSS_ENTROPY(f32, float)
 CROSS_ENTROPY(f16, f16)

@@ -5,6 +5,7 @@
 
 mod batchnorm;
 mod conv;
+mod cosface;
 mod gem;
 mod grouped_vlad;
 mod linear;
@@ -14,6 +15,7 @@ mod state;
 
 pub use batchnorm::BatchNorm2d;
 pub use conv::{Conv2d, ConvTranspose2d};
+pub use cosface::{class_cosines, MarginCosineProduct};
 pub use gem::GeM;
 pub use grouped_vlad::{GroupedVlad, GroupedVladShape};
 pub use linear::Linear;

@@ -38,16 +38,19 @@ fn for_row_chunks<T: Send>(
     });
 }
 
-/// log-sum-exp of one row, as the kernel computes it: max, then the sum of exp(x - max).
-fn row_lse<T: Element>(x: &[T]) -> f32 {
-    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| {
-        let v = v.to_f32();
-        if v.is_nan() || v > m {
-            v
-        } else {
-            m
-        }
-    });
+/// log-sum-exp of one row of logits `z`, as the kernel computes it: max, then the sum of
+/// exp(z - max).
+fn row_lse(z: impl Iterator<Item = f32> + Clone) -> f32 {
+    let m = z.clone().fold(
+        f32::NEG_INFINITY,
+        |m, v| {
+            if v.is_nan() || v > m {
+                v
+            } else {
+                m
+            }
+        },
+    );
     if m.is_nan() {
         return f32::NAN;
     }
@@ -55,7 +58,7 @@ fn row_lse<T: Element>(x: &[T]) -> f32 {
         return f32::NEG_INFINITY; // empty row or only -inf: loss -inf - -inf = NaN, as torch
     }
     // m = +inf gives exp(inf - inf) = NaN, as torch
-    let s: f32 = x.iter().map(|&v| (v.to_f32() - m).exp()).sum();
+    let s: f32 = z.map(|v| (v - m).exp()).sum();
     m + s.ln()
 }
 
@@ -69,13 +72,14 @@ pub fn forward(x: &CpuStorage, labels: &[i64], p: &Rows, divisor: f32) -> (CpuSt
         for_row_chunks(&mut lse, 1, rows, classes, |r0, out| {
             for (i, o) in out.iter_mut().enumerate() {
                 let r = r0 + i;
-                *o = row_lse(&v[r * classes..(r + 1) * classes]);
+                let row = &v[r * classes..(r + 1) * classes];
+                *o = row_lse(row.iter().enumerate().map(|(j, x)| p.logit(x.to_f32(), j as i64 == labels[r])));
             }
         });
         for (r, l) in loss.iter_mut().enumerate() {
             let y = labels[r];
             if y != p.ignore_index {
-                *l = lse[r] - v[r * classes + y as usize].to_f32();
+                *l = lse[r] - p.logit(v[r * classes + y as usize].to_f32(), true);
             }
         }
     }, _ => unreachable!("cross_entropy checks for a float dtype"));
@@ -83,7 +87,7 @@ pub fn forward(x: &CpuStorage, labels: &[i64], p: &Rows, divisor: f32) -> (CpuSt
     (CpuStorage::F32(vec![total / divisor]), CpuStorage::F32(lse))
 }
 
-/// `g / divisor * (exp(x - lse) - onehot(y))` per element, 0 in ignored rows, in the logits' dtype.
+/// `g / divisor * scale * (exp(z - lse) - onehot(y))` per element, 0 in ignored rows, in the logits' dtype.
 pub fn backward(
     x: &CpuStorage,
     labels: &[i64],
@@ -95,7 +99,7 @@ pub fn backward(
     let (CpuStorage::F32(lse), CpuStorage::F32(g)) = (lse, g) else {
         unreachable!("the saved log-sum-exp and the loss gradient are f32")
     };
-    let scale = g[0] / divisor;
+    let factor = g[0] / divisor * p.scale;
     let (rows, classes) = (p.rows, p.classes);
     with_cpu_float_storage!(x, v, T => {
         let mut out = vec![T::from_f32(0.0); rows * classes];
@@ -111,9 +115,9 @@ pub fn backward(
                 }
                 let xr = &v[r * classes..(r + 1) * classes];
                 for (j, (o, &xv)) in row.iter_mut().zip(xr).enumerate() {
-                    let prob = (xv.to_f32() - lse[r]).exp();
-                    let hot = if j as i64 == y { 1.0 } else { 0.0 };
-                    *o = T::from_f32(scale * (prob - hot));
+                    let hot = j as i64 == y;
+                    let prob = (p.logit(xv.to_f32(), hot) - lse[r]).exp();
+                    *o = T::from_f32(factor * (prob - if hot { 1.0 } else { 0.0 }));
                 }
             }
         });

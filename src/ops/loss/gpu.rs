@@ -40,7 +40,9 @@ pub fn forward(
             .ptr(&lse, 0)
             .push(p.rows as i64)
             .push(p.classes as i64)
-            .push(p.ignore_index);
+            .push(p.ignore_index)
+            .push(p.scale)
+            .push(p.margin);
         gpu.launch(
             &format!("cross_entropy_fwd_{dtype}"),
             warp_per_row(p.rows),
@@ -85,7 +87,9 @@ pub fn backward(
         .push(p.rows as i64)
         .push(p.classes as i64)
         .push(p.ignore_index)
-        .push(divisor);
+        .push(divisor)
+        .push(p.scale)
+        .push(p.margin);
     gpu.launch(
         &format!("cross_entropy_bwd_{dtype}"),
         warp_per_row(p.rows),

@@ -1,5 +1,7 @@
 //! Cross-entropy of logits `[N, C]` against int64 class labels `[N]`, as `F.cross_entropy`
-//! computes it (log-softmax + negative log-likelihood, fused), f32 math, loss an f32 scalar.
+//! computes it (log-softmax + negative log-likelihood, fused), f32 math, loss an f32 scalar; and
+//! CosFace's large-margin cosine loss (`margin_cross_entropy`), the same kernels seeing
+//! `s * (cos - m * onehot)` as logits.
 
 mod cpu;
 mod gpu;
@@ -38,6 +40,30 @@ impl Tensor {
         reduction: Reduction,
         ignore_index: i64,
     ) -> Result<Tensor> {
+        self.cross_entropy_of_logits(labels, reduction, ignore_index, 1.0, 0.0)
+    }
+
+    /// CosFace's loss (MarginCosineProduct followed by `CrossEntropyLoss`): the mean
+    /// cross-entropy of the logits `scale * (self - margin * onehot(labels))`, where `self` holds
+    /// cosines `[N, C]`; rounded as PyTorch computes those logits in f32, and fused, so the
+    /// logits are never stored.
+    pub fn margin_cross_entropy(&self, labels: &Tensor, scale: f32, margin: f32) -> Result<Tensor> {
+        if !scale.is_finite() || !margin.is_finite() {
+            return Err(Error::Argument(format!(
+                "margin_cross_entropy: scale {scale} and margin {margin} must be finite"
+            )));
+        }
+        self.cross_entropy_of_logits(labels, Reduction::Mean, IGNORE_INDEX, scale, margin)
+    }
+
+    fn cross_entropy_of_logits(
+        &self,
+        labels: &Tensor,
+        reduction: Reduction,
+        ignore_index: i64,
+        scale: f32,
+        margin: f32,
+    ) -> Result<Tensor> {
         let what = format!(
             "cross_entropy of logits {:?} {} and labels {:?} {}",
             self.shape(),
@@ -56,7 +82,13 @@ impl Tensor {
         // inside an autocast scope the loss reads f32 logits, as under torch.autocast
         let promoted = crate::tape::autocast_to_f32(self)?;
         if promoted.dtype() != self.dtype() {
-            return promoted.cross_entropy_with(labels, reduction, ignore_index);
+            return promoted.cross_entropy_of_logits(
+                labels,
+                reduction,
+                ignore_index,
+                scale,
+                margin,
+            );
         }
         let (rows, classes) = (self.shape()[0], self.shape()[1]);
         // labels are small: validate them on the host, so a bad one is an error, not a wild read
@@ -85,6 +117,8 @@ impl Tensor {
             rows,
             classes,
             ignore_index,
+            scale,
+            margin,
         };
         let (loss, lse) = match (logits.storage(), labels_dense.storage()) {
             (Storage::Cpu(x), Storage::Cpu(_)) => {
@@ -128,6 +162,15 @@ pub(crate) struct Rows {
     pub rows: usize,
     pub classes: usize,
     pub ignore_index: i64,
+    pub scale: f32,
+    pub margin: f32,
+}
+
+impl Rows {
+    /// The logit the loss sees for input `x` (the kernels' `ce_logit`).
+    fn logit(&self, x: f32, hot: bool) -> f32 {
+        self.scale * (x - if hot { self.margin } else { 0.0 })
+    }
 }
 
 /// Gradient of the loss with respect to the (dense) logits, given the loss's gradient `g`.
@@ -222,6 +265,39 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
                 tol,
             ));
         }
+    }
+    // CosFace's margin: the logits are rewritten inside the kernels
+    for &dtype in &DType::FLOATS {
+        let (n, c) = (33, 70);
+        let x = Tensor::rand_uniform(&[n, c], -1.0, 1.0, seed ^ 0xc05, dtype, &cpu)?;
+        let y: Vec<i64> = (0..n as i64).map(|r| (r * 13 + 5) % c as i64).collect();
+        let y = Tensor::from_vec(y, &[n], &cpu)?;
+        let run = |dev: &Device| -> Result<(Tensor, Tensor)> {
+            let xd = x.to_device(dev)?.requires_grad();
+            let loss = xd.margin_cross_entropy(&y.to_device(dev)?, 30.0, 0.4)?;
+            let grads = crate::autograd::backward(&loss)?;
+            let g = grads.get(&xd).cloned().ok_or_else(|| {
+                Error::Argument("margin_cross_entropy recorded no gradient".into())
+            })?;
+            Ok((loss, g))
+        };
+        let ((gl, gg), (wl, wg)) = (split_pair(run(device)), split_pair(run(&cpu)));
+        rows.push(compare(
+            &format!("cross_entropy_fwd_{dtype} (cosface)"),
+            dtype,
+            &[n, c],
+            gl,
+            wl,
+            1e-5,
+        ));
+        rows.push(compare(
+            &format!("cross_entropy_bwd_{dtype} (cosface)"),
+            dtype,
+            &[n, c],
+            gg,
+            wg,
+            dtype.tolerance().max(1e-5),
+        ));
     }
     // many rows: every thread of the one-block reduction kernel sums several
     let (n, c) = (1500, 3);
