@@ -51,6 +51,104 @@ enum Command {
     /// Adds OpenIBL's PCA-whitening to a converted OpenIBL NetVLAD model (a training checkpoint's
     /// EmbedNet), as OpenIBL does for testing: the result is an EmbedNetPCA model file.
     AddPca(AddPcaArgs),
+    /// Train CosPlace or EigenPlaces (classification over geographic classes with CosFace) on a
+    /// dataset in SF-XL's layout, with the papers' settings unless told otherwise; writes RUN/
+    /// best.safetensors and last.safetensors (models for extract and eval), the resumable
+    /// state, metrics.jsonl and config.json.
+    Train(Box<TrainArgs>),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// cosplace or eigenplaces.
+    #[arg(long, required_unless_present = "resume")]
+    method: Option<String>,
+    /// The dataset: DIR/train (CosPlace's crops, named @east@north@...@heading@...) or
+    /// DIR/train_panoramas (or DIR/raw/train/panoramas: EigenPlaces' 360-degree panoramas),
+    /// DIR/val/{database,queries}, and DIR/test/{database,queries} when there is a test set.
+    #[arg(long, required_unless_present = "resume")]
+    dataset: Option<PathBuf>,
+    /// The run folder to write.
+    #[arg(long, value_name = "RUN", required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in RUN after its last finished epoch, with its config.json (only
+    /// --epochs, --device and --loader-threads may be given with it).
+    #[arg(long, value_name = "RUN")]
+    resume: Option<PathBuf>,
+    /// resnet18, resnet34, resnet50, resnet101, resnet152 or vgg16 (default: resnet18 for
+    /// CosPlace, resnet50 for EigenPlaces).
+    #[arg(long)]
+    backbone: Option<String>,
+    /// Descriptor size (default: 512 for CosPlace, 2048 for EigenPlaces).
+    #[arg(long)]
+    dim: Option<usize>,
+    /// cpu, cuda, cuda:N or vgpu (default: cuda when a GPU is usable, else cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// Mixed precision: bf16, f16 (with loss scaling) or off (default: bf16 on GPUs of
+    /// compute capability 8.0 and later, else off).
+    #[arg(long)]
+    amp: Option<String>,
+    /// Default: 50 (CosPlace), 40 (EigenPlaces).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Default: 10000 (CosPlace), 5000 (EigenPlaces).
+    #[arg(long)]
+    iterations_per_epoch: Option<usize>,
+    /// Images per batch (EigenPlaces: per view, two views per iteration).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Side of the square training images, RandomResizedCrop's output (default: 512).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Adam's learning rate for the model (default: 1e-5).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Adam's learning rate for the classifiers (default: 1e-2).
+    #[arg(long)]
+    classifiers_lr: Option<f64>,
+    /// Start the backbone from these weights: a converted CosPlace/EigenPlaces model (as
+    /// EigenPlaces starts from CosPlace) or a torchvision ImageNet state dict saved as
+    /// safetensors. Default: torchvision's random initialisation.
+    #[arg(long, value_name = "W.safetensors")]
+    init: Option<PathBuf>,
+    /// Seed of every random choice of the run.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Train on the images as they are (no ColorJitter, no RandomResizedCrop).
+    #[arg(long)]
+    no_augment: bool,
+    /// Report a training image that cannot be read and use another of its class, instead of
+    /// stopping.
+    #[arg(long)]
+    skip_bad_images: bool,
+    /// Threads decoding training images (default: one per core).
+    #[arg(long)]
+    loader_threads: Option<usize>,
+    /// Class cell size in metres (CosPlace's and EigenPlaces' M; default 10 and 15).
+    #[arg(long = "M", value_name = "M")]
+    cell_metres: Option<u32>,
+    /// CosPlace's heading bin in degrees (alpha; default 30).
+    #[arg(long = "alpha", value_name = "ALPHA")]
+    heading_degrees: Option<u32>,
+    /// Cells per group side (N; default 5 for CosPlace, 3 for EigenPlaces).
+    #[arg(long = "N", value_name = "N")]
+    group_side: Option<u32>,
+    /// CosPlace's heading bins per group (L; default 2).
+    #[arg(long = "L", value_name = "L")]
+    heading_groups: Option<u32>,
+    /// How many of CosPlace's groups are trained, epoch e training group e mod this (default 8).
+    #[arg(long)]
+    groups_num: Option<usize>,
+    /// Classes with fewer images are dropped (default: 10 CosPlace, 5 EigenPlaces).
+    #[arg(long)]
+    min_images_per_class: Option<usize>,
+    /// EigenPlaces' distance from a class's centre to its focal point, in metres (default 10).
+    #[arg(long)]
+    focal_dist: Option<f64>,
+    /// Images per model call when validating and testing.
+    #[arg(long)]
+    eval_batch_size: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -191,6 +289,7 @@ fn main() -> ExitCode {
         Command::Extract(args) => extract(&mut out, &args).map(|_| true),
         Command::Eval(args) => eval(&mut out, &args).map(|_| true),
         Command::AddPca(args) => add_pca(&mut out, &args).map(|_| true),
+        Command::Train(args) => train(&mut out, &args).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -699,12 +798,219 @@ fn save_pictures(
     pictures::save_recall_curve(&curve, &highlight, title, &dir.join("recall.png"))
 }
 
+fn train(out: &mut impl Write, args: &TrainArgs) -> vpr_engine::Result<()> {
+    use vpr_engine::train::classify::{self, Amp, Event, Method, TrainOptions};
+    let (mut options, run, resume) = match &args.resume {
+        Some(run) => {
+            let given = [
+                ("--method", args.method.is_some()),
+                ("--dataset", args.dataset.is_some()),
+                ("--out", args.out.is_some()),
+                ("--backbone", args.backbone.is_some()),
+                ("--dim", args.dim.is_some()),
+                ("--amp", args.amp.is_some()),
+                (
+                    "--iterations-per-epoch",
+                    args.iterations_per_epoch.is_some(),
+                ),
+                ("--batch-size", args.batch_size.is_some()),
+                ("--image-size", args.image_size.is_some()),
+                ("--lr", args.lr.is_some()),
+                ("--classifiers-lr", args.classifiers_lr.is_some()),
+                ("--init", args.init.is_some()),
+                ("--seed", args.seed.is_some()),
+                ("--no-augment", args.no_augment),
+                ("--skip-bad-images", args.skip_bad_images),
+                ("--M", args.cell_metres.is_some()),
+                ("--alpha", args.heading_degrees.is_some()),
+                ("--N", args.group_side.is_some()),
+                ("--L", args.heading_groups.is_some()),
+                ("--groups-num", args.groups_num.is_some()),
+                (
+                    "--min-images-per-class",
+                    args.min_images_per_class.is_some(),
+                ),
+                ("--focal-dist", args.focal_dist.is_some()),
+                ("--eval-batch-size", args.eval_batch_size.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+                return Err(Error::Argument(format!(
+                    "{flag} cannot be given with --resume: the run's settings are in {}",
+                    run.join("config.json").display()
+                )));
+            }
+            let options = TrainOptions::from_config(&run.join("config.json"))?;
+            (options, run.clone(), true)
+        }
+        None => {
+            let method = Method::parse(args.method.as_deref().unwrap_or_default())?;
+            let dataset = args.dataset.clone().unwrap_or_default();
+            let mut o = TrainOptions::defaults(method, &dataset);
+            let eigen = method == Method::EigenPlaces;
+            o.backbone = args.backbone.clone().unwrap_or(o.backbone);
+            o.dim = args.dim.unwrap_or(o.dim);
+            o.iterations_per_epoch = args.iterations_per_epoch.unwrap_or(o.iterations_per_epoch);
+            o.batch_size = args.batch_size.unwrap_or(o.batch_size);
+            o.image_size = args.image_size.unwrap_or(o.image_size);
+            o.lr = args.lr.unwrap_or(o.lr);
+            o.classifiers_lr = args.classifiers_lr.unwrap_or(o.classifiers_lr);
+            o.init = args.init.clone();
+            o.seed = args.seed.unwrap_or(o.seed);
+            o.augment = !args.no_augment;
+            o.skip_bad_images = args.skip_bad_images;
+            if let Some(m) = args.cell_metres {
+                o.cosplace.m = m;
+                o.eigenplaces.m = m;
+            }
+            if let Some(a) = args.heading_degrees {
+                o.cosplace.alpha = a;
+            }
+            if let Some(n) = args.group_side {
+                o.cosplace.n = n;
+                o.eigenplaces.n = n;
+            }
+            if let Some(l) = args.heading_groups {
+                o.cosplace.l = l;
+            }
+            o.groups_num = args.groups_num.unwrap_or(o.groups_num);
+            if let Some(k) = args.min_images_per_class {
+                o.cosplace.min_images_per_class = k;
+                o.eigenplaces.min_images_per_class = k;
+            }
+            o.eigenplaces.focal_dist = args.focal_dist.unwrap_or(o.eigenplaces.focal_dist);
+            o.eval_batch_size = args.eval_batch_size.unwrap_or(o.eval_batch_size);
+            if eigen && args.heading_degrees.is_some() || eigen && args.heading_groups.is_some() {
+                return Err(Error::Argument(
+                    "--alpha and --L are CosPlace's (EigenPlaces' classes have no heading)".into(),
+                ));
+            }
+            (o, args.out.clone().unwrap_or_default(), false)
+        }
+    };
+    options.epochs = args.epochs.unwrap_or(if resume {
+        options.epochs
+    } else {
+        TrainOptions::defaults(options.method, &options.dataset).epochs
+    });
+    options.loader_threads = args.loader_threads.unwrap_or(options.loader_threads);
+    let device = match args
+        .device
+        .as_deref()
+        .or(resume.then_some(options.device.as_str()))
+    {
+        Some(d) => Device::new(d)?,
+        None => Device::default_device(),
+    };
+    options.device = device.to_string();
+    if !resume {
+        options.amp = match args.amp.as_deref() {
+            Some(a) => Amp::parse(a)?,
+            None => match device.gpu() {
+                // the virtual GPU is for checking, in f32 unless asked
+                Some(g)
+                    if g.compute_capability().0 >= 8
+                        && matches!(g.kind(), vpr_engine::device::GpuKind::Cuda(_)) =>
+                {
+                    Amp::Bf16
+                }
+                _ => Amp::Off,
+            },
+        };
+    }
+    let shown = std::io::stderr().is_terminal();
+    let mut bar: Option<ProgressBar> = None;
+    let mut loss_avg = 0.0;
+    let started = Instant::now();
+    let mut report = |event: Event| match event {
+        Event::Note(text) => {
+            if let Some(b) = &bar {
+                b.finish();
+            }
+            eprintln!("{text}");
+        }
+        Event::EpochStart {
+            epoch,
+            epochs,
+            iterations,
+            what,
+        } => {
+            bar = Some(ProgressBar::new(
+                iterations,
+                &format!("it (epoch {}/{epochs}, {what} {})", epoch + 1, epoch),
+                shown,
+            ));
+            loss_avg = 0.0;
+        }
+        Event::Step {
+            iteration, loss, ..
+        } => {
+            loss_avg = if iteration == 0 {
+                loss
+            } else {
+                0.98 * loss_avg + 0.02 * loss
+            };
+            if let Some(b) = &mut bar {
+                b.set_note(format!("loss {loss_avg:.4}"));
+                b.update(iteration + 1);
+            }
+        }
+        Event::Evaluating { stage, done, total } => {
+            if let Some(b) = &mut bar {
+                b.set_note(format!("{stage} {done}/{total}"));
+                b.update(b.total);
+            }
+        }
+        Event::EpochEnd {
+            epoch,
+            mean_loss,
+            recalls,
+            best,
+            seconds,
+        } => {
+            if let Some(b) = bar.take() {
+                b.finish();
+            }
+            eprintln!(
+                "epoch {}: loss {mean_loss:.4}, val R@1 {:.2}, R@5 {:.2}{} ({seconds:.1} s)",
+                epoch + 1,
+                recalls[0],
+                recalls[1],
+                if best { ", best so far" } else { "" }
+            );
+        }
+    };
+    let summary = classify::train(&options, &run, &device, resume, &mut report)?;
+    let mut lines = vec![format!(
+        "trained {} {} -> {} on {device} for {} epochs in {:.1} s: best validation R@1 {:.2}",
+        options.method.name(),
+        options.backbone,
+        options.dim,
+        summary.epochs_run,
+        started.elapsed().as_secs_f64(),
+        summary.best_recall1
+    )];
+    if let Some([r1, r5]) = summary.test_recalls {
+        lines.push(format!("test R@1 {r1:.2}, R@5 {r5:.2} (best model)"));
+    }
+    lines.push(format!(
+        "models: {} and {}",
+        run.join("best.safetensors").display(),
+        run.join("last.safetensors").display()
+    ));
+    for line in lines {
+        writeln!(out, "{line}").map_err(stdout_err)?;
+    }
+    Ok(())
+}
+
 /// Work done, speed and time left on one line of standard error, redrawn at most ten times a
 /// second; silent when standard error is not a terminal.
 struct ProgressBar {
     total: usize,
     /// What is counted ("images", "database rows").
     unit: String,
+    /// Shown after the time left (the running loss).
+    note: String,
     shown: bool,
     start: Instant,
     last_draw: Option<Instant>,
@@ -715,6 +1021,7 @@ impl ProgressBar {
         ProgressBar {
             total,
             unit: unit.to_string(),
+            note: String::new(),
             shown,
             start: Instant::now(),
             last_draw: None,
@@ -735,14 +1042,19 @@ impl ProgressBar {
         let width = 30;
         let filled = width * done / self.total.max(1);
         eprint!(
-            "\r[{}{}] {done}/{} {}, {rate:.1}/s, ETA {}:{:02}  ",
+            "\r[{}{}] {done}/{} {}, {rate:.1}/s, ETA {}:{:02} {}  ",
             "#".repeat(filled),
             " ".repeat(width - filled),
             self.total,
             self.unit,
             left / 60,
-            left % 60
+            left % 60,
+            self.note
         );
+    }
+
+    fn set_note(&mut self, note: String) {
+        self.note = note;
     }
 
     /// Ends the bar's line so that what follows starts on its own.

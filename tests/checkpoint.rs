@@ -119,6 +119,7 @@ impl Run {
             scaler: Some(&mut self.scaler),
             rng_state: self.rng_state,
             step: self.step,
+            extra: [("best_recall1".to_string(), "87.25".to_string())].into(),
         }
     }
 
@@ -286,8 +287,10 @@ fn round_trip_restores_everything() {
         scaler: None,
         rng_state: 0,
         step: 0,
+        extra: Default::default(),
     };
     load_checkpoint(&path, &mut state).unwrap();
+    assert_eq!(state.extra["best_recall1"], "87.25");
     for (a, b) in weights.iter().zip(&run.params) {
         assert_eq!(
             a.tensor().to_vec::<f32>().unwrap(),

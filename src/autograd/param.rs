@@ -93,6 +93,17 @@ impl Parameter {
         Ok(())
     }
 
+    /// Moves the value to `device` (and drops the gradient, which stays where it was made).
+    pub fn move_to(&self, device: &crate::device::Device) -> Result<()> {
+        let mut v = self.0.value.write().unwrap();
+        if !v.device().same(device) {
+            *v = v.to_device(device)?.detach();
+            drop(v);
+            self.zero_grad();
+        }
+        Ok(())
+    }
+
     /// Runs `f` on the stored value itself (the optimizer's in-place CPU update); `f` keeps its
     /// shape, dtype and device.
     pub(crate) fn update_value<R>(&self, f: impl FnOnce(&mut Tensor) -> Result<R>) -> Result<R> {

@@ -18,7 +18,7 @@ use crate::ops::conv::Conv2dOptions;
 use crate::tensor::Tensor;
 
 /// Blocks per layer and whether they are bottlenecks, by depth.
-fn layout(depth: usize) -> Result<(bool, [usize; 4])> {
+pub(crate) fn layout(depth: usize) -> Result<(bool, [usize; 4])> {
     Ok(match depth {
         18 => (false, [2, 2, 2, 2]),
         34 => (false, [3, 4, 6, 3]),

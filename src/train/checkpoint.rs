@@ -23,6 +23,8 @@ use std::path::Path;
 
 const FORMAT: &str = "vpr-checkpoint-1";
 const METADATA_CHECKSUM: &str = "checksum.metadata";
+/// Prefix of the caller's scalars in the metadata.
+const EXTRA: &str = "extra.";
 
 /// What a checkpoint holds: saved from, and loaded into, these.
 pub struct TrainState<'a> {
@@ -35,6 +37,8 @@ pub struct TrainState<'a> {
     pub rng_state: u64,
     /// The caller's step (or epoch) counter.
     pub step: u64,
+    /// The caller's other scalars (a best validation recall, say), by name, as text.
+    pub extra: BTreeMap<String, String>,
 }
 
 /// 64-bit checksum of `bytes`: FNV-style over little-endian words, each step a bijection of the
@@ -127,6 +131,9 @@ pub fn save_checkpoint(path: &Path, state: &TrainState) -> Result<()> {
     meta.insert("format".into(), FORMAT.into());
     meta.insert("train.step".into(), state.step.to_string());
     meta.insert("train.rng_state".into(), state.rng_state.to_string());
+    for (k, v) in &state.extra {
+        meta.insert(format!("{EXTRA}{k}"), v.clone());
+    }
     let mut names = HashSet::new();
     no_grad(|| -> Result<()> {
         for p in state.params {
@@ -442,6 +449,10 @@ pub fn load_checkpoint(path: &Path, state: &mut TrainState) -> Result<()> {
     };
     let rng_state = int("train.rng_state")?;
     let step = int("train.step")?;
+    let extra: BTreeMap<String, String> = meta
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(EXTRA)?.to_string(), v.clone())))
+        .collect();
     // optimizer tensors are not needed to load the weights alone
     let skip_optim = state.optimizer.is_none();
     let unknown: Vec<String> = st
@@ -474,5 +485,6 @@ pub fn load_checkpoint(path: &Path, state: &mut TrainState) -> Result<()> {
     }
     state.rng_state = rng_state;
     state.step = step;
+    state.extra = extra;
     Ok(())
 }

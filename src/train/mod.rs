@@ -1,9 +1,13 @@
-//! Training machinery: optimizers (fused kernels over f32 master weights), the dynamic loss
-//! scaler for f16 training, gradient clipping, learning-rate schedules and checkpoints.
+//! Training: optimizers (fused kernels over f32 master weights), the dynamic loss scaler for f16
+//! training, gradient clipping, learning-rate schedules, checkpoints, and the training loops
+//! (`classify`: CosPlace and EigenPlaces) with their batches and run folders.
 
+pub mod batches;
 pub mod checkpoint;
+pub mod classify;
 pub mod clip;
 pub mod optim;
+pub mod run_dir;
 pub mod scaler;
 pub mod schedule;
 

@@ -262,6 +262,27 @@ impl Optimizer {
         self.state = state;
     }
 
+    /// Moves `params` and their state to `device`: CosPlace keeps the classifiers of the groups
+    /// it is not training in host memory.
+    pub fn move_to(&mut self, params: &[Parameter], device: &Device) -> Result<()> {
+        for p in params {
+            p.move_to(device)?;
+            if let Some(state) = self.state.get_mut(p.name()) {
+                for buffer in [
+                    &mut state.momentum_buffer,
+                    &mut state.exp_avg,
+                    &mut state.exp_avg_sq,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    *buffer = buffer.to_device(device)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One update of every trainable parameter that has a gradient; the others are untouched.
     pub fn step(&mut self) -> Result<()> {
         no_grad(|| {
