@@ -149,6 +149,20 @@ fn stale_or_broken_caches_are_rebuilt() {
     std::fs::write(&cache, "vpr-engine CosPlace class table v1\ngarbage\n").unwrap();
     let rebuilt = CosPlaceGroups::load_or_build(&train, &settings).unwrap();
     assert_eq!(rebuilt.groups, expected);
+    // the same count, first and last image, one name in between changed: rebuilt
+    let text = std::fs::read_to_string(&cache).unwrap();
+    let middle = &names[names.len() / 2];
+    let renamed = middle.replace(".jpg", "y.jpg");
+    std::fs::rename(train.join(middle), train.join(&renamed)).unwrap();
+    CosPlaceGroups::load_or_build(&train, &settings).unwrap();
+    assert_ne!(std::fs::read_to_string(&cache).unwrap(), text);
+    std::fs::rename(train.join(&renamed), train.join(middle)).unwrap();
+    assert_eq!(
+        CosPlaceGroups::load_or_build(&train, &settings)
+            .unwrap()
+            .groups,
+        expected
+    );
     // a table of another image list (one image more): rebuilt, and the new image counted
     let text = std::fs::read_to_string(&cache).unwrap();
     let first_class = &expected[0][0];

@@ -103,18 +103,23 @@ fn cache_path(folder: &Path, settings: &str) -> Result<PathBuf> {
 }
 
 /// The lines that tie a cached table to its settings and its image list: a table is reused only
-/// when these match (the same settings, the same number of images, the same first and last).
+/// when these match (the same settings, the same number of images, the same first and last, the
+/// same FNV-1a hash of every path in order).
 fn cache_header(kind: &str, settings: &str, folder: &Path, images: &[PathBuf]) -> Vec<String> {
-    let relative = |p: Option<&PathBuf>| {
-        p.map(|p| p.strip_prefix(folder).unwrap_or(p).display().to_string())
-            .unwrap_or_default()
-    };
+    let relative = |p: &PathBuf| p.strip_prefix(folder).unwrap_or(p).display().to_string();
+    let mut hash: u64 = 0xcbf29ce484222325;
+    for path in images {
+        for byte in relative(path).bytes().chain([b'\n']) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x100000001b3);
+        }
+    }
     vec![
         format!("vpr-engine {kind} class table v1"),
         format!("settings {settings}"),
         format!("images {}", images.len()),
-        format!("first {}", relative(images.first())),
-        format!("last {}", relative(images.last())),
+        format!("first {}", images.first().map(relative).unwrap_or_default()),
+        format!("last {}", images.last().map(relative).unwrap_or_default()),
+        format!("paths {hash:016x}"),
     ]
 }
 
