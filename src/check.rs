@@ -126,6 +126,7 @@ const FAMILIES: &[(&str, Family)] = &[
     ("mnn", crate::ops::mnn::conformance),
     ("loss", crate::ops::loss::conformance),
     ("attention", crate::ops::attention::conformance),
+    ("augment", crate::ops::augment::conformance),
     ("optim", crate::train::optim::conformance),
 ];
 

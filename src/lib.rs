@@ -33,6 +33,7 @@
 
 pub mod autograd;
 pub mod check;
+pub mod data;
 pub mod device;
 pub mod dtype;
 pub mod error;

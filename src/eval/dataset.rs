@@ -255,28 +255,62 @@ fn read_paths_file(folder: &Path, list: &Path) -> Result<Vec<PathBuf>> {
 /// finite number as Python's `float()` reads it (surrounding whitespace allowed). An error naming
 /// the path otherwise.
 pub fn parse_utm(path: &Path) -> Result<[f64; 2]> {
-    let bad = |message: String| Error::Format {
+    let fields = name_fields(path, "a position")?;
+    let (Some(east), Some(north)) = (fields.get(1), fields.get(2)) else {
+        return Err(name_error(
+            path,
+            format!("the file name has no UTM coordinates; {NAME_FORMAT}"),
+        ));
+    };
+    Ok([
+        name_number(path, "UTM east", east)?,
+        name_number(path, "UTM north", north)?,
+    ])
+}
+
+/// The heading in degrees from a name `@east@north@zone@letter@lat@lon@pano_id@tile@heading@...`:
+/// field 9 of the file name split on '@', a finite number as `float()` reads it (CosPlace's
+/// crops and EigenPlaces' panoramas). An error naming the path otherwise.
+pub fn parse_heading(path: &Path) -> Result<f64> {
+    let fields = name_fields(path, "a heading")?;
+    let Some(heading) = fields.get(9) else {
+        return Err(name_error(
+            path,
+            "the file name has no heading (field 9); expected a name like \
+             @east@north@zone@letter@lat@lon@pano_id@tile@heading@...@.jpg"
+                .to_string(),
+        ));
+    };
+    name_number(path, "heading", heading)
+}
+
+/// The file name of `path` split on '@' (field 0 is what precedes the first '@').
+fn name_fields<'a>(path: &'a Path, what: &str) -> Result<Vec<&'a str>> {
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        name_error(
+            path,
+            format!("no UTF-8 file name to read {what} from; {NAME_FORMAT}"),
+        )
+    })?;
+    Ok(name.split('@').collect())
+}
+
+/// A finite number from a field of the file name of `path`, as Python's `float()` reads it.
+fn name_number(path: &Path, what: &str, text: &str) -> Result<f64> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if value.is_finite() => Ok(value),
+        _ => Err(name_error(
+            path,
+            format!("{what} {text:?} in the file name is not a finite number; {NAME_FORMAT}"),
+        )),
+    }
+}
+
+fn name_error(path: &Path, message: String) -> Error {
+    Error::Format {
         path: path.display().to_string(),
         message,
-    };
-    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
-        bad(format!(
-            "no UTF-8 file name to read a position from; {NAME_FORMAT}"
-        ))
-    })?;
-    let mut fields = name.split('@').skip(1);
-    let (Some(east), Some(north)) = (fields.next(), fields.next()) else {
-        return Err(bad(format!(
-            "the file name has no UTM coordinates; {NAME_FORMAT}"
-        )));
-    };
-    let number = |what: &str, text: &str| match text.trim().parse::<f64>() {
-        Ok(value) if value.is_finite() => Ok(value),
-        _ => Err(bad(format!(
-            "UTM {what} {text:?} in the file name is not a finite number; {NAME_FORMAT}"
-        ))),
-    };
-    Ok([number("east", east)?, number("north", north)?])
+    }
 }
 
 #[cfg(test)]
@@ -344,6 +378,21 @@ mod tests {
         // a folder with coordinates does not lend them to a file without
         let folder = error_of(parse("@1@2@/image.jpg"));
         assert!(folder.contains("no UTM coordinates"), "{folder}");
+    }
+
+    #[test]
+    fn headings_come_from_field_9_of_the_file_name() {
+        let name = "train/@0552345.67@4180123.45@10@S@37.76865@-122.42134@pano@01@090@@@@@@.jpg";
+        assert_eq!(parse_heading(Path::new(name)).unwrap(), 90.0);
+        let fractional = "@1@2@10@S@@@@@ 045.5 @@@@@@.jpg";
+        assert_eq!(parse_heading(Path::new(fractional)).unwrap(), 45.5);
+        let short = parse_heading(Path::new("db/@1@2@10@S@.jpg"))
+            .unwrap_err()
+            .to_string();
+        assert!(short.starts_with("db/@1@2@10@S@.jpg: "), "{short}");
+        assert!(short.contains("no heading"), "{short}");
+        let text = parse_heading(Path::new("@1@2@3@4@5@6@7@8@north@.jpg")).unwrap_err();
+        assert!(text.to_string().contains("heading \"north\""), "{text}");
     }
 
     #[test]

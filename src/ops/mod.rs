@@ -3,6 +3,7 @@
 //! `gpu.rs` the launches of the kernels in `kernels/<family>.cu`.
 
 pub mod attention;
+pub mod augment;
 pub mod conv;
 pub mod copy;
 pub(crate) mod cpu;

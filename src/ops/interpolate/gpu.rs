@@ -1,6 +1,6 @@
 //! Launches of kernels/interpolate.cu; the file's header comment explains the kernels.
 
-use super::cpu::{axis, transposed, Taps};
+use super::cpu::{axis, transposed};
 use super::InterpGeom;
 use crate::device::{GpuBuffer, KernelArgs, LaunchConfig};
 use crate::dtype::DType;
@@ -57,19 +57,26 @@ pub fn bicubic(x: &GpuBuffer, dtype: DType, g: &InterpGeom) -> Result<GpuBuffer>
     Ok(y)
 }
 
-/// Transposed taps of an axis uploaded as three arrays: per input position the first entry
-/// (i32 `[len + 1]`), and per entry the output position (i32) and the weight (f32).
-struct DeviceTaps {
-    first: GpuBuffer,
-    index: GpuBuffer,
-    weight: GpuBuffer,
+/// Tap tables of an axis uploaded as three arrays: per position the first of its entries (i32
+/// `[len + 1]`), and per entry the position on the other side (i32) and the weight (f32). The
+/// bicubic backward uploads its transposed taps, the augmentation's crops their resize taps.
+pub(crate) struct DeviceTaps {
+    pub(crate) first: GpuBuffer,
+    pub(crate) index: GpuBuffer,
+    pub(crate) weight: GpuBuffer,
 }
 
-fn upload_taps(gpu: &std::sync::Arc<crate::device::Gpu>, taps: &[Taps]) -> Result<DeviceTaps> {
+/// Uploads `taps` (weights rounded to f32) for `op`, which names the error.
+pub(crate) fn upload_taps<W: Copy + Into<f64>>(
+    gpu: &std::sync::Arc<crate::device::Gpu>,
+    taps: &[Vec<(usize, W)>],
+    op: &str,
+) -> Result<DeviceTaps> {
     let total: usize = taps.iter().map(Vec::len).sum();
-    if total > i32::MAX as usize {
+    let widest = taps.iter().flatten().map(|&(i, _)| i).max().unwrap_or(0);
+    if total > i32::MAX as usize || widest > i32::MAX as usize {
         return Err(Error::Argument(format!(
-            "interpolate_bicubic backward: {total} weights along an axis"
+            "{op}: {total} weights, positions up to {widest} along an axis"
         )));
     }
     let mut first = Vec::with_capacity(taps.len() + 1);
@@ -78,7 +85,7 @@ fn upload_taps(gpu: &std::sync::Arc<crate::device::Gpu>, taps: &[Taps]) -> Resul
     for t in taps {
         for &(d, w) in t {
             index.push(d as i32);
-            weight.push(w as f32);
+            weight.push(w.into() as f32);
         }
         first.push(index.len() as i32);
     }
@@ -101,13 +108,16 @@ pub fn bicubic_backward(dy: &GpuBuffer, dtype: DType, g: &InterpGeom) -> Result<
     if len == 0 {
         return Ok(dx);
     }
+    let op = "interpolate_bicubic backward";
     let rows = upload_taps(
         gpu,
         &transposed(&axis(g.h, g.oh, g.step_h, g.antialias), g.h),
+        op,
     )?;
     let cols = upload_taps(
         gpu,
         &transposed(&axis(g.w, g.ow, g.step_w, g.antialias), g.w),
+        op,
     )?;
     let mut args = KernelArgs::new();
     args.ptr(dy, 0).ptr(&dx, 0).push(InterpShape::new(g));
