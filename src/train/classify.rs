@@ -524,13 +524,18 @@ impl TrainData {
         match options.method {
             Method::CosPlace => {
                 let groups = CosPlaceGroups::load_or_build(&folder, &options.cosplace)?;
-                let used = groups.groups.len().min(options.groups_num);
-                if used < options.groups_num {
-                    report(Event::Note(format!(
-                        "{} has {} groups, fewer than --groups-num {}: training those",
+                let used = options.groups_num;
+                if groups.groups.len() < used {
+                    let c = &options.cosplace;
+                    return Err(Error::Argument(format!(
+                        "{}: only {} groups with M {}, alpha {}, N {}, L {} and at least {} images per class, but --groups-num is {used}",
                         folder.display(),
                         groups.groups.len(),
-                        options.groups_num
+                        c.m,
+                        c.alpha,
+                        c.n,
+                        c.l,
+                        c.min_images_per_class
                     )));
                 }
                 let views: Vec<Vec<Vec<Source>>> = groups.groups[..used]
