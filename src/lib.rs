@@ -44,6 +44,7 @@ pub mod layout;
 pub mod models;
 pub mod nn;
 pub mod ops;
+pub mod synth;
 pub mod tape;
 pub mod tensor;
 pub mod train;

@@ -14,6 +14,7 @@ use vpr_engine::eval::run::{self, Descriptors};
 use vpr_engine::eval::{predictions, recall};
 use vpr_engine::fit::PcaParams;
 use vpr_engine::ops::knn::MAX_K;
+use vpr_engine::synth::{self, SynthOptions};
 use vpr_engine::Error;
 
 #[derive(Parser)]
@@ -56,6 +57,10 @@ enum Command {
     /// best.safetensors and last.safetensors (models for extract and eval), the resumable
     /// state, metrics.jsonl and config.json.
     Train(Box<TrainArgs>),
+    /// Renders a procedural city into training and test datasets: CosPlace crops (DIR/train),
+    /// EigenPlaces panoramas (DIR/train_panoramas) and DIR/val, DIR/test with database/ and
+    /// queries/, every image named @east@north@zone@letter@lat@lon@pano@tile@heading@...@.jpg.
+    Synth(SynthArgs),
 }
 
 #[derive(clap::Args)]
@@ -149,6 +154,25 @@ struct TrainArgs {
     /// Images per model call when validating and testing.
     #[arg(long)]
     eval_batch_size: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct SynthArgs {
+    /// The folder to write: new, empty, or an earlier synth output (which is replaced, with
+    /// the trainer's cache/ in it).
+    #[arg(long)]
+    out: PathBuf,
+    /// Training places: 10 m street cells, each photographed from 12 camera positions (12
+    /// panoramas and 144 crops); val and test get max(2, N/4) places (12 database images each)
+    /// and max(10, N) queries.
+    #[arg(long, default_value_t = SynthOptions::default().places)]
+    places: usize,
+    /// Seed of the city and of every capture: the same seed writes the same bytes.
+    #[arg(long, default_value_t = SynthOptions::default().seed)]
+    seed: u64,
+    /// Side of the crops and height of the panoramas (width 6.5x), a multiple of 24.
+    #[arg(long, default_value_t = SynthOptions::default().image_size)]
+    image_size: usize,
 }
 
 #[derive(clap::Args)]
@@ -290,6 +314,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval(&mut out, &args).map(|_| true),
         Command::AddPca(args) => add_pca(&mut out, &args).map(|_| true),
         Command::Train(args) => train(&mut out, &args).map(|_| true),
+        Command::Synth(args) => synth(&mut out, &args).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -484,6 +509,41 @@ fn extract(out: &mut impl Write, args: &ExtractArgs) -> vpr_engine::Result<()> {
         extract::paths_file(descriptors).display(),
         model.describe(),
         total as f64 / seconds.max(1e-9),
+    )
+    .map_err(stdout_err)
+}
+
+fn synth(out: &mut impl Write, args: &SynthArgs) -> vpr_engine::Result<()> {
+    let options = SynthOptions {
+        places: args.places,
+        seed: args.seed,
+        image_size: args.image_size,
+    };
+    let mut bar: Option<ProgressBar> = None;
+    let shown = std::io::stderr().is_terminal();
+    let result = synth::generate_with_progress(&args.out, &options, &mut |done, total| {
+        bar.get_or_insert_with(|| ProgressBar::new(total, "captures", shown))
+            .update(done)
+    });
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    let s = result?;
+    writeln!(
+        out,
+        "{}: train {} crops ({} CosPlace classes) + {} panoramas ({} EigenPlaces classes), \
+         val {} database + {} queries, test {} database + {} queries (seed {}, {:.1} s)",
+        args.out.display(),
+        s.train_crops,
+        s.cosplace_classes,
+        s.train_panoramas,
+        s.eigenplaces_classes,
+        s.val_database,
+        s.val_queries,
+        s.test_database,
+        s.test_queries,
+        args.seed,
+        s.seconds
     )
     .map_err(stdout_err)
 }
