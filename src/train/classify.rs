@@ -764,121 +764,22 @@ pub fn train(
         let started = Instant::now();
         let first = (epoch % data.cycle) * data.per_epoch;
         let active: Vec<usize> = (first..first + data.per_epoch).collect();
-        let mut samplers = Vec::new();
-        for &v in &active {
-            samplers.push(ClassSampler::new(
-                data.views[v].len(),
-                options.batch_size,
-                &format!("classifier {v}'s group"),
-            )?);
-        }
         let params: Vec<Parameter> = active
             .iter()
             .flat_map(|&v| trainer.classifiers[v].parameters())
             .collect();
         trainer.optimizer.move_to(&params, device)?;
-        report(Event::EpochStart {
+        let mean_loss = train_epoch(
+            &mut trainer,
+            &data,
+            &active,
+            options,
             epoch,
-            epochs: options.epochs,
-            iterations: options.iterations_per_epoch,
-            what: if data.per_epoch == 1 {
-                "group"
-            } else {
-                "lateral+frontal of group"
-            },
-        });
-        let mut sample_rng = epoch_rng(options.seed, epoch, 1);
-        let mut augment_rng = epoch_rng(options.seed, epoch, 2);
-        let mut loader = Loader::new(
-            options.loader_threads,
-            PREFETCH_BATCHES * options.batch_size,
-        );
-        // (view, labels) of the batches queued, in order
-        let mut queued: std::collections::VecDeque<(usize, Vec<usize>)> = Default::default();
-        let batches_total = options.iterations_per_epoch * active.len();
-        let mut batches_queued = 0;
-        let mut loss_sum = 0.0;
-        let mut tick = Instant::now();
-        for iteration in 0..options.iterations_per_epoch {
-            while batches_queued < batches_total && queued.len() < PREFETCH_BATCHES * active.len() {
-                let slot = batches_queued % active.len();
-                let classes = samplers[slot].next_batch(&mut sample_rng);
-                for &c in &classes {
-                    let images = &data.views[active[slot]][c];
-                    let pick = sample_rng.below(images.len() as u64) as usize;
-                    loader.submit(images[pick].clone())?;
-                }
-                queued.push_back((slot, classes));
-                batches_queued += 1;
-            }
-            let mut parts = Vec::new();
-            for _ in 0..active.len() {
-                let (slot, classes) = queued.pop_front().expect("batches were queued");
-                let view = active[slot];
-                let mut pixels = Vec::with_capacity(classes.len());
-                for &c in &classes {
-                    let image = match loader.take() {
-                        Ok(img) => img,
-                        Err(e) if options.skip_bad_images => {
-                            report(Event::Note(format!("skipped: {e}")));
-                            replacement(&data.views[view][c], &mut sample_rng, report)?
-                        }
-                        Err(e) => {
-                            return Err(Error::Argument(format!(
-                                "{e} (add --skip-bad-images to train without such images)"
-                            )))
-                        }
-                    };
-                    pixels.push(image);
-                }
-                let input = trainer.model.input().clone();
-                let images = training_images(&pixels, options, &mut augment_rng, &input, device)?;
-                let labels: Vec<i64> = classes.iter().map(|&c| c as i64).collect();
-                let weight = match (options.method, slot) {
-                    (Method::EigenPlaces, 0) => options.lambda_lateral,
-                    (Method::EigenPlaces, _) => options.lambda_frontal,
-                    (Method::CosPlace, _) => 1.0,
-                };
-                parts.push(Part {
-                    images,
-                    labels: Tensor::from_vec(labels, &[classes.len()], device)?,
-                    classifier: view,
-                    weight,
-                });
-            }
-            let (losses, _) = trainer.step(&parts)?;
-            let loss: f64 = losses.iter().sum();
-            if !loss.is_finite() && trainer.amp != Amp::F16 {
-                return Err(Error::Argument(format!(
-                    "the loss is {loss} at epoch {epoch}, iteration {iteration}: training stopped; {} holds the state after {epoch} epochs (--resume continues from there)",
-                    out.display()
-                )));
-            }
-            loss_sum += loss;
-            let now = Instant::now();
-            let images_per_second = (options.batch_size * active.len()) as f64
-                / now.duration_since(tick).as_secs_f64().max(1e-9);
-            tick = now;
-            let mut fields = vec![
-                ("epoch", Value::Number(epoch as f64)),
-                ("iteration", Value::Number(iteration as f64)),
-                ("loss", Value::Number(loss)),
-            ];
-            if data.per_epoch == 2 {
-                fields.push(("loss_lateral", Value::Number(losses[0])));
-                fields.push(("loss_frontal", Value::Number(losses[1])));
-            }
-            fields.push(("lr", Value::Number(options.lr)));
-            fields.push(("classifiers_lr", Value::Number(options.classifiers_lr)));
-            fields.push(("images_per_second", Value::Number(images_per_second)));
-            metrics.write(&fields)?;
-            report(Event::Step {
-                iteration,
-                loss,
-                images_per_second,
-            });
-        }
-        drop(loader);
+            device,
+            &mut metrics,
+            out,
+            report,
+        )?;
         trainer.optimizer.move_to(&params, &Device::Cpu)?;
 
         trainer.model.save(&files.last())?;
@@ -905,7 +806,6 @@ pub fn train(
             extra: [("best_recall1".to_string(), format!("{best_recall1:?}"))].into(),
         };
         save_checkpoint(&files.state(), &state)?;
-        let mean_loss = loss_sum / options.iterations_per_epoch as f64;
         metrics.write(&[
             ("epoch", Value::Number(epoch as f64)),
             ("mean_loss", Value::Number(mean_loss)),
@@ -947,6 +847,132 @@ pub fn train(
         test_recalls,
         epochs_run: options.epochs.saturating_sub(start_epoch),
     })
+}
+
+/// One epoch of `options.iterations_per_epoch` iterations on the classifiers `active` (their
+/// parameters already on `device`); returns the mean loss.
+#[allow(clippy::too_many_arguments)]
+fn train_epoch(
+    trainer: &mut Trainer,
+    data: &TrainData,
+    active: &[usize],
+    options: &TrainOptions,
+    epoch: usize,
+    device: &Device,
+    metrics: &mut Metrics,
+    out: &Path,
+    report: &mut dyn FnMut(Event),
+) -> Result<f64> {
+    let mut samplers = Vec::new();
+    for &v in active {
+        samplers.push(ClassSampler::new(
+            data.views[v].len(),
+            options.batch_size,
+            &format!("classifier {v}'s group"),
+        )?);
+    }
+    report(Event::EpochStart {
+        epoch,
+        epochs: options.epochs,
+        iterations: options.iterations_per_epoch,
+        what: if data.per_epoch == 1 {
+            "group"
+        } else {
+            "lateral+frontal of group"
+        },
+    });
+    let mut sample_rng = epoch_rng(options.seed, epoch, 1);
+    let mut augment_rng = epoch_rng(options.seed, epoch, 2);
+    let mut loader = Loader::new(
+        options.loader_threads,
+        PREFETCH_BATCHES * options.batch_size,
+    );
+    // (view, labels) of the batches queued, in order
+    let mut queued: std::collections::VecDeque<(usize, Vec<usize>)> = Default::default();
+    let batches_total = options.iterations_per_epoch * active.len();
+    let mut batches_queued = 0;
+    let mut loss_sum = 0.0;
+    let mut tick = Instant::now();
+    for iteration in 0..options.iterations_per_epoch {
+        while batches_queued < batches_total && queued.len() < PREFETCH_BATCHES * active.len() {
+            let slot = batches_queued % active.len();
+            let classes = samplers[slot].next_batch(&mut sample_rng);
+            for &c in &classes {
+                let images = &data.views[active[slot]][c];
+                let pick = sample_rng.below(images.len() as u64) as usize;
+                loader.submit(images[pick].clone())?;
+            }
+            queued.push_back((slot, classes));
+            batches_queued += 1;
+        }
+        let mut parts = Vec::new();
+        for _ in 0..active.len() {
+            let (slot, classes) = queued.pop_front().expect("batches were queued");
+            let view = active[slot];
+            let mut pixels = Vec::with_capacity(classes.len());
+            for &c in &classes {
+                let image = match loader.take() {
+                    Ok(img) => img,
+                    Err(e) if options.skip_bad_images => {
+                        report(Event::Note(format!("skipped: {e}")));
+                        replacement(&data.views[view][c], &mut sample_rng, report)?
+                    }
+                    Err(e) => {
+                        return Err(Error::Argument(format!(
+                            "{e} (add --skip-bad-images to train without such images)"
+                        )))
+                    }
+                };
+                pixels.push(image);
+            }
+            let input = trainer.model.input().clone();
+            let images = training_images(&pixels, options, &mut augment_rng, &input, device)?;
+            let labels: Vec<i64> = classes.iter().map(|&c| c as i64).collect();
+            let weight = match (options.method, slot) {
+                (Method::EigenPlaces, 0) => options.lambda_lateral,
+                (Method::EigenPlaces, _) => options.lambda_frontal,
+                (Method::CosPlace, _) => 1.0,
+            };
+            parts.push(Part {
+                images,
+                labels: Tensor::from_vec(labels, &[classes.len()], device)?,
+                classifier: view,
+                weight,
+            });
+        }
+        let (losses, _) = trainer.step(&parts)?;
+        let loss: f64 = losses.iter().sum();
+        if !loss.is_finite() && trainer.amp != Amp::F16 {
+            return Err(Error::Argument(format!(
+                "the loss is {loss} at epoch {epoch}, iteration {iteration}: training stopped; {} holds the state after {epoch} epochs (--resume continues from there)",
+                out.display()
+            )));
+        }
+        loss_sum += loss;
+        let now = Instant::now();
+        let images_per_second = (options.batch_size * active.len()) as f64
+            / now.duration_since(tick).as_secs_f64().max(1e-9);
+        tick = now;
+        let mut fields = vec![
+            ("epoch", Value::Number(epoch as f64)),
+            ("iteration", Value::Number(iteration as f64)),
+            ("loss", Value::Number(loss)),
+        ];
+        if data.per_epoch == 2 {
+            fields.push(("loss_lateral", Value::Number(losses[0])));
+            fields.push(("loss_frontal", Value::Number(losses[1])));
+        }
+        fields.push(("lr", Value::Number(options.lr)));
+        fields.push(("classifiers_lr", Value::Number(options.classifiers_lr)));
+        fields.push(("images_per_second", Value::Number(images_per_second)));
+        metrics.write(&fields)?;
+        report(Event::Step {
+            iteration,
+            loss,
+            images_per_second,
+        });
+    }
+    Ok(loss_sum / options.iterations_per_epoch as f64)
 }
 
 /// Another image of the same class, read on this thread, for one that failed to decode.
