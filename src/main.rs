@@ -123,6 +123,10 @@ struct TrainArgs {
     /// Train on the images as they are (no ColorJitter, no RandomResizedCrop).
     #[arg(long)]
     no_augment: bool,
+    /// Train every layer of the backbone (by default the first half stays frozen, as in
+    /// CosPlace and EigenPlaces).
+    #[arg(long)]
+    train_all_layers: bool,
     /// Report a training image that cannot be read and use another of its class, instead of
     /// stopping.
     #[arg(long)]
@@ -880,6 +884,7 @@ fn train(out: &mut impl Write, args: &TrainArgs) -> vpr_engine::Result<()> {
                 ("--init", args.init.is_some()),
                 ("--seed", args.seed.is_some()),
                 ("--no-augment", args.no_augment),
+                ("--train-all-layers", args.train_all_layers),
                 ("--skip-bad-images", args.skip_bad_images),
                 ("--M", args.cell_metres.is_some()),
                 ("--alpha", args.heading_degrees.is_some()),
@@ -917,6 +922,7 @@ fn train(out: &mut impl Write, args: &TrainArgs) -> vpr_engine::Result<()> {
             o.init = args.init.clone();
             o.seed = args.seed.unwrap_or(o.seed);
             o.augment = !args.no_augment;
+            o.train_all_layers = args.train_all_layers;
             o.skip_bad_images = args.skip_bad_images;
             if let Some(m) = args.cell_metres {
                 o.cosplace.m = m;

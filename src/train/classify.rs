@@ -147,6 +147,9 @@ pub struct TrainOptions {
     /// ColorJitter and RandomResizedCrop on the device (off: images used as decoded, resized to
     /// `image_size` when they are not that size).
     pub augment: bool,
+    /// Train the early layers too (CosPlace's `--train_all_layers`; by default conv1, bn1,
+    /// layer1 and layer2, or VGG16's first ten convolutions, stay frozen).
+    pub train_all_layers: bool,
     pub skip_bad_images: bool,
     pub loader_threads: usize,
     /// CosPlace's classes and groups, and how many of the groups are trained.
@@ -181,6 +184,7 @@ impl TrainOptions {
             init: None,
             seed: 0,
             augment: true,
+            train_all_layers: false,
             skip_bad_images: false,
             loader_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             cosplace: CosPlaceGrouping::default(),
@@ -225,6 +229,7 @@ impl TrainOptions {
             // as text: a JSON number cannot hold every u64
             ("seed", text(&self.seed.to_string())),
             ("augment", Value::Bool(self.augment)),
+            ("train_all_layers", Value::Bool(self.train_all_layers)),
             ("skip_bad_images", Value::Bool(self.skip_bad_images)),
             ("loader_threads", num(self.loader_threads as f64)),
             ("cosplace_m", num(c.m as f64)),
@@ -301,6 +306,7 @@ impl TrainOptions {
                 .parse()
                 .map_err(|_| bad("setting 'seed' is not an integer".into()))?,
             augment: flag("augment")?,
+            train_all_layers: flag("train_all_layers")?,
             skip_bad_images: flag("skip_bad_images")?,
             loader_threads: count("loader_threads")?,
             cosplace: CosPlaceGrouping {
@@ -690,7 +696,9 @@ pub fn train(
         CosPlaceNet::load(&files.init(), device)?
     };
     model.set_train(true);
-    model.freeze_cosplace();
+    if !options.train_all_layers {
+        model.freeze_cosplace();
+    }
     let mut classifiers = Vec::new();
     for (i, classes) in data.views.iter().enumerate() {
         classifiers.push(MarginCosineProduct::new(

@@ -38,8 +38,12 @@ impl Value {
             }
             // JSON has no NaN or infinity
             Value::Number(x) if !x.is_finite() => out.push_str("null"),
+            // counts as integers
+            Value::Number(x) if x.fract() == 0.0 && x.abs() < 1e15 => {
+                out.push_str(&format!("{}", *x as i64))
+            }
             // Rust's shortest round-trip form, so a value read back has the same bits
-            Value::Number(x) => out.push_str(&format!("{x:?}").replace(".0e", "e")),
+            Value::Number(x) => out.push_str(&format!("{x:?}")),
             Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         }
     }
