@@ -9,6 +9,7 @@ mod common;
 use common::{assert_tensor_close, fixture_tensors, gpu_devices, seed, ODD_SIZES};
 use std::collections::HashMap;
 use vpr_engine::check::max_error;
+use vpr_engine::device::VgpuOptions;
 use vpr_engine::ops::augment::{CropBox, JitterParams};
 use vpr_engine::tensor::Rng;
 use vpr_engine::{DType, Device, Error, Tensor};
@@ -300,6 +301,31 @@ fn gpus_match_the_cpu_twin_on_odd_sizes() {
 #[test]
 fn conformance_rows_pass_on_gpus() {
     common::assert_conformance(vpr_engine::ops::augment::conformance, "augment conformance");
+}
+
+/// The conformance rows under shuffled thread schedules, where a missing barrier in the block
+/// reduction of the grey means would give a wrong mean.
+#[test]
+fn conformance_rows_pass_under_shuffled_schedules() {
+    let s = seed("augment shuffled schedules");
+    for schedule in [s % 1000 + 1, s / 1000 % 1000 + 1001] {
+        let device = Device::vgpu_with(VgpuOptions {
+            seed: schedule,
+            os_threads: 2,
+            ..VgpuOptions::default()
+        });
+        let rows = vpr_engine::ops::augment::conformance(&device, s).unwrap();
+        for r in rows {
+            assert!(
+                r.passed(),
+                "{} {}: {:e} {:?}; VPR_VGPU_SEED={schedule}, VPR_TEST_SEED={s}",
+                r.kernel,
+                r.shape,
+                r.max_err,
+                r.error
+            );
+        }
+    }
 }
 
 #[test]

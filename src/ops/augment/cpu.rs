@@ -4,6 +4,7 @@
 
 use super::{CropBox, JitterParams, BRIGHTNESS, CONTRAST, HUE, SATURATION};
 use crate::ops::cpu::parallel_rows;
+use std::borrow::Cow;
 
 const C: usize = 3;
 
@@ -218,25 +219,34 @@ fn weighted_sum(taps: &[(usize, f32)], x: impl Fn(usize) -> f32) -> f32 {
 }
 
 /// torchvision's bilinear `Resize([out_h, out_w], antialias)` of the dense channels-last RGB image
-/// `src` of `h` x `w` pixels: the width is resampled first, then the height, as aten does (for the
-/// plain bilinear path, which aten computes in one pass, the same products and sums).
+/// `src` of `h` x `w` pixels: the width is resampled first, then the height, each only where its
+/// size changes, as aten does (for the plain bilinear path, which aten computes in one pass, the
+/// same products and sums).
 pub(crate) fn resize_rgb(
     src: &[f32],
     (h, w): (usize, usize),
     (out_h, out_w): (usize, usize),
     antialias: bool,
 ) -> Vec<f32> {
-    let cols = resize_taps(w, out_w, antialias);
-    let rows = resize_taps(h, out_h, antialias);
     let row_len = out_w * C;
-    let mut wide = vec![0f32; h * row_len];
-    for (src_row, wide_row) in src.chunks_exact(w * C).zip(wide.chunks_exact_mut(row_len)) {
-        for (taps, px) in cols.iter().zip(wide_row.chunks_exact_mut(C)) {
-            for (c, v) in px.iter_mut().enumerate() {
-                *v = weighted_sum(taps, |i| src_row[i * C + c]);
+    let wide: Cow<[f32]> = if w == out_w {
+        Cow::Borrowed(src)
+    } else {
+        let cols = resize_taps(w, out_w, antialias);
+        let mut wide = vec![0f32; h * row_len];
+        for (src_row, wide_row) in src.chunks_exact(w * C).zip(wide.chunks_exact_mut(row_len)) {
+            for (taps, px) in cols.iter().zip(wide_row.chunks_exact_mut(C)) {
+                for (c, v) in px.iter_mut().enumerate() {
+                    *v = weighted_sum(taps, |i| src_row[i * C + c]);
+                }
             }
         }
+        Cow::Owned(wide)
+    };
+    if h == out_h {
+        return wide.into_owned();
     }
+    let rows = resize_taps(h, out_h, antialias);
     let mut out = vec![0f32; out_h * row_len];
     for (taps, out_row) in rows.iter().zip(out.chunks_exact_mut(row_len)) {
         for (k, v) in out_row.iter_mut().enumerate() {

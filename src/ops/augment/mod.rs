@@ -397,7 +397,7 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
         let got = x.to_device(device).and_then(|xd| xd.color_jitter(&params));
         let want = x.color_jitter(&params);
         rows.push(compare(
-            "color_jitter_f32",
+            "color_jitter_means_f32+color_jitter_f32",
             DType::F32,
             &[n, h, w, 3],
             got,
@@ -430,13 +430,8 @@ pub fn conformance(device: &Device, seed: u64) -> Result<Vec<crate::check::Check
                 .to_device(device)
                 .and_then(|xd| xd.resized_crops(&boxes, oh, ow, aa));
             let want = x.resized_crops(&boxes, oh, ow, aa);
-            let name = if aa {
-                "resized_crop_aa_f32"
-            } else {
-                "resized_crop_f32"
-            };
             rows.push(compare(
-                name,
+                &format!("resized_crop_f32 (antialias {aa})"),
                 DType::F32,
                 &[n, h, w, 3, oh, ow],
                 got,
