@@ -945,7 +945,7 @@ fn train(out: &mut impl Write, args: &TrainArgs) -> vpr_engine::Result<()> {
             }
             o.eigenplaces.focal_dist = args.focal_dist.unwrap_or(o.eigenplaces.focal_dist);
             o.eval_batch_size = args.eval_batch_size.unwrap_or(o.eval_batch_size);
-            if eigen && args.heading_degrees.is_some() || eigen && args.heading_groups.is_some() {
+            if eigen && (args.heading_degrees.is_some() || args.heading_groups.is_some()) {
                 return Err(Error::Argument(
                     "--alpha and --L are CosPlace's (EigenPlaces' classes have no heading)".into(),
                 ));

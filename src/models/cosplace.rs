@@ -264,15 +264,14 @@ pub const TRAINABLE_BACKBONES: &[&str] = &[
 /// from: the backbone's tensors from `init` when given (a converted CosPlace or EigenPlaces file,
 /// or a torchvision ImageNet state dict in safetensors with torchvision's names), else
 /// torchvision's default initialisation; the head (GeM p = 3, the `dim`-wide FC) always fresh, as
-/// EigenPlaces starts from CosPlace's backbone. Returns the tensors, the metadata, and how many
-/// backbone tensors came from `init`.
+/// EigenPlaces starts from CosPlace's backbone.
 pub fn initial_weights(
     system: &str,
     backbone: &str,
     dim: usize,
     init: Option<&WeightsFile>,
     seed: u64,
-) -> Result<(Vec<(String, Tensor)>, BTreeMap<String, String>, usize)> {
+) -> Result<InitialWeights> {
     if !TRAINABLE_BACKBONES.contains(&backbone) {
         return Err(crate::error::Error::Argument(format!(
             "backbone '{backbone}' is not one of {}",
@@ -349,7 +348,19 @@ pub fn initial_weights(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    Ok((tensors, meta, copied))
+    Ok(InitialWeights {
+        tensors,
+        metadata: meta,
+        copied,
+    })
+}
+
+/// What [`initial_weights`] gives: a converted model file's contents.
+pub struct InitialWeights {
+    pub tensors: Vec<(String, Tensor)>,
+    pub metadata: BTreeMap<String, String>,
+    /// How many backbone tensors came from the `init` file.
+    pub copied: usize,
 }
 
 /// torchvision's initialisation of the backbone, under CosPlace's names: convolutions

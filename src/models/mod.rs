@@ -16,7 +16,7 @@ mod vit;
 
 pub use benchmark::Benchmark;
 pub use clusvpr::{knn_density, ClusVpr, ClusVprOutput};
-pub use cosplace::{initial_weights, CosPlace, CosPlaceNet, TRAINABLE_BACKBONES};
+pub use cosplace::{initial_weights, CosPlace, CosPlaceNet, InitialWeights, TRAINABLE_BACKBONES};
 pub use openibl::{add_pca, OpenIbl};
 pub use resnet::{FoldedResNet, ResNet};
 pub use vgg::Vgg16;

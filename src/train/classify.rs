@@ -584,7 +584,7 @@ impl TrainData {
                                     .iter()
                                     .map(|c| Source::Crop {
                                         panorama: groups.panoramas[c.panorama as usize].clone(),
-                                        crop: c.clone(),
+                                        crop: *c,
                                     })
                                     .collect()
                             })
@@ -678,7 +678,7 @@ pub fn train(
         CosPlaceNet::load(&files.last(), device)?
     } else {
         let init = options.init.as_deref().map(WeightsFile::open).transpose()?;
-        let (tensors, meta, copied) = initial_weights(
+        let initial = initial_weights(
             options.method.name(),
             &options.backbone,
             options.dim,
@@ -686,13 +686,13 @@ pub fn train(
             options.seed,
         )?;
         report(Event::Note(match &options.init {
-            Some(p) => format!("backbone: {copied} tensors from {}", p.display()),
+            Some(p) => format!("backbone: {} tensors from {}", initial.copied, p.display()),
             None => format!(
                 "backbone: {} from torchvision's default initialisation (no --init)",
                 options.backbone
             ),
         }));
-        write_weights(&files.init(), &tensors, &meta)?;
+        write_weights(&files.init(), &initial.tensors, &initial.metadata)?;
         CosPlaceNet::load(&files.init(), device)?
     };
     model.set_train(true);
