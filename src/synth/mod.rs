@@ -131,6 +131,7 @@ pub fn generate_with_progress(
     let replaced = check_output_folder(out)?;
     let plan = Plan::new(options)?;
     let staging = out.join(format!("{STAGING}{}", std::process::id()));
+    // what an interrupted run with the same process id left (usually nothing)
     let _ = std::fs::remove_dir_all(&staging);
     let folders: HashSet<PathBuf> = plan
         .images()
@@ -142,6 +143,7 @@ pub fn generate_with_progress(
     }
     let written = render_all(&plan, &staging, progress);
     if let Err(e) = written {
+        // the error that stopped the run is the one to report, not a failed clean-up
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
     }

@@ -88,14 +88,17 @@ pub fn render(city: &City, view: &View, appearance: &Appearance, noise_seed: u64
     ];
     let sun_height = appearance.sun_elevation.to_radians();
     let ground_light = appearance.ambient + appearance.sun * sun_height.sin().max(0.0) as f32;
+    let light = Light {
+        sun_dir,
+        direct: appearance.sun * sun_height.cos().max(0.0) as f32,
+        ambient: appearance.ambient,
+    };
     let mut hits = Vec::new();
     let mut noise = Noise(noise_seed ^ 0x05EE_D0FA_015E);
     for x in 0..w {
         let bearing = view.bearing.to_radians() + (x as f64 + 0.5 - w as f64 / 2.0) * step;
         let dir = [bearing.sin(), bearing.cos()];
-        cast(
-            city, view, dir, top, appearance, sun_dir, sun_height, &mut hits,
-        );
+        cast(city, view, dir, top, &light, appearance, &mut hits);
         for (y, &t) in tangents.iter().enumerate() {
             let ground_distance = if t < 0.0 {
                 view.camera_height / -t
@@ -142,17 +145,23 @@ pub fn render(city: &City, view: &View, appearance: &Appearance, noise_seed: u64
     }
 }
 
+/// Sunlight on vertical faces: the sun's horizontal direction, the strength of its light on a
+/// face turned to it, and the light every face gets.
+struct Light {
+    sun_dir: [f64; 2],
+    direct: f32,
+    ambient: f32,
+}
+
 /// Walks the map cells along `dir` (Amanatides-Woo) and collects the faces entered, up to the
 /// first that hides everything above it in the image (`top`: the top row's elevation tangent).
-#[allow(clippy::too_many_arguments)]
 fn cast(
     city: &City,
     view: &View,
     dir: [f64; 2],
     top: f64,
+    light: &Light,
     appearance: &Appearance,
-    sun_dir: [f64; 2],
-    sun_height: f64,
     hits: &mut Vec<Hit>,
 ) {
     hits.clear();
@@ -174,7 +183,6 @@ fn cast(
     let delta_x = 1.0 / dir[0].abs();
     let delta_y = 1.0 / dir[1].abs();
     let mut current = city.cell(cx, cy);
-    let direct = appearance.sun * sun_height.cos().max(0.0) as f32;
     loop {
         let (distance, across_x) = if next_x < next_y {
             cx += step_x;
@@ -212,13 +220,14 @@ fn cast(
                     b.max[0] - b.min[0],
                 )
             };
-            let facing = (normal[0] * sun_dir[0] + normal[1] * sun_dir[1]).max(0.0) as f32;
+            let facing =
+                (normal[0] * light.sun_dir[0] + normal[1] * light.sun_dir[1]).max(0.0) as f32;
             hits.push(Hit {
                 distance,
                 building: id,
                 u,
                 span,
-                light: appearance.ambient + direct * facing,
+                light: light.ambient + light.direct * facing,
                 haze: haze(distance, appearance),
             });
             if view.camera_height + top * distance <= b.height {
