@@ -154,8 +154,10 @@ fn classifier_matches_f64_and_finite_differences() {
     );
     let got = head.loss(&x, &yt).unwrap().to_f64_vec().unwrap();
     assert_close(&got, &[want], 3e-5, "classifier loss", sd);
+    // a small scale: at s = 30 the loss curves too fast for f32 central differences (the kernels'
+    // gradients at s = 30 and 100 are checked against f64 above)
     let check = gradcheck(
-        |t| class_cosines(&t[0], &t[1])?.margin_cross_entropy(&yt, 30.0, 0.4),
+        |t| class_cosines(&t[0], &t[1])?.margin_cross_entropy(&yt, 4.0, 0.4),
         &[x, w],
         1e-3,
         sd,
