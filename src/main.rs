@@ -113,8 +113,8 @@ struct TrainArgs {
     #[arg(long)]
     classifiers_lr: Option<f64>,
     /// Start the backbone from these weights: a converted CosPlace/EigenPlaces model (as
-    /// EigenPlaces starts from CosPlace) or a torchvision ImageNet state dict saved as
-    /// safetensors. Default: torchvision's random initialisation.
+    /// EigenPlaces starts from CosPlace) or a torchvision ImageNet checkpoint converted by
+    /// tools/convert (e.g. resnet50-11ad3fa6.pth). Default: torchvision's random initialisation.
     #[arg(long, value_name = "W.safetensors")]
     init: Option<PathBuf>,
     /// Seed of every random choice of the run.

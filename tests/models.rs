@@ -727,3 +727,85 @@ fn input_size_rules_are_read_from_metadata() {
         std::fs::remove_file(path).unwrap();
     }
 }
+
+/// `tools/convert`'s tiny torchvision classifier fixture `stem`, converted into the temp folder
+/// (`tag` keeps tests running in parallel apart).
+fn converted_torchvision(stem: &str, tag: &str) -> PathBuf {
+    let input = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tools/convert/tests/fixtures/{stem}.bare.zip.pth"));
+    let out = std::env::temp_dir().join(format!(
+        "vpr-models-{}-{stem}-{tag}.safetensors",
+        std::process::id()
+    ));
+    convert::convert_file(&input, &out, &convert::Options::default()).unwrap();
+    out
+}
+
+#[test]
+fn initial_weights_take_every_tensor_of_a_converted_torchvision_backbone() {
+    for (stem, backbone) in [
+        ("torchvision_resnet18", "resnet18"),
+        ("torchvision_resnet50", "resnet50"),
+        ("torchvision_vgg16", "vgg16"),
+    ] {
+        let path = converted_torchvision(stem, "init");
+        let file = WeightsFile::open(&path).unwrap();
+        assert_eq!(file.meta("vpr.arch"), Some("torchvision"));
+        assert_eq!(file.meta("vpr.backbone"), Some(backbone));
+        let (tensors, meta, copied) =
+            models::initial_weights("cosplace", backbone, 8, Some(&file), 0).unwrap();
+        // torchvision's module names to CosPlace's Sequential indices, written out here
+        let cosplace_name = |key: &str| -> String {
+            let (head, rest) = key.split_once('.').unwrap();
+            let index = match head {
+                "features" => return format!("backbone.{rest}"),
+                "conv1" => 0,
+                "bn1" => 1,
+                layer => 3 + layer["layer".len()..].parse::<usize>().unwrap(),
+            };
+            format!("backbone.{index}.{rest}")
+        };
+        let names = file.names();
+        assert!(!names
+            .iter()
+            .any(|n| n.starts_with("fc.") || n.starts_with("classifier.")));
+        assert_eq!(copied, names.len(), "{stem}");
+        let got: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        assert_eq!(got.len(), names.len() + 3, "{stem}: backbone + GeM p + FC");
+        for name in &names {
+            let want = file.read_f64(name).unwrap();
+            let t = got[cosplace_name(name).as_str()];
+            assert_eq!(t.shape(), file.shape(name).unwrap(), "{stem}: {name}");
+            assert_eq!(values(t), want, "{stem}: {name}");
+        }
+        assert_eq!(meta["vpr.backbone"], backbone);
+        assert_eq!(meta["vpr.dim"], "8");
+        // the file says which backbone it holds
+        let other = if backbone == "vgg16" {
+            "resnet18"
+        } else {
+            "vgg16"
+        };
+        let e = models::initial_weights("cosplace", other, 8, Some(&file), 0).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("holds a {backbone} backbone")),
+            "{e}"
+        );
+        drop(file);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+#[test]
+fn a_torchvision_backbone_is_not_a_place_recognition_model() {
+    let path = converted_torchvision("torchvision_resnet18", "load");
+    let e = load_error(&path);
+    assert!(
+        e.contains("torchvision ImageNet backbone checkpoint"),
+        "{e}"
+    );
+    assert!(e.contains("vpr-engine train --init"), "{e}");
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    std::fs::remove_file(&path).unwrap();
+}

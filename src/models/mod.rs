@@ -207,6 +207,10 @@ pub fn load(path: &Path, device: &Device) -> Result<Box<dyn PlaceModel>> {
         "netvlad" => Ok(Box::new(OpenIbl::from_file(&file, device)?)),
         "benchmark" => Ok(Box::new(Benchmark::from_file(&file, device)?)),
         "clusvpr" => Ok(Box::new(ClusVpr::from_file(&file, device)?)),
+        "torchvision" => Err(file.error(
+            "is a torchvision ImageNet backbone checkpoint, not a place-recognition model: \
+             start training from it with `vpr-engine train --init`",
+        )),
         other => Err(file.error(format!(
             "vpr.arch '{other}' is not supported yet (supported: cosplace, eigenplaces, dinov2, selavpr, netvlad, benchmark, clusvpr)"
         ))),

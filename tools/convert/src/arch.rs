@@ -16,7 +16,7 @@ use crate::err;
 use crate::error::Result;
 
 /// Architectures `--arch` accepts, besides `raw`.
-pub const ARCHES: [&str; 7] = [
+pub const ARCHES: [&str; 8] = [
     "cosplace",
     "eigenplaces",
     "netvlad",
@@ -24,6 +24,7 @@ pub const ARCHES: [&str; 7] = [
     "dinov2",
     "benchmark",
     "clusvpr",
+    "torchvision",
 ];
 
 const IMAGENET_MEAN: &str = "0.485,0.456,0.406";
@@ -38,6 +39,8 @@ pub struct Found {
     pub arch: &'static str,
     pub meta: BTreeMap<String, String>,
     pub notes: Vec<String>,
+    /// Keys recognised (their shapes checked) but left out of the output.
+    pub dropped: Vec<String>,
 }
 
 impl Found {
@@ -46,6 +49,7 @@ impl Found {
             arch,
             meta: BTreeMap::from([("vpr.arch".to_string(), arch.to_string())]),
             notes: Vec::new(),
+            dropped: Vec::new(),
         }
     }
 
@@ -155,17 +159,46 @@ struct Cnn {
     meta: Vec<(&'static str, String)>,
 }
 
-/// torchvision ResNet children [:-2] (conv5) or [:-3] (conv4) under prefix `p`.
-fn resnet(k: &mut Keys, p: &str) -> Fit<Cnn> {
-    let c0 = conv(k, &format!("{p}0"), 3, 7, false)?;
-    bn(k, &format!("{p}1"), c0)?;
-    let bottleneck = k.has(&format!("{p}4.0.conv3.weight"));
+/// Where a ResNet's children are: numbered by the `nn.Sequential` the gmberton repos wrap them in
+/// (`backbone.0` conv1, `backbone.1` bn1, `backbone.4`..`backbone.7` layer1..layer4), or named by
+/// torchvision's own module (`conv1`, `bn1`, `layer1`..`layer4`).
+#[derive(Clone, Copy)]
+enum ResNames<'p> {
+    Sequential(&'p str),
+    Torchvision,
+}
+
+impl ResNames<'_> {
+    /// The key prefix of child `i` of the ResNet (Sequential numbering, 0 to 7).
+    fn child(self, i: usize) -> String {
+        match (self, i) {
+            (ResNames::Sequential(p), i) => format!("{p}{i}"),
+            (ResNames::Torchvision, 0) => "conv1".into(),
+            (ResNames::Torchvision, 1) => "bn1".into(),
+            (ResNames::Torchvision, i) => format!("layer{}", i - 3),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            ResNames::Sequential(p) => format!("under {p:?}"),
+            ResNames::Torchvision => "with torchvision's names".into(),
+        }
+    }
+}
+
+/// torchvision ResNet children [:-2] (conv5) or [:-3] (conv4) at `names`.
+fn resnet(k: &mut Keys, names: ResNames) -> Fit<Cnn> {
+    let c0 = conv(k, &names.child(0), 3, 7, false)?;
+    bn(k, &names.child(1), c0)?;
+    let bottleneck = k.has(&format!("{}.0.conv3.weight", names.child(4)));
     let mut ch = c0;
     let mut counts = Vec::new();
     for layer in 4..=7 {
+        let prefix = names.child(layer);
         let mut j = 0;
-        while k.has(&format!("{p}{layer}.{j}.conv1.weight")) {
-            ch = res_block(k, &format!("{p}{layer}.{j}"), ch, bottleneck)?;
+        while k.has(&format!("{prefix}.{j}.conv1.weight")) {
+            ch = res_block(k, &format!("{prefix}.{j}"), ch, bottleneck)?;
             j += 1;
         }
         if j == 0 {
@@ -181,7 +214,8 @@ fn resnet(k: &mut Keys, p: &str) -> Fit<Cnn> {
         (true, [3, 8, 36]) => 152,
         _ => {
             return Err(format!(
-                "ResNet under {p:?} has blocks per layer {counts:?}, not a torchvision ResNet"
+                "ResNet {} has blocks per layer {counts:?}, not a torchvision ResNet",
+                names.describe()
             ))
         }
     };
@@ -191,7 +225,8 @@ fn resnet(k: &mut Keys, p: &str) -> Fit<Cnn> {
         3 => ("conv4", 16),
         _ => {
             return Err(format!(
-                "ResNet-{depth} under {p:?} has blocks per layer {counts:?}"
+                "ResNet-{depth} {} has blocks per layer {counts:?}",
+                names.describe()
             ))
         }
     };
@@ -261,7 +296,7 @@ fn cnn(k: &mut Keys, p: &str) -> Fit<Cnn> {
     if k.has(&format!("{p}0.bias")) {
         vgg16(k, p)
     } else {
-        resnet(k, p)
+        resnet(k, ResNames::Sequential(p))
     }
 }
 
@@ -631,10 +666,77 @@ fn dinov2(k: &mut Keys) -> Fit<Found> {
     Ok(f)
 }
 
+/// A torchvision ImageNet classifier, as torchvision downloads it: ResNet-18/34/50/101/152 under
+/// its own names (`conv1`, `bn1`, `layer1`..`layer4`, `fc`) or plain VGG16 (`features.N`,
+/// `classifier.{0,3,6}`). It is a backbone to start training from (`vpr-engine train --init`), not
+/// a place-recognition model. The classifier is optional; when present its shapes are checked
+/// and it is dropped from the output: training never uses it, and VGG16's is 90% of the file.
+fn torchvision(k: &mut Keys) -> Fit<Found> {
+    let mut f = Found::new("torchvision");
+    let b = if k.has("features.0.weight") {
+        // Claimed first, so that the refusal names torchvision as the closest layout.
+        conv(k, "features.0", 3, 3, true)?;
+        if k.has("features.1.running_mean") {
+            return Err(
+                "features.1 is a BatchNorm: VGG16-BN is not supported (train builds plain VGG16)"
+                    .into(),
+            );
+        }
+        let b = vgg16(k, "features.")?;
+        if k.has("classifier.0.weight") {
+            // The classifier sees VGG's 7x7 adaptive-average-pooled map, flattened.
+            let hidden = linear(k, "classifier.0", b.channels * 49, None)?;
+            let hidden = linear(k, "classifier.3", hidden, None)?;
+            linear(k, "classifier.6", hidden, None)?;
+            f.dropped = ["classifier.0", "classifier.3", "classifier.6"]
+                .iter()
+                .flat_map(|l| [format!("{l}.weight"), format!("{l}.bias")])
+                .collect();
+        }
+        b
+    } else {
+        let b = resnet(k, ResNames::Torchvision)?;
+        if b.stride != 32 {
+            return Err("torchvision ResNet without layer4".into());
+        }
+        // Widths are free (tiny test models), but torchvision's wide ResNets have the same
+        // layout as ResNet-50/101 with bottlenecks expanding 2x instead of 4x.
+        // Every claimed conv3 has its block's conv1 claimed too, both 4-d.
+        for block in k
+            .used
+            .iter()
+            .filter_map(|n| n.strip_suffix(".conv3.weight"))
+        {
+            let width = k.all[format!("{block}.conv1.weight").as_str()][0];
+            let out = k.all[format!("{block}.conv3.weight").as_str()][0];
+            if out != 4 * width {
+                return Err(format!(
+                    "{block} expands {width} to {out} channels, not 4x: a wide ResNet, not {}",
+                    b.name
+                ));
+            }
+        }
+        if k.has("fc.weight") {
+            linear(k, "fc", b.channels, None)?;
+            f.dropped = vec!["fc.weight".into(), "fc.bias".into()];
+        }
+        b
+    };
+    if !f.dropped.is_empty() {
+        f.notes.push(format!(
+            "dropped the ImageNet classifier ({}): train --init uses the backbone only",
+            f.dropped.join(", ")
+        ));
+    }
+    put_cnn(&mut f, &b);
+    imagenet(&mut f);
+    Ok(f)
+}
+
 type Recogniser = fn(&mut Keys) -> Fit<Found>;
 
 /// Every recogniser, in the order they are tried. CosPlace stands for EigenPlaces too.
-fn recognisers() -> [(&'static str, Recogniser); 6] {
+fn recognisers() -> [(&'static str, Recogniser); 7] {
     [
         ("cosplace", |k| cosplace(k, "cosplace")),
         ("netvlad", openibl),
@@ -642,6 +744,7 @@ fn recognisers() -> [(&'static str, Recogniser); 6] {
         ("selavpr", selavpr),
         ("dinov2", dinov2),
         ("benchmark", benchmark),
+        ("torchvision", torchvision),
     ]
 }
 

@@ -60,8 +60,14 @@ pub fn table() -> String {
             e.name, e.system, e.backbone, e.dim, e.arch, e.url
         );
         if !e.recalls.is_empty() {
+            // torchvision's classifiers have no recalls, only what they are for
+            let label = if e.arch == "torchvision" {
+                "note"
+            } else {
+                "recalls"
+            };
             out += &format!(
-                "{:w$}  recalls: {}\n",
+                "{:w$}  {label}: {}\n",
                 "",
                 e.recalls,
                 w = wn + ws + wb + wd + wa + 8

@@ -75,6 +75,7 @@ pub fn convert_bytes<'a>(data: &'a [u8], file_name: &str, opts: &Options) -> Res
             .map(|t| (t.name.clone(), t.shape.clone()))
             .collect();
         let found = arch::recognise(&shapes, opts.arch.as_deref(), file_name)?;
+        tensors.retain(|t| !found.dropped.contains(&t.name));
         notes.extend(found.notes);
         metadata.extend(found.meta);
     }

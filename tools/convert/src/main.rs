@@ -20,7 +20,8 @@ struct Cli {
     /// Where to write the safetensors file.
     #[arg(required_unless_present = "list")]
     output: Option<PathBuf>,
-    /// Architecture: cosplace, eigenplaces, netvlad, selavpr, dinov2, benchmark, clusvpr, or
+    /// Architecture: cosplace, eigenplaces, netvlad, selavpr, dinov2, benchmark, clusvpr,
+    /// torchvision (an ImageNet ResNet or VGG16, a backbone for `vpr-engine train --init`), or
     /// raw (copy the tensors without recognising them). Default: recognise from the keys.
     #[arg(long, value_name = "NAME")]
     arch: Option<String>,

@@ -85,6 +85,7 @@ fn list_prints_the_catalog() {
         "vgg16_netvlad.pth",
         "dinov2_vitl14_pretrain.pth",
         "SelaVPR_msls.pth",
+        "resnet50-11ad3fa6.pth",
     ] {
         assert!(text.contains(name), "{name} missing from --list");
     }
@@ -306,5 +307,34 @@ fn a_zip64_locator_pointing_past_the_end_of_the_address_space_is_refused() {
         "{text}"
     );
     assert!(!dir.join("far.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_torchvision_classifier_converts_to_its_backbone_with_a_note() {
+    let dir = scratch("torchvision");
+    let out = dir.join("r18.safetensors");
+    for extra in [&[][..], &["--arch", "torchvision"]] {
+        let o = Command::new(env!("CARGO_BIN_EXE_convert"))
+            .arg(fixtures().join("torchvision_resnet18.bare.zip.pth"))
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(
+            err.contains("dropped the ImageNet classifier (fc.weight, fc.bias)"),
+            "{err}"
+        );
+        let bytes = std::fs::read(&out).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert!(st.names().iter().all(|n| !n.starts_with("fc.")));
+        assert!(st.names().contains(&"layer4.1.bn2.running_var"));
+        let (_, m) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let m = m.metadata().clone().unwrap();
+        assert_eq!(m["vpr.arch"], "torchvision");
+        assert_eq!(m["vpr.backbone"], "resnet18");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -112,8 +112,12 @@ fn every_official_real_size_layout_is_recognised() {
 }
 
 fn manifest_shapes(name: &str) -> Vec<(String, Vec<usize>)> {
-    let text =
-        std::fs::read_to_string(common::fixtures().join(format!("manifests/{name}.txt"))).unwrap();
+    layout_shapes(&format!("manifests/{name}.txt"))
+}
+
+/// The `name shape` lines of a layout file under tests/fixtures, `#` lines skipped.
+fn layout_shapes(path: &str) -> Vec<(String, Vec<usize>)> {
+    let text = std::fs::read_to_string(common::fixtures().join(path)).unwrap();
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| {
@@ -138,6 +142,13 @@ fn manifests_have_the_key_counts_of_the_instantiated_official_models() {
         ("cosplace_resnet50_2048", 321),
         ("cosplace_resnet101_2048", 627),
         ("cosplace_vgg16_512", 29),
+        // torchvision's classifiers, head and BatchNorm counters included
+        ("torchvision_resnet18", 122),
+        ("torchvision_resnet34", 218),
+        ("torchvision_resnet50", 320),
+        ("torchvision_resnet101", 626),
+        ("torchvision_resnet152", 932),
+        ("torchvision_vgg16", 32),
     ] {
         assert_eq!(manifest_shapes(name).len(), keys, "{name}");
     }
@@ -181,4 +192,55 @@ fn counters_are_accepted_by_the_recogniser_and_eigenplaces_can_be_forced() {
     assert_eq!(f.meta["vpr.arch"], "eigenplaces");
     assert_eq!(f.meta["vpr.backbone"], "resnet50");
     assert_eq!(f.meta["vpr.dim"], "2048");
+}
+
+#[test]
+fn torchvision_lookalikes_are_refused_with_the_reason() {
+    // Real layouts of torchvision models that share names with the supported ones.
+    let dir = common::fixtures().join("refused");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let why = text
+            .lines()
+            .next()
+            .unwrap()
+            .strip_prefix("#error ")
+            .unwrap();
+        let shapes: Vec<(String, Vec<usize>)> = layout_shapes(&format!("refused/{name}"))
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+            .collect();
+        for forced in [None, Some("torchvision")] {
+            let e = arch::recognise(&shapes, forced, &name).unwrap_err();
+            assert!(e.0.contains("closest is torchvision"), "{name}: {e}");
+            assert!(e.0.contains(why), "{name}: expected {why:?} in {e}");
+        }
+        n += 1;
+    }
+    assert_eq!(n, 4, "refused layouts missing");
+}
+
+#[test]
+fn a_torchvision_classifier_without_its_head_is_still_a_backbone() {
+    for name in ["torchvision_resnet50", "torchvision_vgg16"] {
+        let shapes: Vec<(String, Vec<usize>)> = manifest_shapes(name)
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("fc.") && !k.starts_with("classifier."))
+            .collect();
+        let f = arch::recognise(&shapes, None, "backbone.pth").unwrap();
+        assert_eq!(f.meta["vpr.arch"], "torchvision", "{name}");
+        assert!(f.dropped.is_empty() && f.notes.is_empty(), "{name}");
+        // a ResNet cut after layer3 is not a classifier's backbone
+        let cut: Vec<(String, Vec<usize>)> = shapes
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("layer4."))
+            .collect();
+        if name.contains("resnet") {
+            let e = arch::recognise(&cut, None, "x.pth").unwrap_err();
+            assert!(e.0.contains("without layer4"), "{e}");
+        }
+    }
 }
