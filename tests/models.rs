@@ -752,8 +752,11 @@ fn initial_weights_take_every_tensor_of_a_converted_torchvision_backbone() {
         let file = WeightsFile::open(&path).unwrap();
         assert_eq!(file.meta("vpr.arch"), Some("torchvision"));
         assert_eq!(file.meta("vpr.backbone"), Some(backbone));
-        let (tensors, meta, copied) =
-            models::initial_weights("cosplace", backbone, 8, Some(&file), 0).unwrap();
+        let models::InitialWeights {
+            tensors,
+            metadata: meta,
+            copied,
+        } = models::initial_weights("cosplace", backbone, 8, Some(&file), 0).unwrap();
         // torchvision's module names to CosPlace's Sequential indices, written out here
         let cosplace_name = |key: &str| -> String {
             let (head, rest) = key.split_once('.').unwrap();
@@ -786,7 +789,9 @@ fn initial_weights_take_every_tensor_of_a_converted_torchvision_backbone() {
         } else {
             "vgg16"
         };
-        let e = models::initial_weights("cosplace", other, 8, Some(&file), 0).unwrap_err();
+        let Err(e) = models::initial_weights("cosplace", other, 8, Some(&file), 0) else {
+            panic!("{stem}: a {backbone} file taken as {other}");
+        };
         assert!(
             e.to_string()
                 .contains(&format!("holds a {backbone} backbone")),
