@@ -12,31 +12,20 @@ PyTorch's default layout (NCHW) and in channels-last and prints
 `ms_per_step=<nchw median>,<nchw min>,<channels-last median>,<channels-last min>`; on cuda
 without a usable GPU it exits with a line on standard error that says so.
 """
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cnn_forward  # noqa: E402
 
 SCALE = 30.0
 MARGIN = 0.4
 LR = 1e-5
 CLASSIFIERS_LR = 1e-2
-
-
-class GeM(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.p = torch.nn.Parameter(torch.ones(1) * 3)
-
-    def forward(self, x):
-        return F.avg_pool2d(x.clamp(min=1e-6).pow(self.p), (x.size(-2), x.size(-1))).pow(1.0 / self.p)
-
-
-class L2(torch.nn.Module):
-    def forward(self, x):
-        return F.normalize(x, p=2.0, dim=1)
 
 
 class MarginCosineProduct(torch.nn.Module):
@@ -55,12 +44,13 @@ class MarginCosineProduct(torch.nn.Module):
 
 
 def network(backbone, dim):
-    body = torch.nn.Sequential(*list(getattr(torchvision.models, backbone)().children())[:-2])
-    channels = 512 if backbone in ("resnet18", "resnet34") else 2048
-    for child in list(body.children())[:-2]:
+    """cnn_forward.py's CosPlace network in train mode, with CosPlace's freezing (the backbone's
+    children before layer3)."""
+    net = cnn_forward.network(backbone, dim).train()
+    for child in list(net[0].children())[:-2]:
         for p in child.parameters():
             p.requires_grad = False
-    return torch.nn.Sequential(body, L2(), GeM(), torch.nn.Flatten(), torch.nn.Linear(channels, dim), L2()).train()
+    return net
 
 
 def times_ms(device, backbone, dim, classes, batch, side, amp, warmup, steps, layout):

@@ -116,11 +116,7 @@ impl SetOrder {
                 }
             }
             perturb >>= PERTURB_SHIFT;
-            i = (i
-                .wrapping_mul(5)
-                .wrapping_add(1)
-                .wrapping_add(perturb as usize))
-                & mask;
+            i = next_probe(i, perturb, mask);
         }
     }
 
@@ -148,11 +144,7 @@ impl SetOrder {
                     }
                 }
                 perturb >>= PERTURB_SHIFT;
-                i = (i
-                    .wrapping_mul(5)
-                    .wrapping_add(1)
-                    .wrapping_add(perturb as usize))
-                    & mask;
+                i = next_probe(i, perturb, mask);
             }
         }
     }
@@ -165,6 +157,14 @@ impl SetOrder {
             .map(|&(_, index)| index)
             .collect()
     }
+}
+
+/// CPython's open-addressing step: `(5 i + 1 + perturb) mod size`.
+fn next_probe(i: usize, perturb: u64, mask: usize) -> usize {
+    i.wrapping_mul(5)
+        .wrapping_add(1)
+        .wrapping_add(perturb as usize)
+        & mask
 }
 
 #[cfg(test)]
