@@ -164,11 +164,6 @@ impl Loader {
         self.taken += 1;
         self.arrived.remove(&index).expect("arrived above")
     }
-
-    /// Images queued and not taken yet.
-    pub fn pending(&self) -> u64 {
-        self.submitted - self.taken
-    }
 }
 
 impl Drop for Loader {
