@@ -5,7 +5,9 @@ mod common;
 
 use common::vpr_engine;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 use vpr_engine::io::weights::WeightsFile;
 
 fn tiny_init() -> String {
@@ -200,6 +202,88 @@ fn a_resumed_run_repeats_the_uninterrupted_one() {
     assert!(err.contains("--lr cannot be given with --resume"), "{err}");
     let _ = std::fs::remove_dir_all(&whole);
     let _ = std::fs::remove_dir_all(&cut);
+}
+
+/// `cosplace_args` with `iterations` per epoch.
+fn longer_epochs<'a>(
+    dataset: &'a str,
+    out: &'a str,
+    epochs: &'a str,
+    iterations: &'a str,
+) -> Vec<&'a str> {
+    let mut args = cosplace_args(dataset, out, epochs);
+    let at = args
+        .iter()
+        .position(|a| *a == "--iterations-per-epoch")
+        .unwrap()
+        + 1;
+    args[at] = iterations;
+    args
+}
+
+#[test]
+fn a_run_killed_mid_epoch_resumes_as_if_never_stopped() {
+    let data = city().display().to_string();
+    let whole = scratch("uncut");
+    let killed = scratch("killed");
+    let (w, k) = (whole.display().to_string(), killed.display().to_string());
+    let (code, out, err) = vpr_engine(&longer_epochs(&data, &w, "2", "100"));
+    assert_eq!(code, 0, "{out}{err}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vpr-engine"))
+        .args(longer_epochs(&data, &k, "2", "100"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // SIGKILL (no chance to tidy up) once the second epoch's steps have begun
+    let metrics = killed.join("metrics.jsonl");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&metrics)
+        .unwrap_or_default()
+        .contains("{\"epoch\": 1, \"iteration\"")
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no second epoch"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let steps_before_kill = step_losses(&killed).len();
+    assert!(
+        (101..200).contains(&steps_before_kill),
+        "killed after {steps_before_kill} steps, not inside the second epoch"
+    );
+    let (code, out, err) = vpr_engine(&["train", "--resume", &k]);
+    assert_eq!(code, 0, "{out}{err}");
+    // the cut epoch's lines were replaced by the resumed run's, which match the uncut run's
+    assert_eq!(step_losses(&whole), step_losses(&killed));
+    let validation = |run: &Path| -> Vec<String> {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        text.lines()
+            .filter(|l| l.contains("val_recall@1"))
+            .map(|l| l[..l.find(", \"seconds\"").unwrap()].to_string())
+            .collect()
+    };
+    assert_eq!(validation(&whole), validation(&killed));
+    for file in ["last.safetensors", "best.safetensors"] {
+        let (a, b) = (
+            WeightsFile::open(&whole.join(file)).unwrap(),
+            WeightsFile::open(&killed.join(file)).unwrap(),
+        );
+        assert_eq!(a.names(), b.names());
+        for name in a.names() {
+            let same = a.read_f64(&name).unwrap() == b.read_f64(&name).unwrap();
+            assert!(same, "the resumed run's {file} holds another {name}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&whole);
+    let _ = std::fs::remove_dir_all(&killed);
 }
 
 #[test]

@@ -804,6 +804,16 @@ pub fn train(
                     .to_device(&p.tensor().device().clone())?,
             )?;
         }
+        // the epoch's line before its state: a run killed in between repeats the epoch on
+        // resume, which drops the line and writes it again
+        metrics.write(&[
+            ("epoch", Value::Number(epoch as f64)),
+            ("mean_loss", Value::Number(mean_loss)),
+            ("val_recall@1", Value::Number(recalls[0])),
+            ("val_recall@5", Value::Number(recalls[1])),
+            ("best", Value::Bool(best)),
+            ("seconds", Value::Number(started.elapsed().as_secs_f64())),
+        ])?;
         let state = TrainState {
             params: &all_params,
             optimizer: Some(&mut trainer.optimizer),
@@ -814,14 +824,6 @@ pub fn train(
             extra: [("best_recall1".to_string(), format!("{best_recall1:?}"))].into(),
         };
         save_checkpoint(&files.state(), &state)?;
-        metrics.write(&[
-            ("epoch", Value::Number(epoch as f64)),
-            ("mean_loss", Value::Number(mean_loss)),
-            ("val_recall@1", Value::Number(recalls[0])),
-            ("val_recall@5", Value::Number(recalls[1])),
-            ("best", Value::Bool(best)),
-            ("seconds", Value::Number(started.elapsed().as_secs_f64())),
-        ])?;
         report(Event::EpochEnd {
             epoch,
             mean_loss,
