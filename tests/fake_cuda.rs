@@ -320,6 +320,71 @@ fn training_steps_reuse_device_memory() {
     }
 }
 
+/// Run by `batches_upload_through_one_page_locked_buffer`: image-sized uploads through
+/// `Tensor::from_f32_fill`, a larger one, then the first size again, each read back.
+#[test]
+#[ignore = "runs in a child process of batches_upload_through_one_page_locked_buffer"]
+fn staged_uploads_child() {
+    use std::io::Write;
+    use vpr_engine::Tensor;
+
+    let log = std::env::var("FAKE_CUDA_LOG").expect("run with the fake driver");
+    let mark = |text: &str| {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        writeln!(f, "{text}").unwrap();
+    };
+    let device = vpr_engine::Device::new("cuda").unwrap();
+    for (i, shape) in [[2, 5, 7, 3], [2, 5, 7, 3], [4, 5, 7, 3], [2, 5, 7, 3]]
+        .iter()
+        .enumerate()
+    {
+        mark(&format!("upload {i}"));
+        let t = Tensor::from_f32_fill(shape, &device, |v| {
+            assert!(
+                v.iter().all(|&x| x == 0.0),
+                "fill got bytes that were not zeroed"
+            );
+            v.iter_mut()
+                .enumerate()
+                .for_each(|(j, x)| *x = (j * 7 + i) as f32);
+        })
+        .unwrap();
+        assert_eq!(t.shape(), shape);
+        let back = t.to_vec::<f32>().unwrap();
+        let want: Vec<f32> = (0..back.len()).map(|j| (j * 7 + i) as f32).collect();
+        assert_eq!(back, want, "upload {i}");
+    }
+}
+
+#[test]
+fn batches_upload_through_one_page_locked_buffer() {
+    let Some(run) = run_child("staged_uploads_child") else {
+        return;
+    };
+    let uploads: Vec<&str> = run.log.split("upload ").skip(1).collect();
+    assert_eq!(uploads.len(), 4, "{}", run.log);
+    let first = 2 * 5 * 7 * 3 * 4;
+    assert!(
+        uploads[0].contains(&format!("cuMemHostAlloc {first}\n")),
+        "{}",
+        run.log
+    );
+    // the same size reuses the buffer; a larger one replaces it; a smaller one fits in it
+    for i in [1, 3] {
+        assert!(
+            !uploads[i].contains("cuMemHost") && !uploads[i].contains("cuMemFreeHost"),
+            "{}",
+            run.log
+        );
+    }
+    assert!(
+        uploads[2].contains(&format!("cuMemFreeHost {first}\n"))
+            && uploads[2].contains(&format!("cuMemHostAlloc {}\n", 2 * first)),
+        "{}",
+        run.log
+    );
+}
+
 /// Run by `launch_errors_are_errors`: a launch the driver refuses fails at once; a kernel that
 /// faults fails the next synchronising call, and every call after it, as on a GPU.
 #[test]

@@ -331,6 +331,26 @@ impl Driver for CudaDriver {
         }
     }
 
+    fn alloc_host(&self, bytes: usize) -> Result<*mut u8> {
+        self.bind()?;
+        // SAFETY: a plain page-locked allocation (page-aligned) in the bound context.
+        unsafe { result::malloc_host(bytes.max(1), 0) }
+            .map(|p| p as *mut u8)
+            .map_err(|e| {
+                cuda_err(
+                    &format!("allocating {bytes} bytes of page-locked host memory"),
+                    e,
+                )
+            })
+    }
+
+    unsafe fn free_host(&self, ptr: *mut u8, _bytes: usize) {
+        if self.bind().is_ok() {
+            // SAFETY: the caller guarantees ptr came from alloc_host and is not used again.
+            let _ = unsafe { result::free_host(ptr as *mut std::ffi::c_void) };
+        }
+    }
+
     unsafe fn htod(&self, src: &[u8], dst: u64) -> Result<()> {
         self.bind()?;
         // SAFETY: the caller guarantees the destination range is allocated.

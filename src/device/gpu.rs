@@ -25,6 +25,12 @@ pub trait Driver: Send + Sync {
     /// # Safety
     /// `ptr` came from `alloc` of this driver and is not used again.
     unsafe fn free(&self, ptr: u64);
+    /// `bytes` (at least 1) of page-locked host memory aligned to 64 bytes: the device copies from
+    /// it by DMA, at full bus speed and without the staging copy pageable memory needs.
+    fn alloc_host(&self, bytes: usize) -> Result<*mut u8>;
+    /// # Safety
+    /// `ptr` came from `alloc_host(bytes)` of this driver and is not used again.
+    unsafe fn free_host(&self, ptr: *mut u8, bytes: usize);
     /// # Safety
     /// `[dst, dst + src.len())` lies inside one allocation of this driver.
     unsafe fn htod(&self, src: &[u8], dst: u64) -> Result<()>;
@@ -145,6 +151,9 @@ pub struct Gpu {
     poison: AtomicBool,
     /// Allocations the cache could not serve (calls into the driver), for tests and diagnostics.
     driver_allocations: AtomicUsize,
+    /// The page-locked host buffer `upload_staged` writes into: (address, bytes), grown when a
+    /// larger upload comes, kept for the next (a training loop uploads one batch size).
+    staging: Mutex<Option<(usize, usize)>>,
 }
 
 impl Gpu {
@@ -156,6 +165,7 @@ impl Gpu {
             cache: Mutex::new(HashMap::new()),
             poison,
             driver_allocations: AtomicUsize::new(0),
+            staging: Mutex::new(None),
         }
     }
 
@@ -255,6 +265,40 @@ impl Gpu {
         Ok(buf)
     }
 
+    /// Uploads the `bytes` bytes that `fill` writes, through this GPU's page-locked staging
+    /// buffer: the producer writes straight into memory the device reads by DMA, with no copy into
+    /// pageable memory before it. `fill` gets zeroed bytes, aligned to 64.
+    pub fn upload_staged(
+        self: &Arc<Self>,
+        bytes: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<GpuBuffer> {
+        let mut staging = self.staging.lock().unwrap();
+        let ptr = match *staging {
+            Some((ptr, capacity)) if capacity >= bytes => ptr,
+            old => {
+                if let Some((ptr, capacity)) = old {
+                    *staging = None;
+                    // SAFETY: the block came from alloc_host(capacity) and the lock is held, so
+                    // no other upload uses it.
+                    unsafe { self.driver.free_host(ptr as *mut u8, capacity) };
+                }
+                let capacity = bytes.max(1);
+                let ptr = self.driver.alloc_host(capacity)? as usize;
+                *staging = Some((ptr, capacity));
+                ptr
+            }
+        };
+        // SAFETY: the block holds at least `bytes` bytes, owned by this GPU and used only under
+        // the lock held here; zeroing first makes every byte of the slice initialised.
+        let host = unsafe {
+            std::ptr::write_bytes(ptr as *mut u8, 0, bytes);
+            std::slice::from_raw_parts_mut(ptr as *mut u8, bytes)
+        };
+        fill(host);
+        self.upload(host)
+    }
+
     pub fn download(&self, buf: &GpuBuffer, byte_offset: usize, len: usize) -> Result<Vec<u8>> {
         check_range(buf, byte_offset, len)?;
         let mut out = vec![0u8; len];
@@ -302,6 +346,10 @@ impl Gpu {
 impl Drop for Gpu {
     fn drop(&mut self) {
         self.release_cache();
+        if let Some((ptr, capacity)) = self.staging.lock().unwrap().take() {
+            // SAFETY: the block came from alloc_host(capacity); the GPU is going away.
+            unsafe { self.driver.free_host(ptr as *mut u8, capacity) };
+        }
     }
 }
 

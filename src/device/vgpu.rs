@@ -208,6 +208,25 @@ impl Driver for VgpuDriver {
         }
     }
 
+    /// Host memory is all the virtual GPU has: an ordinary aligned allocation.
+    fn alloc_host(&self, bytes: usize) -> Result<*mut u8> {
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN)
+            .map_err(|e| Error::Argument(e.to_string()))?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc(layout) };
+        if p.is_null() {
+            return Err(Error::Device(format!(
+                "vgpu: out of host memory allocating {bytes} bytes"
+            )));
+        }
+        Ok(p)
+    }
+
+    unsafe fn free_host(&self, ptr: *mut u8, bytes: usize) {
+        // SAFETY: the caller guarantees ptr came from alloc_host(bytes), which used this layout.
+        unsafe { std::alloc::dealloc(ptr, Layout::from_size_align_unchecked(bytes.max(1), ALIGN)) };
+    }
+
     unsafe fn htod(&self, src: &[u8], dst: u64) -> Result<()> {
         // SAFETY: the caller guarantees dst..dst+len is inside one of our allocations.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };

@@ -127,6 +127,35 @@ impl Tensor {
         t.to_device(device)
     }
 
+    /// The f32 values that `fill` writes, as a tensor of `shape` on `device`. On a GPU `fill`
+    /// writes into page-locked host memory that the device copies from directly
+    /// (`Gpu::upload_staged`): a large input such as a batch of images reaches the device with no
+    /// further host copy. `fill` gets zeros.
+    pub fn from_f32_fill(
+        shape: &[usize],
+        device: &Device,
+        fill: impl FnOnce(&mut [f32]),
+    ) -> Result<Tensor> {
+        let layout = Layout::contiguous(shape)?;
+        let n: usize = shape.iter().product();
+        match device {
+            Device::Cpu => {
+                let mut data = vec![0f32; n];
+                fill(&mut data);
+                Tensor::from_vec(data, shape, device)
+            }
+            Device::Gpu(g) => {
+                let buf = g.upload_staged(n * 4, |bytes| fill(bytemuck::cast_slice_mut(bytes)))?;
+                Ok(Tensor::from_parts(
+                    Storage::Gpu(buf),
+                    layout,
+                    DType::F32,
+                    device.clone(),
+                ))
+            }
+        }
+    }
+
     pub fn from_slice<T: IntoCpuStorage>(
         data: &[T],
         shape: &[usize],

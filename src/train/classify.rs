@@ -1032,20 +1032,22 @@ fn evaluate_model(
     Ok([evaluation.recalls[0], evaluation.recalls[1]])
 }
 
-/// `[B, H, W, 3]` f32 in 0..1 (ToTensor) on `device`; every image must have the same size.
+/// `[B, H, W, 3]` f32 in 0..1 (ToTensor) on `device`, written on a GPU straight into the
+/// page-locked memory it is uploaded from; every image must have the same size.
 fn batch_tensor(images: &[Rgb8], device: &Device) -> Result<Tensor> {
     let (h, w) = (images[0].height, images[0].width);
-    let mut data = Vec::with_capacity(images.len() * h * w * 3);
-    for image in images {
-        if (image.height, image.width) != (h, w) {
-            return Err(Error::Shape(format!(
-                "training images of one batch differ in size: {}x{} and {h}x{w} (CosPlace's training crops are all one size)",
-                image.height, image.width
-            )));
-        }
-        data.extend(image.pixels.iter().map(|&p| p as f32 / 255.0));
+    if let Some(other) = images.iter().find(|i| (i.height, i.width) != (h, w)) {
+        return Err(Error::Shape(format!(
+            "training images of one batch differ in size: {}x{} and {h}x{w} (CosPlace's training crops are all one size)",
+            other.height, other.width
+        )));
     }
-    Tensor::from_vec(data, &[images.len(), h, w, 3], device)
+    Tensor::from_f32_fill(&[images.len(), h, w, 3], device, |values| {
+        let pixels = images.iter().flat_map(|image| &image.pixels);
+        for (v, &p) in values.iter_mut().zip(pixels) {
+            *v = p as f32 / 255.0;
+        }
+    })
 }
 
 /// A batch as the model trains on it: ToTensor on `device`, then the augmentation (ColorJitter,

@@ -121,6 +121,7 @@ struct Driver {
   int log_fd = -1;
   std::vector<std::unique_ptr<Context>> contexts;  // the primary context of each device
   std::map<unsigned long long, size_t> allocations;
+  std::map<void*, size_t> host_allocations;  // page-locked host memory (cuMemHostAlloc)
   std::set<Module*> modules;
   std::set<Function*> functions;
   int sticky = SUCCESS;  // a kernel fault, reported by every later call, as a GPU does
@@ -483,6 +484,32 @@ API cuMemFree_v2(CUdeviceptr ptr) {
   log_line("cuMemFree %zu", it->second);
   d.allocations.erase(it);
   std::free(reinterpret_cast<void*>(ptr));
+  return SUCCESS;
+}
+
+API cuMemHostAlloc(void** ptr, size_t bytes, unsigned int flags) {
+  Driver& d = driver();
+  std::lock_guard<std::mutex> lock(d.mu);
+  if (int e = context_call(d)) return e;
+  if (!ptr || bytes == 0 || flags > 0x7) return fail(INVALID_VALUE, "cuMemHostAlloc of %zu bytes, flags %u", bytes, flags);
+  void* p = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);  // page-locked memory is page-aligned
+  if (!p) return OUT_OF_MEMORY;
+  std::memset(p, 0xff, bytes);
+  *ptr = p;
+  d.host_allocations[p] = bytes;
+  log_line("cuMemHostAlloc %zu", bytes);
+  return SUCCESS;
+}
+
+API cuMemFreeHost(void* ptr) {
+  Driver& d = driver();
+  std::lock_guard<std::mutex> lock(d.mu);
+  if (int e = context_call(d)) return e;
+  auto it = d.host_allocations.find(ptr);
+  if (it == d.host_allocations.end()) return fail(INVALID_VALUE, "cuMemFreeHost(%p): not a host allocation", ptr);
+  log_line("cuMemFreeHost %zu", it->second);
+  d.host_allocations.erase(it);
+  std::free(ptr);
   return SUCCESS;
 }
 

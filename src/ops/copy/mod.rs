@@ -59,14 +59,20 @@ impl Tensor {
             return Ok(self.clone());
         }
         let src = self.contiguous()?;
-        let (bytes_per, n) = (src.dtype().size_in_bytes(), src.numel());
-        let bytes: Vec<u8> = match src.storage() {
-            Storage::Cpu(s) => s.as_bytes()[..n * bytes_per].to_vec(),
-            Storage::Gpu(b) => b.gpu().download(b, 0, n * bytes_per)?,
-        };
-        let storage = match device {
-            Device::Cpu => Storage::Cpu(CpuStorage::from_bytes(src.dtype(), &bytes)),
-            Device::Gpu(g) => Storage::Gpu(g.upload(&bytes)?),
+        let len = src.dtype().size_in_bytes() * src.numel();
+        let storage = match (src.storage(), device) {
+            // straight from the host storage: no copy of it first
+            (Storage::Cpu(s), Device::Gpu(g)) => Storage::Gpu(g.upload(&s.as_bytes()[..len])?),
+            (Storage::Gpu(b), Device::Gpu(g)) => {
+                Storage::Gpu(g.upload(&b.gpu().download(b, 0, len)?)?)
+            }
+            (Storage::Gpu(b), Device::Cpu) => Storage::Cpu(CpuStorage::from_bytes(
+                src.dtype(),
+                &b.gpu().download(b, 0, len)?,
+            )),
+            (Storage::Cpu(s), Device::Cpu) => {
+                Storage::Cpu(CpuStorage::from_bytes(src.dtype(), &s.as_bytes()[..len]))
+            }
         };
         let layout = Layout::contiguous(self.shape())?;
         let out = Tensor::from_parts(storage, layout, src.dtype(), device.clone());
