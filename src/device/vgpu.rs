@@ -183,32 +183,20 @@ impl Driver for VgpuDriver {
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
-        let layout = Layout::from_size_align(bytes.max(1), ALIGN)
-            .map_err(|e| Error::Argument(e.to_string()))?;
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { std::alloc::alloc(layout) };
-        if p.is_null() {
-            return Err(Error::Device(format!(
-                "vgpu: out of host memory allocating {bytes} bytes"
-            )));
-        }
+        let p = self.alloc_host(bytes)?;
         self.sizes.lock().unwrap().insert(p as u64, bytes.max(1));
         Ok(p as u64)
     }
 
     unsafe fn free(&self, ptr: u64) {
         if let Some(size) = self.sizes.lock().unwrap().remove(&ptr) {
-            // SAFETY: ptr was allocated by `alloc` with this size and alignment.
-            unsafe {
-                std::alloc::dealloc(
-                    ptr as *mut u8,
-                    Layout::from_size_align_unchecked(size, ALIGN),
-                )
-            };
+            // SAFETY: ptr came from `alloc`, that is from alloc_host(size).
+            unsafe { self.free_host(ptr as *mut u8, size) };
         }
     }
 
-    /// Host memory is all the virtual GPU has: an ordinary aligned allocation.
+    /// Host memory is all the virtual GPU has: device and page-locked memory alike are ordinary
+    /// aligned allocations.
     fn alloc_host(&self, bytes: usize) -> Result<*mut u8> {
         let layout = Layout::from_size_align(bytes.max(1), ALIGN)
             .map_err(|e| Error::Argument(e.to_string()))?;
