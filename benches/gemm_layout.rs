@@ -99,9 +99,7 @@ fn threads() -> usize {
 /// Forward `y (m x o) = col (m x k) @ w^T` as `conv_forward` runs it. `x` holds `m x k` values
 /// when `pointwise`, else one tile per thread (stale im2col: the values do not matter).
 fn conv_forward(
-    m: usize,
-    k: usize,
-    o: usize,
+    (m, k, o): (usize, usize, usize),
     pointwise: bool,
     x: &[f32],
     w: &[f32],
@@ -179,9 +177,7 @@ fn conv_forward(
 
 /// dgrad `dcol (rows x k) = dy (rows x o) @ w` over chunks of whole images, as `conv_dgrad`.
 fn conv_dgrad(
-    m: usize,
-    k: usize,
-    o: usize,
+    (m, k, o): (usize, usize, usize),
     pixels: usize,
     dy: &[f32],
     w: &[f32],
@@ -376,8 +372,8 @@ fn conv_case(n: usize, s: Conv, pass: Pass, rounds: usize) -> (f64, f64, bool) {
             out_b = vec![0f32; m * o];
             ab(
                 rounds,
-                || conv_forward(m, k, o, pointwise, &x, &w_ok, &mut out_a, Layout::OK),
-                || conv_forward(m, k, o, pointwise, &x, &w_ko, &mut out_b, Layout::KO),
+                || conv_forward((m, k, o), pointwise, &x, &w_ok, &mut out_a, Layout::OK),
+                || conv_forward((m, k, o), pointwise, &x, &w_ko, &mut out_b, Layout::KO),
             )
         }
         Pass::Dgrad => {
@@ -387,8 +383,8 @@ fn conv_case(n: usize, s: Conv, pass: Pass, rounds: usize) -> (f64, f64, bool) {
             out_b = vec![0f32; rows * k];
             ab(
                 rounds,
-                || conv_dgrad(m, k, o, pixels, &dy, &w_ok, &mut out_a, Layout::OK),
-                || conv_dgrad(m, k, o, pixels, &dy, &w_ko, &mut out_b, Layout::KO),
+                || conv_dgrad((m, k, o), pixels, &dy, &w_ok, &mut out_a, Layout::OK),
+                || conv_dgrad((m, k, o), pixels, &dy, &w_ko, &mut out_b, Layout::KO),
             )
         }
         Pass::Wgrad => {
