@@ -3,10 +3,11 @@
 //! a GEMM (wgrad). A 1x1 stride-1 unpadded convolution uses the input as the im2col matrix.
 //! The forward pass of a convolution with many output rows gives each thread a run of rows and
 //! works through it in tiles: the im2col block of a tile (`TILE_BUDGET` floats), its GEMM on that
-//! thread, then bias, residual and ReLU while the tile is still in the core's cache. Backward
-//! passes build im2col (or its gradient) in chunks of output rows near `COL_BUDGET` floats.
-//! These matrices live in a per-thread scratch buffer reused across calls. GEMMs of few rows
-//! (late layers at batch 1) split their columns over the threads themselves.
+//! thread, then bias, residual and ReLU while the tile is still in the core's cache; those tiles
+//! multiply by a `[K, O]` copy of the weight made once per call (the layout the crate packs
+//! cheaply). Backward passes build im2col (or its gradient) in chunks of output rows near
+//! `COL_BUDGET` floats. These matrices live in a per-thread scratch buffer reused across calls.
+//! GEMMs of few rows (late layers at batch 1) split their columns over the threads themselves.
 //!
 //! For f16/bf16 (converted to f32 by the caller) the GEMM results are rounded to the dtype before
 //! the epilogue or col2im, where the GPU's GEMM stores them in the dtype: the same rounding points
