@@ -3,10 +3,11 @@
 //! a GEMM (wgrad). A 1x1 stride-1 unpadded convolution uses the input as the im2col matrix.
 //! The forward pass of a convolution with many output rows gives each thread a run of rows and
 //! works through it in tiles: the im2col block of a tile (`TILE_BUDGET` floats), its GEMM on that
-//! thread, then bias, residual and ReLU while the tile is still in the core's cache. Backward
-//! passes build im2col (or its gradient) in chunks of output rows near `COL_BUDGET` floats.
-//! These matrices live in a per-thread scratch buffer reused across calls. GEMMs of few rows
-//! (late layers at batch 1) split their columns over the threads themselves.
+//! thread, then bias, residual and ReLU while the tile is still in the core's cache; those tiles
+//! multiply by a `[K, O]` copy of the weight made once per call (the layout the crate packs
+//! cheaply). Backward passes build im2col (or its gradient) in chunks of output rows near
+//! `COL_BUDGET` floats. These matrices live in a per-thread scratch buffer reused across calls.
+//! GEMMs of few rows (late layers at batch 1) split their columns over the threads themselves.
 //!
 //! For f16/bf16 (converted to f32 by the caller) the GEMM results are rounded to the dtype before
 //! the epilogue or col2im, where the GPU's GEMM stores them in the dtype: the same rounding points
@@ -189,9 +190,29 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// The transposed weight of this thread's last tiled convolution forward, kept for the same
+    /// reason as `SCRATCH`.
+    static WEIGHT_SCRATCH: std::cell::RefCell<Vec<f32>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Runs `f` on a scratch buffer of `len` floats (stale contents: `f` must write before reading).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|s| {
+    with_buffer(&SCRATCH, len, f)
+}
+
+/// `with_scratch` on the buffer for a transposed weight.
+fn with_weight_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_buffer(&WEIGHT_SCRATCH, len, f)
+}
+
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|s| {
         let mut s = s.borrow_mut();
         if s.len() < len {
             s.resize(len, 0.0);
@@ -322,8 +343,8 @@ pub fn conv_forward(
     let (m, o, og, k) = (g.m(), g.o, g.og(), g.k());
     let ktot = g.groups * k;
     let mut out = vec![0f32; m * o];
-    // out[:, group] = col[:, group] @ w[group]^T, w[group] read as K x Og with strides (1, K)
-    let product = |col: &[f32], rows: usize, dst: &mut [f32], threads: Threads| {
+    // out[:, group] = col[:, group] @ w[group]^T, w[group] read as a K x Og matrix
+    let product = |col: &[f32], rows: usize, dst: &mut [f32], w: Weight, threads: Threads| {
         for group in 0..g.groups {
             gemm_f32(
                 (rows, og, k),
@@ -332,66 +353,129 @@ pub fn conv_forward(
                 false,
                 col,
                 Mat::new(group * k, ktot, 1),
-                w,
-                Mat::new(group * og * k, 1, k),
+                w.data,
+                w.group_kxo(group, og),
                 threads,
             );
         }
     };
     // rows `first..` of the output (`dst`): im2col of those rows (unless the input is the im2col
     // matrix) into `col`, the GEMM, rounding and epilogue, all while the rows are in cache
-    let rows_done = |first: usize, dst: &mut [f32], col: &mut [f32], threads: Threads| {
-        let rows = dst.len() / o;
-        let lhs = if g.pointwise() {
-            &x[first * ktot..][..rows * ktot]
-        } else {
-            let col = &mut col[..rows * ktot];
+    let rows_done =
+        |first: usize, dst: &mut [f32], col: &mut [f32], w: Weight, threads: Threads| {
+            let rows = dst.len() / o;
+            let lhs = if g.pointwise() {
+                &x[first * ktot..][..rows * ktot]
+            } else {
+                let col = &mut col[..rows * ktot];
+                match threads {
+                    Threads::All => im2col(x, g, first, col),
+                    Threads::One => im2col_serial(x, g, first, col),
+                }
+                &*col
+            };
+            product(lhs, rows, dst, w, threads);
+            let residual = residual.map(|r| &r[first * o..][..rows * o]);
+            let finish = |row0: usize, chunk: &mut [f32]| {
+                round_to(chunk, dtype);
+                let residual = residual.map(|r| &r[row0 * o..][..chunk.len()]);
+                epilogue(chunk, o, bias, residual, relu);
+            };
             match threads {
-                Threads::All => im2col(x, g, first, col),
-                Threads::One => im2col_serial(x, g, first, col),
+                Threads::All => parallel_rows(dst, o, finish),
+                Threads::One => finish(0, dst),
             }
-            &*col
         };
-        product(lhs, rows, dst, threads);
-        let residual = residual.map(|r| &r[first * o..][..rows * o]);
-        let finish = |row0: usize, chunk: &mut [f32]| {
-            round_to(chunk, dtype);
-            let residual = residual.map(|r| &r[row0 * o..][..chunk.len()]);
-            epilogue(chunk, o, bias, residual, relu);
-        };
-        match threads {
-            Threads::All => parallel_rows(dst, o, finish),
-            Threads::One => finish(0, dst),
-        }
-    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if g.pointwise() || m <= SPLIT_N_MAX_M * cores {
         // a 1x1 convolution (the input is the im2col matrix: the crate's own split of the whole
         // GEMM measured faster than tiles), or few rows (late layers at batch 1): one im2col
         // over the threads, then a GEMM that splits the output channels where the rows are few
         let col_len = if g.pointwise() { 0 } else { m * ktot };
-        with_scratch(col_len, |col| rows_done(0, &mut out, col, Threads::All));
+        let w = Weight::ohwi(w, k);
+        with_scratch(col_len, |col| rows_done(0, &mut out, col, w, Threads::All));
         return out;
     }
-    // many rows: each thread takes a run of rows and works through it a tile at a time
+    // many rows: each thread takes a run of rows and works through it a tile at a time. Every
+    // tile's GEMM packs the whole weight (the crate's lhs, after it transposes the problem for
+    // our row-major output) into panels of output channels: a strided gather from OHWI, repeated
+    // per tile, but a contiguous copy from [K, O]. So the weight is transposed once per call,
+    // which costs a pass over it against one per tile (benches/RESULTS.md, "gemm layout").
     let tile = (TILE_BUDGET / ktot.max(1)).clamp(16, m);
     let per = m.div_ceil(cores).next_multiple_of(tile);
     let col_len = if g.pointwise() { 0 } else { tile * ktot };
-    with_scratch(cores * col_len, |scratch| {
-        let mut cols = scratch.chunks_mut(col_len.max(1));
-        std::thread::scope(|s| {
-            for (t, dst) in out.chunks_mut(per * o).enumerate() {
-                let col = cols.next().unwrap_or_default();
-                let rows_done = &rows_done;
-                s.spawn(move || {
-                    for (i, dst) in dst.chunks_mut(tile * o).enumerate() {
-                        rows_done(t * per + i * tile, dst, col, Threads::One);
-                    }
-                });
-            }
+    with_weight_scratch(o * k, |w_t| {
+        transpose_into(w, o, k, w_t);
+        let w = Weight::transposed(w_t, o);
+        with_scratch(cores * col_len, |scratch| {
+            let mut cols = scratch.chunks_mut(col_len.max(1));
+            std::thread::scope(|s| {
+                for (t, dst) in out.chunks_mut(per * o).enumerate() {
+                    let col = cols.next().unwrap_or_default();
+                    let rows_done = &rows_done;
+                    s.spawn(move || {
+                        for (i, dst) in dst.chunks_mut(tile * o).enumerate() {
+                            rows_done(t * per + i * tile, dst, col, w, Threads::One);
+                        }
+                    });
+                }
+            });
         });
     });
     out
+}
+
+/// A convolution weight as the forward's GEMMs read it: `[O, K]` (OHWI, as stored) or its
+/// `[K, O]` transpose, K = KH * KW * C/groups.
+#[derive(Clone, Copy)]
+struct Weight<'a> {
+    data: &'a [f32],
+    /// Distance between consecutive K entries of one output channel.
+    k_stride: usize,
+    /// Distance between consecutive output channels.
+    o_stride: usize,
+}
+
+impl<'a> Weight<'a> {
+    fn ohwi(data: &'a [f32], k: usize) -> Weight<'a> {
+        Weight {
+            data,
+            k_stride: 1,
+            o_stride: k,
+        }
+    }
+
+    fn transposed(data: &'a [f32], o: usize) -> Weight<'a> {
+        Weight {
+            data,
+            k_stride: o,
+            o_stride: 1,
+        }
+    }
+
+    /// The K x Og matrix of group `group`.
+    fn group_kxo(&self, group: usize, og: usize) -> Mat {
+        Mat::new(group * og * self.o_stride, self.k_stride, self.o_stride)
+    }
+}
+
+/// Output channels per block of `transpose_into`: a block reads whole cache lines of K values
+/// from this many weight rows.
+const TRANSPOSE_BLOCK: usize = 16;
+
+/// `w` (`o x k`, row-major) into `w_t` (`k x o`, row-major), on several threads when large.
+fn transpose_into(w: &[f32], o: usize, k: usize, w_t: &mut [f32]) {
+    parallel_rows(w_t, o, |k0, rows| {
+        for (kb, block) in rows.chunks_mut(TRANSPOSE_BLOCK * o).enumerate() {
+            let k_first = k0 + kb * TRANSPOSE_BLOCK;
+            let k_len = block.len() / o;
+            for (oi, w_row) in w.chunks(k).enumerate() {
+                for (j, v) in w_row[k_first..k_first + k_len].iter().enumerate() {
+                    block[j * o + oi] = *v;
+                }
+            }
+        }
+    });
 }
 
 /// The input gradient `[N, H, W, C]` from the output gradient `dy [M, O]`.
