@@ -177,10 +177,11 @@ fn detect(_cap: Option<&str>) -> Simd {
 /// Every level this CPU runs, baseline first (for the tests that compare them).
 #[cfg(test)]
 pub(crate) fn supported_levels() -> Vec<Simd> {
-    let best = detect(None);
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut levels = vec![Simd::Baseline];
     #[cfg(target_arch = "x86_64")]
     {
+        let best = detect(None);
         if best != Simd::Baseline {
             levels.push(Simd::Avx2);
         }
