@@ -1,5 +1,8 @@
 //! Loops shared by the CPU implementations of the op families: splitting an output over threads,
-//! and walking strided views in row-major order.
+//! walking strided views in row-major order, and running loops compiled for the CPU's widest
+//! vector instructions.
+
+use std::mem::MaybeUninit;
 
 /// Elements per thread below which splitting does not pay.
 const MIN_PER_THREAD: usize = 1 << 15;
@@ -34,8 +37,7 @@ pub(crate) fn parallel_rows<T: Send>(
 }
 
 /// Calls `f(k, offsets)` for k in 0..len, where `offsets` are the storage offsets, in each of the N
-/// operands, of the element at row-major position `start + k` of `shape`. Walks the innermost
-/// dimension in runs and carries into the outer ones like an odometer.
+/// operands, of the element at row-major position `start + k` of `shape`.
 pub(crate) fn walk<const N: usize>(
     shape: &[usize],
     strides: &[Vec<usize>; N],
@@ -44,12 +46,38 @@ pub(crate) fn walk<const N: usize>(
     len: usize,
     mut f: impl FnMut(usize, [usize; N]),
 ) {
+    let inner: [usize; N] = std::array::from_fn(|j| strides[j].last().copied().unwrap_or(0));
+    walk_runs(shape, strides, base, start, len, |k, run, mut pos| {
+        for e in 0..run {
+            f(k + e, pos);
+            for (p, s) in pos.iter_mut().zip(&inner) {
+                *p += s;
+            }
+        }
+    });
+}
+
+/// Calls `f(k, run, offsets)` on consecutive runs along the innermost dimension that together
+/// cover row-major positions `start..start + len` of `shape`: the run holds positions
+/// `start + k..start + k + run`, and `offsets` are the storage offsets, in each of the N operands,
+/// of its first element. Carries into the outer dimensions like an odometer between runs.
+/// Always inlined, so that under [`vectorized`] the runs are compiled for the wide vector unit
+/// (with `f` an `#[inline(always)]` closure too).
+#[inline(always)]
+pub(crate) fn walk_runs<const N: usize>(
+    shape: &[usize],
+    strides: &[Vec<usize>; N],
+    base: [usize; N],
+    start: usize,
+    len: usize,
+    mut f: impl FnMut(usize, usize, [usize; N]),
+) {
     let rank = shape.len();
     if len == 0 {
         return; // also when a dimension is 0
     }
     if rank == 0 {
-        (0..len).for_each(|k| f(k, base));
+        (0..len).for_each(|k| f(k, 1, base));
         return;
     }
     let mut idx = vec![0; rank];
@@ -63,16 +91,13 @@ pub(crate) fn walk<const N: usize>(
         *p += idx.iter().zip(s).map(|(i, s)| i * s).sum::<usize>();
     }
     let last = rank - 1;
-    let inner: [usize; N] = std::array::from_fn(|j| strides[j][last]);
     let mut k = 0;
     while k < len {
         let run = (shape[last] - idx[last]).min(len - k);
-        for _ in 0..run {
-            f(k, pos);
-            k += 1;
-            for (p, s) in pos.iter_mut().zip(&inner) {
-                *p += s;
-            }
+        f(k, run, pos);
+        k += run;
+        for (p, s) in pos.iter_mut().zip(strides) {
+            *p += run * s[last];
         }
         idx[last] += run;
         let mut d = last;
@@ -85,6 +110,120 @@ pub(crate) fn walk<const N: usize>(
             d -= 1;
         }
     }
+}
+
+/// A vector of `len` elements written by `fill(chunk)`, which must write every element of the
+/// chunk it is given (`parallel_fill`'s chunks, here of uninitialised memory): outputs that are
+/// fully overwritten skip the zeroing (a memset, or the kernel's zeroing of fresh pages being
+/// paid twice when the buffer is reused from the heap).
+pub(crate) fn filled_vec<T: Copy + Send>(
+    len: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    parallel_fill(&mut out.spare_capacity_mut()[..len], fill);
+    // SAFETY: `fill` wrote each of the first `len` elements (its contract), and `T: Copy` has no
+    // drop that could observe a partially written vector on a panic (the vector is then dropped
+    // with length 0).
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// The vector instruction sets the hot loops are compiled for, the best one picked at run time.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Simd {
+    /// The target's baseline (SSE2 on x86-64): the only level off x86-64.
+    Baseline,
+    /// AVX2 (8 f32 lanes), without FMA: no loop here asks for fused multiply-adds.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX-512 F/BW/DQ/VL (16 f32 lanes, masked tails). LLVM enables FMA with it, but rustc never
+    /// fuses a separate multiply and add, so results are those of the baseline loops.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+/// The best level this CPU supports, detected once; `VPR_SIMD=baseline|avx2` caps it (to compare
+/// the levels, and for the tests that check they agree bit for bit).
+pub(crate) fn simd_level() -> Simd {
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = std::env::var("VPR_SIMD").ok();
+        detect(cap.as_deref())
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect(cap: Option<&str>) -> Simd {
+    let avx512 = is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vl");
+    let avx2 = is_x86_feature_detected!("avx2");
+    match cap {
+        Some("baseline") => Simd::Baseline,
+        Some("avx2") if avx2 => Simd::Avx2,
+        _ if avx512 => Simd::Avx512,
+        _ if avx2 => Simd::Avx2,
+        _ => Simd::Baseline,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect(_cap: Option<&str>) -> Simd {
+    Simd::Baseline
+}
+
+/// Every level this CPU runs, baseline first (for the tests that compare them).
+#[cfg(test)]
+pub(crate) fn supported_levels() -> Vec<Simd> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut levels = vec![Simd::Baseline];
+    #[cfg(target_arch = "x86_64")]
+    {
+        let best = detect(None);
+        if best != Simd::Baseline {
+            levels.push(Simd::Avx2);
+        }
+        if best == Simd::Avx512 {
+            levels.push(Simd::Avx512);
+        }
+    }
+    levels
+}
+
+/// Runs `f` compiled for the best vector instruction set of this CPU ([`simd_level`]). `f` must
+/// be an `#[inline(always)]` closure so that its loops are compiled inside the `target_feature`
+/// function (a closure that is not inlined keeps the baseline code); the closures it calls
+/// per element inline by themselves when small, or need the same attribute.
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    vectorized_at(simd_level(), f)
+}
+
+/// [`vectorized`] at a given level (which the CPU must support: the tests compare levels).
+#[inline(always)]
+pub(crate) fn vectorized_at<R>(level: Simd, f: impl FnOnce() -> R) -> R {
+    match level {
+        Simd::Baseline => f(),
+        // SAFETY: `detect` picked these levels only where the CPU has the features
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { with_avx2(f) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { with_avx512(f) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// e^x in f32 within 2 ulp, in a form the compiler vectorizes: x = n ln 2 + r with |r| <= ln 2 / 2,
