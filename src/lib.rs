@@ -49,6 +49,23 @@ pub mod tape;
 pub mod tensor;
 pub mod train;
 
+/// A fresh seed per run of a unit test (or `VPR_TEST_SEED` to replay one), printed with the
+/// test's name so that a failure can be replayed.
+#[cfg(test)]
+pub(crate) fn test_seed(test: &str) -> u64 {
+    let seed = std::env::var("VPR_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
+    eprintln!("{test}: VPR_TEST_SEED={seed}");
+    seed
+}
+
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};

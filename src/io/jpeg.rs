@@ -1060,16 +1060,7 @@ mod tests {
     /// large (the range-limit table wraps those as libjpeg's does).
     #[test]
     fn idct_shortcuts_give_the_full_passes_samples() {
-        let seed = std::env::var("VPR_TEST_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .subsec_nanos() as u64
-            });
-        eprintln!("idct_shortcuts_give_the_full_passes_samples: VPR_TEST_SEED={seed}");
+        let seed = crate::test_seed("idct_shortcuts_give_the_full_passes_samples");
         let mut state = seed | 1;
         let mut next = move || {
             state ^= state << 13;

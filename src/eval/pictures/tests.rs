@@ -6,21 +6,6 @@
 use super::*;
 use std::path::PathBuf;
 
-/// A fresh seed per run (or `VPR_TEST_SEED`), printed so a failure can be replayed.
-fn seed(test: &str) -> u64 {
-    let s = std::env::var("VPR_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos() as u64
-        });
-    eprintln!("{test}: VPR_TEST_SEED={s}");
-    s
-}
-
 /// splitmix64.
 struct Rng(u64);
 
@@ -104,7 +89,7 @@ fn hidden_files(dir: &Path) -> Vec<String> {
 /// them.
 #[test]
 fn prediction_picture_puts_each_image_in_its_framed_and_captioned_tile() {
-    let seed = seed("prediction_picture");
+    let seed = crate::test_seed("prediction_picture");
     let mut rng = Rng(seed);
     let dir = scratch_dir("layout");
     let quadrants: [Rgb<u8>; 4] = std::array::from_fn(|_| rng.colour());
@@ -402,7 +387,7 @@ fn recall_curve_rises_from_the_bottom_left_corner() {
 /// the highlighted Ns, labels apart from each other.
 #[test]
 fn recall_curve_of_a_thousand_points_marks_and_labels_the_highlights() {
-    let seed = seed("curve_thousand");
+    let seed = crate::test_seed("curve_thousand");
     let mut rng = Rng(seed);
     let mut recall = rng.below(50) as f64;
     let recalls: Vec<f64> = (0..1000)
@@ -608,7 +593,7 @@ fn assert_labels_leave_the_curve_whole(recalls: &[f64], highlight: &[usize], see
 /// marker, none to its right), one flat at 0 % (none below), Ns next to each other.
 #[test]
 fn recall_curve_labels_leave_the_curve_whole() {
-    let seed = seed("curve_labels");
+    let seed = crate::test_seed("curve_labels");
     let saturating: Vec<f64> = (1..=1000)
         .map(|n| {
             100.0 - 40.0 * (-(n as f64 - 1.0) / 30.0).exp() - 10.0 * (-(n as f64) / 300.0).exp()

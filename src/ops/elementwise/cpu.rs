@@ -439,21 +439,6 @@ mod tests {
     use crate::tensor::Rng;
     use half::f16;
 
-    /// A fresh seed per run (or `VPR_TEST_SEED`), printed so that a failure can be replayed.
-    fn seed(test: &str) -> u64 {
-        let s = std::env::var("VPR_TEST_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .subsec_nanos() as u64
-            });
-        eprintln!("{test}: VPR_TEST_SEED={s}");
-        s
-    }
-
     /// `len` normal values with special ones (±0, ±inf, NaN, tiny) sprinkled in.
     fn data<T: Element>(rng: &mut Rng, len: usize) -> Vec<T> {
         const SPECIAL: [f32; 7] = [
@@ -540,7 +525,7 @@ mod tests {
     }
 
     fn check_binary<T: Element>(test: &str) {
-        let mut rng = Rng::new(seed(test));
+        let mut rng = Rng::new(crate::test_seed(test));
         let ops = [
             (BinaryOp::Add, (|x, y| x + y) as fn(f32, f32) -> f32),
             (BinaryOp::Sub, |x, y| x - y),
@@ -568,7 +553,7 @@ mod tests {
     }
 
     fn check_unary<T: Element>(test: &str) {
-        let mut rng = Rng::new(seed(test));
+        let mut rng = Rng::new(crate::test_seed(test));
         let ops = [
             UnaryOp::Neg,
             UnaryOp::Exp,

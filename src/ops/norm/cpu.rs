@@ -321,16 +321,7 @@ mod tests {
 
     #[test]
     fn layer_norm_matches_the_row_by_row_loops_bit_for_bit() {
-        let seed = std::env::var("VPR_TEST_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .subsec_nanos() as u64
-            });
-        eprintln!("VPR_TEST_SEED={seed}");
+        let seed = crate::test_seed("layer_norm_matches_the_row_by_row_loops_bit_for_bit");
         let mut rng = Rng::new(seed);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         // row counts that leave a remainder after groups of four, on one thread and on several

@@ -250,16 +250,7 @@ mod tests {
 
     #[test]
     fn max_pool_matches_the_per_element_loops_bit_for_bit() {
-        let seed = std::env::var("VPR_TEST_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .subsec_nanos() as u64
-            });
-        eprintln!("VPR_TEST_SEED={seed}");
+        let seed = crate::test_seed("max_pool_matches_the_per_element_loops_bit_for_bit");
         let mut rng = Rng::new(seed);
         // ResNet's stem pooling at an odd channel count, overlapping windows of another stride,
         // and one large enough for several threads

@@ -291,16 +291,7 @@ mod tests {
 
     #[test]
     fn sums_over_inner_axes_match_the_generic_path_bit_for_bit() {
-        let seed = std::env::var("VPR_TEST_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .subsec_nanos() as u64
-            });
-        eprintln!("VPR_TEST_SEED={seed}");
+        let seed = crate::test_seed("sums_over_inner_axes_match_the_generic_path_bit_for_bit");
         let mut rng = Rng::new(seed);
         // BatchNorm's statistics ([rows, C] over rows: one outer index, the reduced axis split
         // over threads), many outer indices, odd inner widths, and a row sum (inner 1)
