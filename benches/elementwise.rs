@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::time::Instant;
 use vpr_engine::autograd::backward_with;
 use vpr_engine::nn::{BatchNorm2d, Module};
 use vpr_engine::{DType, Device, Tensor};
@@ -40,20 +39,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, 0.0, 1.0, seed, DType::F32, &Device::Cpu).unwrap()
 }
 
-/// Median milliseconds of `reps` calls of `f`, after one warm-up call.
-fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[reps / 2]
-}
-
 fn ours() -> Vec<f64> {
     let act = [32, 56, 56, 64];
     let x = randn(&act, 1);
@@ -78,34 +63,34 @@ fn ours() -> Vec<f64> {
     let big = 10;
     let small = 50;
     vec![
-        median_ms(big, || drop(x.relu().unwrap())),
-        median_ms(big, || {
+        common::median_ms(1, big, || drop(x.relu().unwrap())),
+        common::median_ms(1, big, || {
             drop(backward_with(&xg.relu().unwrap(), g.clone()).unwrap())
         }),
-        median_ms(big, || drop(x.add(&y).unwrap())),
-        median_ms(big, || drop(rows.add(&bias).unwrap())),
-        median_ms(big, || drop(bn.forward(&x).unwrap())),
-        median_ms(big, || {
+        common::median_ms(1, big, || drop(x.add(&y).unwrap())),
+        common::median_ms(1, big, || drop(rows.add(&bias).unwrap())),
+        common::median_ms(1, big, || drop(bn.forward(&x).unwrap())),
+        common::median_ms(1, big, || {
             drop(backward_with(&bn.forward(&xg).unwrap(), g.clone()).unwrap())
         }),
-        median_ms(big, || drop(pool_in.max_pool2d(3, 2, 1).unwrap())),
-        median_ms(big, || {
+        common::median_ms(1, big, || drop(pool_in.max_pool2d(3, 2, 1).unwrap())),
+        common::median_ms(1, big, || {
             let out = pool_xg.max_pool2d(3, 2, 1).unwrap();
             drop(backward_with(&out, pool_g.clone()).unwrap())
         }),
-        median_ms(small, || drop(hidden.gelu().unwrap())),
-        median_ms(small, || {
+        common::median_ms(1, small, || drop(hidden.gelu().unwrap())),
+        common::median_ms(1, small, || {
             drop(backward_with(&hidden_xg.gelu().unwrap(), hidden_g.clone()).unwrap())
         }),
-        median_ms(small, || {
+        common::median_ms(1, small, || {
             drop(tokens.layer_norm(Some(&w), Some(&b), 1e-6).unwrap())
         }),
-        median_ms(small, || {
+        common::median_ms(1, small, || {
             let out = tokens_xg.layer_norm(Some(&w), Some(&b), 1e-6).unwrap();
             drop(backward_with(&out, tokens_g.clone()).unwrap())
         }),
-        median_ms(small, || drop(tokens.mul(&w).unwrap())),
-        median_ms(small, || drop(tokens.add(&other_tokens).unwrap())),
+        common::median_ms(1, small, || drop(tokens.mul(&w).unwrap())),
+        common::median_ms(1, small, || drop(tokens.add(&other_tokens).unwrap())),
     ]
 }
 

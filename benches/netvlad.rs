@@ -16,7 +16,6 @@ mod common;
 #[path = "../tests/common/synthetic.rs"]
 mod synthetic;
 
-use std::time::Instant;
 use vpr_engine::autograd::{backward_with, no_grad};
 use vpr_engine::models;
 use vpr_engine::nn::NetVlad;
@@ -27,31 +26,16 @@ const MODEL_STEPS: usize = 3;
 const SHAPE: [usize; 4] = [32, 30, 40, 512];
 const CLUSTERS: usize = 64;
 
-fn median_ms(steps: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..2 {
-        f();
-    }
-    let mut times: Vec<f64> = (0..steps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[steps / 2]
-}
-
 fn aggregation(threads: usize) {
     let cpu = Device::Cpu;
     let [n, h, w, d] = SHAPE;
     let layer = NetVlad::new("net_vlad", CLUSTERS, d, true, &cpu).unwrap();
     let x = Tensor::randn(&SHAPE, 0.0, 1.0, 1, DType::F32, &cpu).unwrap();
     let r = Tensor::randn(&[n, CLUSTERS * d], 0.0, 1.0, 2, DType::F32, &cpu).unwrap();
-    let forward = median_ms(STEPS, || {
+    let forward = common::median_ms(2, STEPS, || {
         no_grad(|| layer.forward(&x)).unwrap();
     });
-    let forward_backward = median_ms(STEPS, || {
+    let forward_backward = common::median_ms(2, STEPS, || {
         let y = layer.forward(&x).unwrap();
         backward_with(&y, r.clone()).unwrap();
         layer.centroids.zero_grad();
@@ -97,7 +81,7 @@ fn model(threads: usize) {
     std::fs::remove_dir_all(&dir).unwrap();
     let (h, w) = (480, 640);
     let x = Tensor::randn(&[1, h, w, 3], 0.0, 50.0, 1, DType::F32, &Device::Cpu).unwrap();
-    let ours = median_ms(MODEL_STEPS, || {
+    let ours = common::median_ms(2, MODEL_STEPS, || {
         model.descriptors(&x).unwrap();
     });
     println!(

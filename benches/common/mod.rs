@@ -1,7 +1,25 @@
-//! What the benches that compare against PyTorch share: choosing their parts, running their
-//! Python side.
+//! What the benches that compare against PyTorch share: choosing their parts, timing our side,
+//! running their Python side.
 
 use std::process::Command;
+use std::time::Instant;
+
+/// Median milliseconds of `steps` calls of `f`, after `warmups` untimed calls.
+#[allow(dead_code)] // not every bench that includes this module times closures
+pub fn median_ms(warmups: usize, steps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmups {
+        f();
+    }
+    let mut times: Vec<f64> = (0..steps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[steps / 2]
+}
 
 /// The Python with torch the benches run (`VPR_BENCH_PYTHON`, default `python3`).
 pub fn python() -> String {
